@@ -1,0 +1,671 @@
+//! The plugin configuration (SPEC "Configuration"): parsed once per configuration push,
+//! with every default applied and every value checked, so the request path never
+//! re-validates anything.
+use crate::json_fields::{FieldError, FieldResult, Object};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The whole header value is the key.
+    Header { name: String },
+    /// The header value is `SCHEME <key>`; values with another scheme are not ours.
+    SchemeHeader { name: String, scheme: String },
+    /// A query parameter, decoded as `application/x-www-form-urlencoded`.
+    Query { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    pub requests: u32,
+    pub period_s: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyService {
+    pub cluster: String,
+    pub authority: String,
+    /// The configured path split around `{key_hash}`.
+    path_before_hash: String,
+    path_after_hash: String,
+    pub timeout_ms: u64,
+    pub headers: Vec<(String, String)>,
+}
+
+impl KeyService {
+    pub fn path_for(&self, key_hash_hex: &str) -> String {
+        format!(
+            "{}{}{}",
+            self.path_before_hash, key_hash_hex, self.path_after_hash
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub ttl_s: u64,
+    pub negative_ttl_s: u64,
+    pub stale_if_error_s: u64,
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub path_prefix: String,
+    /// `None`: any method.
+    pub methods: Option<Vec<String>>,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub key_id: String,
+    pub owner: String,
+    pub scopes: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BruteForce {
+    pub max_failures: u32,
+    pub period_s: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub key_sources: Vec<KeySource>,
+    pub key_service: KeyService,
+    pub cache: CacheConfig,
+    pub rate_limit: Option<BucketSpec>,
+    pub rules: Vec<Rule>,
+    pub identity_headers: IdentityHeaders,
+    pub brute_force: Option<BruteForce>,
+    pub failure_mode: FailureMode,
+    /// The `WWW-Authenticate` value of every 401, derived from the key sources.
+    pub www_authenticate: String,
+}
+
+const FIELDS: &[&str] = &[
+    "key_sources",
+    "key_service",
+    "cache",
+    "rate_limit",
+    "rules",
+    "identity_headers",
+    "brute_force",
+    "failure_mode",
+];
+
+/// Upper bounds that keep arithmetic and shared data sane; far above any real need.
+const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const MAX_ENTRIES: u64 = 10_000_000;
+const MAX_BUCKET_NUMBER: u64 = 1_000_000_000;
+
+impl Config {
+    /// Parses the plugin configuration. Empty means all defaults, which still lack
+    /// `key_service.cluster` and so are refused like any other gap.
+    pub fn parse(raw: &[u8]) -> FieldResult<Config> {
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| FieldError::new("", "configuration is not UTF-8"))?;
+        let doc: Value = if text.trim().is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_json::from_str(text)
+                .map_err(|e| FieldError::new("", format!("configuration is not valid JSON: {e}")))?
+        };
+        let root = Object::new("", &doc)
+            .map_err(|_| FieldError::new("", "configuration must be a JSON object"))?;
+        root.refuse_unknown(FIELDS)?;
+
+        let key_sources = parse_key_sources(&root)?;
+        let www_authenticate = challenge_for(&key_sources);
+        Ok(Config {
+            www_authenticate,
+            key_sources,
+            key_service: parse_key_service(&root)?,
+            cache: parse_cache(&root)?,
+            rate_limit: parse_nullable_bucket(&root, "rate_limit", Some(default_bucket()))?,
+            rules: parse_rules(&root)?,
+            identity_headers: parse_identity_headers(&root)?,
+            brute_force: parse_brute_force(&root)?,
+            failure_mode: match root.string("failure_mode")? {
+                None | Some("closed") => FailureMode::Closed,
+                Some("open") => FailureMode::Open,
+                Some(_) => {
+                    return Err(FieldError::new(
+                        "failure_mode",
+                        "must be \"closed\" or \"open\"",
+                    ))
+                }
+            },
+        })
+    }
+}
+
+fn default_bucket() -> BucketSpec {
+    BucketSpec {
+        requests: 100,
+        period_s: 60,
+        burst: 100,
+    }
+}
+
+fn parse_key_sources(root: &Object) -> FieldResult<Vec<KeySource>> {
+    let Some(items) = root.array("key_sources")? else {
+        return Ok(vec![KeySource::Header {
+            name: "x-api-key".into(),
+        }]);
+    };
+    if items.is_empty() {
+        return Err(FieldError::new(
+            "key_sources",
+            "must list at least one source",
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| parse_key_source(&Object::new(format!("key_sources[{i}]"), item)?))
+        .collect()
+}
+
+fn parse_key_source(source: &Object) -> FieldResult<KeySource> {
+    source.refuse_unknown(&["header", "scheme", "query"])?;
+    match (
+        source.string("header")?,
+        source.string("scheme")?,
+        source.string("query")?,
+    ) {
+        (Some(header), None, None) => Ok(KeySource::Header {
+            name: header_name(&source.path_of("header"), header)?,
+        }),
+        (Some(header), Some(scheme), None) => {
+            if scheme.is_empty() || !scheme.bytes().all(is_token_byte) {
+                return Err(FieldError::new(
+                    source.path_of("scheme"),
+                    "must be a single word such as \"Bearer\"",
+                ));
+            }
+            Ok(KeySource::SchemeHeader {
+                name: header_name(&source.path_of("header"), header)?,
+                scheme: scheme.to_string(),
+            })
+        }
+        (None, None, Some(query)) if !query.is_empty() => Ok(KeySource::Query {
+            name: query.to_string(),
+        }),
+        (None, None, Some(_)) => Err(FieldError::new(
+            source.path_of("query"),
+            "must not be empty",
+        )),
+        (None, Some(_), _) | (_, Some(_), Some(_)) => Err(FieldError::new(
+            source.path_of("scheme"),
+            "goes only with \"header\"",
+        )),
+        _ => Err(FieldError::new(
+            source.path(),
+            "must have exactly one of \"header\" or \"query\"",
+        )),
+    }
+}
+
+fn parse_key_service(root: &Object) -> FieldResult<KeyService> {
+    let Some(service) = root.object("key_service")? else {
+        return Err(FieldError::new("key_service.cluster", "is required"));
+    };
+    service.refuse_unknown(&["cluster", "authority", "path", "timeout_ms", "headers"])?;
+    let cluster = match service.string("cluster")? {
+        Some(c) if !c.is_empty() => c.to_string(),
+        Some(_) => return Err(FieldError::new("key_service.cluster", "must not be empty")),
+        None => return Err(FieldError::new("key_service.cluster", "is required")),
+    };
+    let authority = match service.string("authority")? {
+        Some(a) if !is_header_value(a) || a.is_empty() => {
+            return Err(FieldError::new(
+                "key_service.authority",
+                "must be a non-empty host name",
+            ))
+        }
+        Some(a) => a.to_string(),
+        None => cluster.clone(),
+    };
+    let path = service.string("path")?.unwrap_or("/v1/keys/{key_hash}");
+    let Some((before, after)) = path.split_once("{key_hash}") else {
+        return Err(FieldError::new(
+            "key_service.path",
+            "must contain {key_hash}",
+        ));
+    };
+    if !path.starts_with('/') || !is_header_value(path) || path.contains(' ') {
+        return Err(FieldError::new(
+            "key_service.path",
+            "must be a path starting with /",
+        ));
+    }
+    let headers = match service.object("headers")? {
+        None => Vec::new(),
+        Some(headers) => {
+            let mut pairs = Vec::new();
+            for (name, value) in headers.entries() {
+                let field = headers.path_of(name);
+                let Some(value) = value.as_str().filter(|v| is_header_value(v)) else {
+                    return Err(FieldError::new(
+                        field,
+                        "must be a string without line breaks",
+                    ));
+                };
+                pairs.push((header_name(&field, name)?, value.to_string()));
+            }
+            pairs
+        }
+    };
+    Ok(KeyService {
+        cluster,
+        authority,
+        path_before_hash: before.to_string(),
+        path_after_hash: after.to_string(),
+        timeout_ms: service.u64_in("timeout_ms", 500, 1, MAX_TIMEOUT_MS)?,
+        headers,
+    })
+}
+
+fn parse_cache(root: &Object) -> FieldResult<CacheConfig> {
+    let empty = Value::Object(Default::default());
+    let cache = match root.object("cache")? {
+        Some(cache) => cache,
+        None => Object::new("cache", &empty)?,
+    };
+    cache.refuse_unknown(&["ttl_s", "negative_ttl_s", "stale_if_error_s", "max_entries"])?;
+    Ok(CacheConfig {
+        ttl_s: cache.u64_in("ttl_s", 60, 0, MAX_SECONDS)?,
+        negative_ttl_s: cache.u64_in("negative_ttl_s", 10, 0, MAX_SECONDS)?,
+        stale_if_error_s: cache.u64_in("stale_if_error_s", 300, 0, MAX_SECONDS)?,
+        max_entries: cache.u64_in("max_entries", 100_000, 1, MAX_ENTRIES)? as u32,
+    })
+}
+
+/// `null` means "no limit"; absent means `default`.
+fn parse_nullable_bucket(
+    parent: &Object,
+    name: &str,
+    default: Option<BucketSpec>,
+) -> FieldResult<Option<BucketSpec>> {
+    match parent.value(name) {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(value) => {
+            let bucket = Object::new(parent.path_of(name), value)?;
+            bucket.refuse_unknown(&["requests", "period_s", "burst"])?;
+            parse_bucket(&bucket).map(Some)
+        }
+    }
+}
+
+/// `{"requests": R, "period_s": P, "burst": B}`; shared with the key record.
+pub fn parse_bucket(bucket: &Object) -> FieldResult<BucketSpec> {
+    let required = |name: &str| {
+        bucket
+            .u64(name)?
+            .ok_or_else(|| FieldError::new(bucket.path_of(name), "is required"))
+    };
+    let in_range = |name: &str, n: u64| {
+        if (1..=MAX_BUCKET_NUMBER).contains(&n) {
+            Ok(n as u32)
+        } else {
+            Err(FieldError::new(
+                bucket.path_of(name),
+                format!("must be between 1 and {MAX_BUCKET_NUMBER}"),
+            ))
+        }
+    };
+    let requests = in_range("requests", required("requests")?)?;
+    let period_s = in_range("period_s", required("period_s")?)?;
+    let burst = match bucket.u64("burst")? {
+        Some(b) => in_range("burst", b)?,
+        None => requests,
+    };
+    Ok(BucketSpec {
+        requests,
+        period_s,
+        burst,
+    })
+}
+
+fn parse_rules(root: &Object) -> FieldResult<Vec<Rule>> {
+    let Some(items) = root.array("rules")? else {
+        return Ok(Vec::new());
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let rule = Object::new(format!("rules[{i}]"), item)?;
+            rule.refuse_unknown(&["path_prefix", "methods", "scopes"])?;
+            let path_prefix = match rule.string("path_prefix")? {
+                Some(p) if p.starts_with('/') => p.to_string(),
+                Some(_) => {
+                    return Err(FieldError::new(
+                        rule.path_of("path_prefix"),
+                        "must start with /",
+                    ))
+                }
+                None => return Err(FieldError::new(rule.path_of("path_prefix"), "is required")),
+            };
+            let methods = rule.string_list("methods")?;
+            if methods
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|m| m.is_empty()))
+            {
+                return Err(FieldError::new(
+                    rule.path_of("methods"),
+                    "must not hold an empty method",
+                ));
+            }
+            Ok(Rule {
+                path_prefix,
+                methods,
+                scopes: rule.string_list("scopes")?.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn parse_identity_headers(root: &Object) -> FieldResult<IdentityHeaders> {
+    let mut names = IdentityHeaders {
+        key_id: "x-api-key-id".into(),
+        owner: "x-api-key-owner".into(),
+        scopes: "x-api-key-scopes".into(),
+    };
+    if let Some(headers) = root.object("identity_headers")? {
+        headers.refuse_unknown(&["key_id", "owner", "scopes"])?;
+        for (field, slot) in [
+            ("key_id", &mut names.key_id),
+            ("owner", &mut names.owner),
+            ("scopes", &mut names.scopes),
+        ] {
+            if let Some(name) = headers.string(field)? {
+                *slot = header_name(&headers.path_of(field), name)?;
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn parse_brute_force(root: &Object) -> FieldResult<Option<BruteForce>> {
+    match root.value("brute_force") {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => {
+            let bf = Object::new("brute_force", value)?;
+            bf.refuse_unknown(&["max_failures", "period_s"])?;
+            let required = |name: &str| {
+                if bf.u64(name)?.is_none() {
+                    return Err(FieldError::new(bf.path_of(name), "is required"));
+                }
+                bf.u64_in(name, 0, 1, MAX_BUCKET_NUMBER).map(|n| n as u32)
+            };
+            Ok(Some(BruteForce {
+                max_failures: required("max_failures")?,
+                period_s: required("period_s")?,
+            }))
+        }
+    }
+}
+
+/// RFC 9110 token characters: what a header name or an auth scheme may hold.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_header_value(value: &str) -> bool {
+    !value.bytes().any(|b| b < 0x20 || b == 0x7f)
+}
+
+/// Header names are compared lowercased, as Envoy hands them to filters.
+fn header_name(field: &str, name: &str) -> FieldResult<String> {
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(FieldError::new(field, "must be a valid HTTP header name"));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn challenge_for(sources: &[KeySource]) -> String {
+    let mut challenges: Vec<String> = Vec::new();
+    for source in sources {
+        let challenge = match source {
+            KeySource::SchemeHeader { scheme, .. } => format!("{scheme} realm=\"api\""),
+            KeySource::Header { .. } | KeySource::Query { .. } => "ApiKey realm=\"api\"".into(),
+        };
+        if !challenges.contains(&challenge) {
+            challenges.push(challenge);
+        }
+    }
+    challenges.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> FieldResult<Config> {
+        Config::parse(json.as_bytes())
+    }
+
+    fn minimal() -> Config {
+        parse(r#"{"key_service": {"cluster": "keys"}}"#).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = minimal();
+        assert_eq!(
+            c.key_sources,
+            vec![KeySource::Header {
+                name: "x-api-key".into()
+            }]
+        );
+        assert_eq!(c.key_service.authority, "keys");
+        assert_eq!(c.key_service.path_for("ab12"), "/v1/keys/ab12");
+        assert_eq!(c.key_service.timeout_ms, 500);
+        assert!(c.key_service.headers.is_empty());
+        assert_eq!(
+            c.cache,
+            CacheConfig {
+                ttl_s: 60,
+                negative_ttl_s: 10,
+                stale_if_error_s: 300,
+                max_entries: 100_000
+            }
+        );
+        assert_eq!(
+            c.rate_limit,
+            Some(BucketSpec {
+                requests: 100,
+                period_s: 60,
+                burst: 100
+            })
+        );
+        assert!(c.rules.is_empty());
+        assert_eq!(c.identity_headers.key_id, "x-api-key-id");
+        assert_eq!(c.identity_headers.owner, "x-api-key-owner");
+        assert_eq!(c.identity_headers.scopes, "x-api-key-scopes");
+        assert_eq!(c.brute_force, None);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.www_authenticate, "ApiKey realm=\"api\"");
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let c = parse(
+            r#"{
+            "key_sources": [{"header": "X-Key"}, {"header": "Authorization", "scheme": "Bearer"}, {"query": "api_key"}],
+            "key_service": {"cluster": "ks", "authority": "keys.internal", "path": "/k/{key_hash}/info",
+                            "timeout_ms": 250, "headers": {"x-proxy-token": "s3cret"}},
+            "cache": {"ttl_s": 5, "negative_ttl_s": 2, "stale_if_error_s": 0, "max_entries": 10},
+            "rate_limit": {"requests": 10, "period_s": 1, "burst": 20},
+            "rules": [{"path_prefix": "/orders", "methods": ["POST"], "scopes": ["orders:write"]}],
+            "identity_headers": {"key_id": "x-client-id"},
+            "brute_force": {"max_failures": 5, "period_s": 60},
+            "failure_mode": "open"
+        }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.key_sources,
+            vec![
+                KeySource::Header {
+                    name: "x-key".into()
+                },
+                KeySource::SchemeHeader {
+                    name: "authorization".into(),
+                    scheme: "Bearer".into()
+                },
+                KeySource::Query {
+                    name: "api_key".into()
+                },
+            ]
+        );
+        assert_eq!(c.key_service.authority, "keys.internal");
+        assert_eq!(c.key_service.path_for("h"), "/k/h/info");
+        assert_eq!(c.key_service.timeout_ms, 250);
+        assert_eq!(
+            c.key_service.headers,
+            vec![("x-proxy-token".into(), "s3cret".into())]
+        );
+        assert_eq!(c.cache.max_entries, 10);
+        assert_eq!(
+            c.rate_limit,
+            Some(BucketSpec {
+                requests: 10,
+                period_s: 1,
+                burst: 20
+            })
+        );
+        assert_eq!(c.rules[0].methods, Some(vec!["POST".to_string()]));
+        assert_eq!(c.identity_headers.key_id, "x-client-id");
+        assert_eq!(c.identity_headers.owner, "x-api-key-owner");
+        assert_eq!(
+            c.brute_force,
+            Some(BruteForce {
+                max_failures: 5,
+                period_s: 60
+            })
+        );
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(
+            c.www_authenticate,
+            "ApiKey realm=\"api\", Bearer realm=\"api\""
+        );
+    }
+
+    #[test]
+    fn null_rate_limit_means_no_limit() {
+        let c = parse(r#"{"key_service": {"cluster": "k"}, "rate_limit": null}"#).unwrap();
+        assert_eq!(c.rate_limit, None);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            ("", "key_service.cluster"),
+            ("{}", "key_service.cluster"),
+            ("[]", ""),
+            ("{nope", ""),
+            (
+                r#"{"key_service": {"cluster": "k"}, "colour": 1}"#,
+                "colour",
+            ),
+            (r#"{"key_service": {"cluster": ""}}"#, "key_service.cluster"),
+            (
+                r#"{"key_service": {"cluster": "k", "clsuter": "x"}}"#,
+                "key_service.clsuter",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k", "path": "/keys"}}"#,
+                "key_service.path",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k", "timeout_ms": 0}}"#,
+                "key_service.timeout_ms",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k", "timeout_ms": 1.5}}"#,
+                "key_service.timeout_ms",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k", "headers": {"bad name": "v"}}}"#,
+                "key_service.headers.bad name",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k", "headers": {"x": "a\nb"}}}"#,
+                "key_service.headers.x",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "key_sources": []}"#,
+                "key_sources",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "key_sources": [{}]}"#,
+                "key_sources[0]",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "key_sources": [{"query": "a", "scheme": "B"}]}"#,
+                "key_sources[0].scheme",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "key_sources": [{"header": "a", "scheme": "Be arer"}]}"#,
+                "key_sources[0].scheme",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "key_sources": [{"header": ":path"}]}"#,
+                "key_sources[0].header",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "cache": {"max_entries": 0}}"#,
+                "cache.max_entries",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "cache": {"ttl_s": -1}}"#,
+                "cache.ttl_s",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "rate_limit": {"requests": 0, "period_s": 1}}"#,
+                "rate_limit.requests",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "rate_limit": {"requests": 1}}"#,
+                "rate_limit.period_s",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "rules": [{"path_prefix": "orders"}]}"#,
+                "rules[0].path_prefix",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "rules": [{"path_prefix": "/", "methods": "GET"}]}"#,
+                "rules[0].methods",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "identity_headers": {"owner": ""}}"#,
+                "identity_headers.owner",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "brute_force": {"max_failures": 3}}"#,
+                "brute_force.period_s",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "failure_mode": "ajar"}"#,
+                "failure_mode",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).expect_err(json);
+            assert_eq!(err.field, field, "{json}: {err}");
+            assert!(!err.reason.is_empty());
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Every way a request can be refused, and what the client is told (SPEC "What the
+//! client gets").
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    Missing,
+    Duplicate,
+    /// A key that cannot be one (too long, control or non-ASCII bytes); answered like an
+    /// unknown key, without asking the key service.
+    Malformed,
+    Invalid,
+    Revoked,
+    Expired,
+    PermissionDenied,
+    RateLimited,
+    TooManyFailedAttempts,
+    KeyServiceUnavailable,
+}
+
+/// The spec's error codes, in the order of its table; stats are named after them.
+pub const CODES: [&str; 9] = [
+    "api_key_missing",
+    "api_key_duplicate",
+    "api_key_invalid",
+    "api_key_revoked",
+    "api_key_expired",
+    "permission_denied",
+    "rate_limit_exceeded",
+    "too_many_failed_attempts",
+    "key_service_unavailable",
+];
+
+impl Denial {
+    /// Position of this denial's code in `CODES`.
+    pub fn code_index(self) -> usize {
+        match self {
+            Denial::Missing => 0,
+            Denial::Duplicate => 1,
+            Denial::Malformed | Denial::Invalid => 2,
+            Denial::Revoked => 3,
+            Denial::Expired => 4,
+            Denial::PermissionDenied => 5,
+            Denial::RateLimited => 6,
+            Denial::TooManyFailedAttempts => 7,
+            Denial::KeyServiceUnavailable => 8,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        CODES.get(self.code_index()).copied().unwrap_or("internal")
+    }
+
+    pub fn status(self) -> u32 {
+        match self {
+            Denial::Missing
+            | Denial::Duplicate
+            | Denial::Malformed
+            | Denial::Invalid
+            | Denial::Revoked
+            | Denial::Expired => 401,
+            Denial::PermissionDenied => 403,
+            Denial::RateLimited | Denial::TooManyFailedAttempts => 429,
+            Denial::KeyServiceUnavailable => 503,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Denial::Missing => "No API key was given.",
+            Denial::Duplicate => "The API key was given more than once.",
+            Denial::Malformed => "The API key is malformed.",
+            Denial::Invalid => "The API key is not valid.",
+            Denial::Revoked => "The API key has been revoked.",
+            Denial::Expired => "The API key has expired.",
+            Denial::PermissionDenied => "The API key lacks a scope this request needs.",
+            Denial::RateLimited => "The API key's rate limit is exceeded.",
+            Denial::TooManyFailedAttempts => "Too many failed API key attempts from this address.",
+            Denial::KeyServiceUnavailable => "API keys cannot be checked right now.",
+        }
+    }
+
+    pub fn body(self) -> String {
+        serde_json::json!({"error": {"code": self.code(), "message": self.message()}}).to_string()
+    }
+
+    /// What a key-guessing client is charged for (SPEC `brute_force`).
+    pub fn is_failed_attempt(self) -> bool {
+        matches!(
+            self,
+            Denial::Duplicate
+                | Denial::Malformed
+                | Denial::Invalid
+                | Denial::Revoked
+                | Denial::Expired
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Denial; 10] = [
+        Denial::Missing,
+        Denial::Duplicate,
+        Denial::Malformed,
+        Denial::Invalid,
+        Denial::Revoked,
+        Denial::Expired,
+        Denial::PermissionDenied,
+        Denial::RateLimited,
+        Denial::TooManyFailedAttempts,
+        Denial::KeyServiceUnavailable,
+    ];
+
+    #[test]
+    fn statuses_and_codes_follow_the_spec_table() {
+        let table: Vec<(u32, &str)> = ALL.iter().map(|d| (d.status(), d.code())).collect();
+        assert_eq!(
+            table,
+            vec![
+                (401, "api_key_missing"),
+                (401, "api_key_duplicate"),
+                (401, "api_key_invalid"),
+                (401, "api_key_invalid"),
+                (401, "api_key_revoked"),
+                (401, "api_key_expired"),
+                (403, "permission_denied"),
+                (429, "rate_limit_exceeded"),
+                (429, "too_many_failed_attempts"),
+                (503, "key_service_unavailable"),
+            ]
+        );
+    }
+
+    #[test]
+    fn body_is_the_spec_json() {
+        let body: serde_json::Value = serde_json::from_str(&Denial::Revoked.body()).unwrap();
+        assert_eq!(body["error"]["code"], "api_key_revoked");
+        assert_eq!(body["error"]["message"], "The API key has been revoked.");
+    }
+}

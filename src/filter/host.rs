@@ -1,0 +1,50 @@
+//! Small wrappers over host calls whose failures have one sensible answer.
+use crate::denial::Denial;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{Bytes, MapType};
+use std::time::UNIX_EPOCH;
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn request_headers() -> Vec<(String, Bytes)> {
+    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+}
+
+pub fn set_request_header(name: &str, value: &[u8]) {
+    let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value));
+}
+
+pub fn remove_request_header(name: &str) {
+    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+}
+
+pub fn add_response_header(name: &str, value: &str) {
+    let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+}
+
+pub fn shared_get(key: &str) -> Option<Bytes> {
+    hostcalls::get_shared_data(key)
+        .ok()
+        .and_then(|(value, _)| value)
+}
+
+pub fn shared_set(key: &str, value: &[u8]) {
+    // The cache is best effort: a lost write only costs another lookup later.
+    let _ = hostcalls::set_shared_data(key, Some(value), None);
+}
+
+/// Sends the spec's JSON error as a local reply of the current request.
+pub fn send_denial(denial: Denial, www_authenticate: &str, extra: &[(&str, &str)]) {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    if denial.status() == 401 {
+        headers.push(("www-authenticate", www_authenticate));
+    }
+    headers.extend_from_slice(extra);
+    let body = denial.body();
+    let _ = hostcalls::send_http_response(denial.status(), headers, Some(body.as_bytes()));
+}

@@ -1,0 +1,112 @@
+//! One per request: reads and strips the key, then decides from the cache or waits for
+//! the key service.
+use super::host;
+use super::worker::{Outcome, Request, Worker};
+use crate::cache_entry::{self, Lookup};
+use crate::denial::Denial;
+use crate::extract::{extract, KeyOutcome};
+use crate::key_hash::hash_key;
+use crate::rules::matching_rule;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::rc::Rc;
+
+pub struct Http {
+    context_id: u32,
+    worker: Rc<Worker>,
+}
+
+impl Http {
+    pub fn new(context_id: u32, worker: Rc<Worker>) -> Http {
+        Http { context_id, worker }
+    }
+
+    fn on_request(&self) -> Action {
+        let Some(config) = self.worker.config() else {
+            return Action::Continue;
+        };
+        let headers = host::request_headers();
+        let pseudo = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, v)| v.as_slice())
+        };
+        let (method, path) = (pseudo(":method"), pseudo(":path"));
+
+        // Strip first, decide after: a denied request's key reaches no access log either.
+        let extraction = extract(&config.key_sources, &headers, path);
+        for name in &extraction.remove_headers {
+            host::remove_request_header(name);
+        }
+        let names = &config.identity_headers;
+        for name in [&names.key_id, &names.owner, &names.scopes] {
+            if headers.iter().any(|(n, _)| n == name) {
+                host::remove_request_header(name);
+            }
+        }
+        if let Some(rewritten) = &extraction.rewritten_path {
+            host::set_request_header(":path", rewritten);
+        }
+
+        let key = match extraction.outcome {
+            KeyOutcome::Key(key) => key,
+            KeyOutcome::Missing => return self.deny(&config, Denial::Missing),
+            KeyOutcome::Duplicate => return self.deny(&config, Denial::Duplicate),
+            KeyOutcome::Malformed => return self.deny(&config, Denial::Malformed),
+        };
+        let request = Request {
+            key_hash: hash_key(&key),
+            rule: matching_rule(&config.rules, method, path),
+            config: config.clone(),
+        };
+        let metrics = &self.worker.metrics;
+        let slot = self.worker.cache_read(&request.key_hash, &config);
+        match cache_entry::lookup(
+            slot.as_deref(),
+            &request.key_hash,
+            host::now_ms(),
+            &config.cache,
+        ) {
+            Lookup::Hit(record) => {
+                metrics.count(metrics.cache_hit);
+                self.proceed(self.worker.finish(&request, Outcome::Known(&record)))
+            }
+            Lookup::NegativeHit => {
+                metrics.count(metrics.cache_negative_hit);
+                self.proceed(self.worker.finish(&request, Outcome::Deny(Denial::Invalid)))
+            }
+            Lookup::Miss { stale } => {
+                metrics.count(metrics.cache_miss);
+                self.worker.ask_key_service(self.context_id, request, stale);
+                Action::Pause
+            }
+        }
+    }
+
+    fn deny(&self, config: &crate::config::Config, denial: Denial) -> Action {
+        self.worker.deny(config, denial);
+        Action::Pause
+    }
+
+    fn proceed(&self, forwarded: bool) -> Action {
+        if forwarded {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_done(&mut self) -> bool {
+        self.worker.forget(self.context_id);
+        true
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.on_request()
+    }
+}

@@ -1,0 +1,64 @@
+//! The filter's Envoy stats (SPEC "Observability"), defined once per VM.
+use crate::denial::{Denial, CODES};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+pub struct Metrics {
+    allowed: u32,
+    denied: [u32; CODES.len()],
+    pub cache_hit: u32,
+    pub cache_miss: u32,
+    pub cache_negative_hit: u32,
+    pub cache_stale: u32,
+    pub key_service_found: u32,
+    pub key_service_not_found: u32,
+    pub key_service_error: u32,
+    key_service_latency_ms: u32,
+}
+
+/// Metric ids are only ever used to count; a metric Envoy refused to define is skipped.
+const UNDEFINED: u32 = u32::MAX;
+
+fn define(metric_type: MetricType, name: &str) -> u32 {
+    hostcalls::define_metric(metric_type, &format!("apikey_filter.{name}")).unwrap_or(UNDEFINED)
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let counter = |name: &str| define(MetricType::Counter, name);
+        Metrics {
+            allowed: counter("allowed"),
+            denied: CODES.map(|code| counter(&format!("denied.{code}"))),
+            cache_hit: counter("cache.hit"),
+            cache_miss: counter("cache.miss"),
+            cache_negative_hit: counter("cache.negative_hit"),
+            cache_stale: counter("cache.stale"),
+            key_service_found: counter("key_service.found"),
+            key_service_not_found: counter("key_service.not_found"),
+            key_service_error: counter("key_service.error"),
+            key_service_latency_ms: define(MetricType::Histogram, "key_service.latency_ms"),
+        }
+    }
+
+    pub fn count(&self, id: u32) {
+        if id != UNDEFINED {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn allowed(&self) {
+        self.count(self.allowed);
+    }
+
+    pub fn denied(&self, denial: Denial) {
+        if let Some(&id) = self.denied.get(denial.code_index()) {
+            self.count(id);
+        }
+    }
+
+    pub fn key_service_latency(&self, ms: u64) {
+        if self.key_service_latency_ms != UNDEFINED {
+            let _ = hostcalls::record_metric(self.key_service_latency_ms, ms);
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! One per filter configuration in each VM: reads the configuration, owns callouts.
+use super::http::Http;
+use super::worker::Worker;
+use crate::config::Config;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::rc::Rc;
+
+pub struct Root {
+    worker: Rc<Worker>,
+}
+
+impl Root {
+    pub fn new(context_id: u32) -> Root {
+        Root {
+            worker: Rc::new(Worker::new(context_id)),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        self.worker.on_callout_answer(token, body_size);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        // Follow Envoy's own log level, so debug lines cost nothing unless asked for.
+        proxy_wasm::set_log_level(hostcalls::get_log_level().unwrap_or(LogLevel::Info));
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::parse(&raw) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("apikey-filter configuration refused: {e}");
+                return false;
+            }
+        };
+        if !self.register_queue() {
+            return false;
+        }
+        log::info!(
+            "apikey-filter {} configured: key service cluster {}, {} key source(s), {} rule(s), cache ttl {}s, max {} entries, failure mode {:?}",
+            env!("CARGO_PKG_VERSION"),
+            config.key_service.cluster,
+            config.key_sources.len(),
+            config.rules.len(),
+            config.cache.ttl_s,
+            config.cache.max_entries,
+            config.failure_mode,
+        );
+        self.worker.set_config(config);
+        true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.worker.is_own_queue(queue_id) {
+            self.worker.send_callouts(queue_id);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http::new(context_id, self.worker.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// Each VM needs a queue of its own (a queue wakes only the VM that registered it
+    /// last), so its name carries a random id; re-configuring keeps the first one.
+    fn register_queue(&self) -> bool {
+        if self.worker.has_queue() {
+            return true;
+        }
+        let id = RandomState::new().hash_one(self.worker.as_ref() as *const Worker as usize);
+        match hostcalls::register_shared_queue(&format!("apikey_filter/v1/lookups/{id:016x}")) {
+            Ok(queue_id) => {
+                self.worker.set_queue(queue_id);
+                true
+            }
+            Err(status) => {
+                log::error!("apikey-filter cannot register its shared queue: {status:?}");
+                false
+            }
+        }
+    }
+}

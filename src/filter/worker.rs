@@ -1,0 +1,348 @@
+//! State one VM (one Envoy worker thread) shares between its root context and its
+//! requests: the configuration, the stats, and the requests waiting on the key service.
+//!
+//! Callouts are made by the root context, never by a request: Envoy cancels a callout
+//! when the request that made it ends, and the SDK routes the answer to the context
+//! that made it. Owned by the root, one callout serves every request waiting on a key
+//! even after the client that caused it has gone.
+use super::host;
+use super::metrics::Metrics;
+use crate::authorize::authorize;
+use crate::cache_entry::{self, CacheEntry, Verdict};
+use crate::callout::{Answer, Failure};
+use crate::config::{Config, FailureMode};
+use crate::denial::Denial;
+use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
+use crate::record::KeyRecord;
+use crate::rules::required_scopes;
+use proxy_wasm::hostcalls;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// A request whose key has been read: all a verdict needs.
+pub struct Request {
+    pub config: Rc<Config>,
+    pub key_hash: KeyHash,
+    /// Index of the scope rule that applies.
+    pub rule: Option<usize>,
+}
+
+/// What is known about a request's key.
+pub enum Outcome<'a> {
+    Known(&'a KeyRecord),
+    Deny(Denial),
+    /// The key service failed and `failure_mode` is open.
+    ForwardAnonymous,
+}
+
+/// A key being looked up, and who waits for it.
+struct Lookup {
+    waiters: Vec<u32>,
+    /// A found record past its TTL, usable if the key service fails.
+    stale: Option<KeyRecord>,
+    sent_at_ms: Option<u64>,
+}
+
+pub struct Worker {
+    root_id: u32,
+    config: RefCell<Option<Rc<Config>>>,
+    pub metrics: Metrics,
+    /// Wakes the root context to send callouts: see `ask_key_service`.
+    queue: Cell<Option<u32>>,
+    lookups: RefCell<HashMap<KeyHash, Lookup>>,
+    callouts: RefCell<HashMap<u32, KeyHash>>,
+    waiting: RefCell<HashMap<u32, Request>>,
+}
+
+const CACHE_PREFIX: &str = "apikey_filter/v1/cache/";
+/// Larger answers are not records; they are refused rather than copied in.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+impl Worker {
+    pub fn new(root_id: u32) -> Worker {
+        Worker {
+            root_id,
+            config: RefCell::new(None),
+            metrics: Metrics::define(),
+            queue: Cell::new(None),
+            lookups: RefCell::default(),
+            callouts: RefCell::default(),
+            waiting: RefCell::default(),
+        }
+    }
+
+    pub fn config(&self) -> Option<Rc<Config>> {
+        self.config.borrow().clone()
+    }
+
+    pub fn set_config(&self, config: Config) {
+        *self.config.borrow_mut() = Some(Rc::new(config));
+    }
+
+    pub fn set_queue(&self, queue_id: u32) {
+        self.queue.set(Some(queue_id));
+    }
+
+    pub fn has_queue(&self) -> bool {
+        self.queue.get().is_some()
+    }
+
+    pub fn is_own_queue(&self, queue_id: u32) -> bool {
+        self.queue.get() == Some(queue_id)
+    }
+
+    pub fn cache_read(&self, key_hash: &KeyHash, config: &Config) -> Option<Vec<u8>> {
+        host::shared_get(&cache_key(key_hash, config))
+    }
+
+    /// Applies what is known about the key to the current request. Returns true when
+    /// the request goes on upstream, false when it has been answered.
+    pub fn finish(&self, request: &Request, outcome: Outcome) -> bool {
+        let config = &request.config;
+        let record = match outcome {
+            Outcome::Known(record) => record,
+            Outcome::Deny(denial) => return self.deny(config, denial),
+            Outcome::ForwardAnonymous => {
+                self.metrics.allowed();
+                return true;
+            }
+        };
+        let scopes = required_scopes(&config.rules, request.rule);
+        if let Err(denial) = authorize(record, (host::now_ms() / 1000) as i64, scopes) {
+            log::debug!(
+                "key {} ({}): {}",
+                fingerprint(&request.key_hash),
+                record.key_id,
+                denial.code()
+            );
+            return self.deny(config, denial);
+        }
+        let names = &config.identity_headers;
+        for (name, value) in [
+            (&names.key_id, record.key_id.as_str()),
+            (&names.owner, record.owner.as_str()),
+            (&names.scopes, &record.scopes.join(",")),
+        ] {
+            if !value.is_empty() {
+                host::set_request_header(name, value.as_bytes());
+            }
+        }
+        self.metrics.allowed();
+        true
+    }
+
+    pub fn deny(&self, config: &Config, denial: Denial) -> bool {
+        self.metrics.denied(denial);
+        host::send_denial(denial, &config.www_authenticate, &[]);
+        false
+    }
+
+    /// The key service failed for this request: a stale record, else `failure_mode`.
+    fn on_key_service_failure<'a>(
+        &self,
+        request: &Request,
+        stale: Option<&'a KeyRecord>,
+    ) -> Outcome<'a> {
+        if let Some(record) = stale {
+            self.metrics.count(self.metrics.cache_stale);
+            return Outcome::Known(record);
+        }
+        match request.config.failure_mode {
+            FailureMode::Closed => Outcome::Deny(Denial::KeyServiceUnavailable),
+            FailureMode::Open => Outcome::ForwardAnonymous,
+        }
+    }
+
+    /// Parks the request (context `context_id`) until the key service answers for its
+    /// key. Requests for a key already being looked up join that lookup.
+    pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
+        let key_hash = request.key_hash;
+        self.waiting.borrow_mut().insert(context_id, request);
+        let mut lookups = self.lookups.borrow_mut();
+        if let Some(lookup) = lookups.get_mut(&key_hash) {
+            lookup.waiters.push(context_id);
+            return;
+        }
+        lookups.insert(
+            key_hash,
+            Lookup {
+                waiters: vec![context_id],
+                stale,
+                sent_at_ms: None,
+            },
+        );
+        drop(lookups);
+        // A request context cannot own the callout (see the module comment), so the
+        // root context is woken through this VM's own queue to send it.
+        let woken = self
+            .queue
+            .get()
+            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&key_hash)).is_ok());
+        if !woken {
+            log::warn!("cannot reach the root context to ask the key service");
+            self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
+        }
+    }
+
+    /// A request that ended (its client went away) before its answer.
+    pub fn forget(&self, context_id: u32) {
+        self.waiting.borrow_mut().remove(&context_id);
+    }
+
+    /// Root context: sends the callouts requests have asked for.
+    pub fn send_callouts(&self, queue_id: u32) {
+        while let Ok(Some(key_hash)) = hostcalls::dequeue_shared_queue(queue_id) {
+            let Ok(key_hash) = KeyHash::try_from(key_hash.as_slice()) else {
+                continue;
+            };
+            let unsent = self
+                .lookups
+                .borrow()
+                .get(&key_hash)
+                .is_some_and(|l| l.sent_at_ms.is_none());
+            if unsent {
+                self.send_callout(key_hash);
+            }
+        }
+    }
+
+    fn send_callout(&self, key_hash: KeyHash) {
+        let Some(config) = self.config() else {
+            return;
+        };
+        let service = &config.key_service;
+        let path = service.path_for(&hash_hex(&key_hash));
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", &path),
+            (":authority", &service.authority),
+        ];
+        headers.extend(
+            service
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+        match hostcalls::dispatch_http_call(
+            &service.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(service.timeout_ms),
+        ) {
+            Ok(token) => {
+                self.callouts.borrow_mut().insert(token, key_hash);
+                if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
+                    lookup.sent_at_ms = Some(host::now_ms());
+                }
+            }
+            Err(status) => {
+                log::warn!(
+                    "key service callout to cluster {} not sent: {status:?}",
+                    service.cluster
+                );
+                self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
+            }
+        }
+    }
+
+    /// Root context: the key service answered callout `token`.
+    pub fn on_callout_answer(&self, token: u32, body_size: usize) {
+        let Some(key_hash) = self.callouts.borrow_mut().remove(&token) else {
+            return;
+        };
+        let headers = hostcalls::get_map_bytes(proxy_wasm::types::MapType::HttpCallResponseHeaders)
+            .unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(name, _)| name == ":status")
+            .map(|(_, v)| v.as_slice());
+        let body = if body_size > MAX_ANSWER_BYTES {
+            Vec::new()
+        } else {
+            hostcalls::get_buffer(
+                proxy_wasm::types::BufferType::HttpCallResponseBody,
+                0,
+                body_size,
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+        };
+        let answer = crate::callout::classify(status, &body);
+        self.record_answer(&key_hash, &answer);
+        self.answer_waiters(key_hash, &answer);
+    }
+
+    fn record_answer(&self, key_hash: &KeyHash, answer: &Answer) {
+        let now = host::now_ms();
+        if let Some(sent) = self
+            .lookups
+            .borrow()
+            .get(key_hash)
+            .and_then(|l| l.sent_at_ms)
+        {
+            self.metrics.key_service_latency(now.saturating_sub(sent));
+        }
+        let verdict = match answer {
+            Answer::Found(record) => {
+                self.metrics.count(self.metrics.key_service_found);
+                Verdict::Found(record.clone())
+            }
+            Answer::NotFound => {
+                self.metrics.count(self.metrics.key_service_not_found);
+                Verdict::NotFound
+            }
+            Answer::Failed(failure) => {
+                self.metrics.count(self.metrics.key_service_error);
+                log::warn!(
+                    "key service lookup for key {} failed: {}",
+                    fingerprint(key_hash),
+                    failure.describe()
+                );
+                return;
+            }
+        };
+        let Some(config) = self.config() else {
+            return;
+        };
+        let entry = CacheEntry {
+            key_hash: *key_hash,
+            stored_at_ms: now,
+            verdict,
+        };
+        host::shared_set(&cache_key(key_hash, &config), &cache_entry::encode(&entry));
+    }
+
+    fn answer_waiters(&self, key_hash: KeyHash, answer: &Answer) {
+        let Some(lookup) = self.lookups.borrow_mut().remove(&key_hash) else {
+            return;
+        };
+        for context_id in lookup.waiters {
+            let Some(request) = self.waiting.borrow_mut().remove(&context_id) else {
+                continue; // its client went away
+            };
+            if hostcalls::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            let outcome = match answer {
+                Answer::Found(record) => Outcome::Known(record),
+                Answer::NotFound => Outcome::Deny(Denial::Invalid),
+                Answer::Failed(_) => self.on_key_service_failure(&request, lookup.stale.as_ref()),
+            };
+            if self.finish(&request, outcome) {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.root_id);
+    }
+}
+
+fn cache_key(key_hash: &KeyHash, config: &Config) -> String {
+    format!(
+        "{CACHE_PREFIX}{}",
+        slot_of(key_hash, config.cache.max_entries)
+    )
+}
