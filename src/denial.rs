@@ -79,8 +79,14 @@ impl Denial {
         }
     }
 
+    /// Codes and messages are fixed ASCII without quotes or backslashes, so the JSON
+    /// needs no escaping.
     pub fn body(self) -> String {
-        serde_json::json!({"error": {"code": self.code(), "message": self.message()}}).to_string()
+        format!(
+            r#"{{"error":{{"code":"{}","message":"{}"}}}}"#,
+            self.code(),
+            self.message()
+        )
     }
 
     /// What a key-guessing client is charged for (SPEC `brute_force`).

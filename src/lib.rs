@@ -14,6 +14,7 @@
 )]
 
 pub mod authorize;
+pub mod bucket;
 pub mod cache_entry;
 pub mod callout;
 pub mod config;
@@ -22,8 +23,10 @@ pub mod extract;
 pub mod json_fields;
 pub mod key_hash;
 pub mod query;
+pub mod rate_limit;
 pub mod record;
 pub mod rules;
+pub mod shared_store;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -17,7 +17,7 @@ pub fn matching_rule(rules: &[Rule], method: &[u8], path: &[u8]) -> Option<usize
 }
 
 /// Scopes the request must hold; empty when no rule matches.
-pub fn required_scopes<'r>(rules: &'r [Rule], rule: Option<usize>) -> &'r [String] {
+pub fn required_scopes(rules: &[Rule], rule: Option<usize>) -> &[String] {
     rule.and_then(|i| rules.get(i))
         .map(|rule| rule.scopes.as_slice())
         .unwrap_or_default()

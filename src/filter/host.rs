@@ -1,7 +1,8 @@
 //! Small wrappers over host calls whose failures have one sensible answer.
 use crate::denial::Denial;
+use crate::shared_store::{SetError, SharedStore};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Bytes, MapType};
+use proxy_wasm::types::{Bytes, MapType, Status};
 use std::time::UNIX_EPOCH;
 
 pub fn now_ms() -> u64 {
@@ -47,4 +48,24 @@ pub fn send_denial(denial: Denial, www_authenticate: &str, extra: &[(&str, &str)
     headers.extend_from_slice(extra);
     let body = denial.body();
     let _ = hostcalls::send_http_response(denial.status(), headers, Some(body.as_bytes()));
+}
+
+/// Envoy's shared data, as the rate limiter sees it.
+pub struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, Some(cas))) => Some((value.unwrap_or_default(), cas)),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Failed),
+        }
+    }
 }

@@ -56,6 +56,7 @@ impl Http {
             KeyOutcome::Malformed => return self.deny(&config, Denial::Malformed),
         };
         let request = Request {
+            context_id: self.context_id,
             key_hash: hash_key(&key),
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
@@ -108,5 +109,17 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         self.on_request()
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in self
+            .worker
+            .take_rate_headers(self.context_id)
+            .into_iter()
+            .flatten()
+        {
+            host::add_response_header(name, &value);
+        }
+        Action::Continue
     }
 }

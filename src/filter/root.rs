@@ -1,7 +1,9 @@
 //! One per filter configuration in each VM: reads the configuration, owns callouts.
+use super::host::HostStore;
 use super::http::Http;
 use super::worker::Worker;
-use crate::config::Config;
+use crate::config::{Config, FailureMode};
+use crate::rate_limit;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -48,15 +50,24 @@ impl RootContext for Root {
         if !self.register_queue() {
             return false;
         }
+        let started = super::host::now_ms();
+        rate_limit::create_slots(&HostStore, config.cache.max_entries);
+        log::debug!(
+            "bucket slots ready in {} ms",
+            super::host::now_ms().saturating_sub(started)
+        );
         log::info!(
-            "apikey-filter {} configured: key service cluster {}, {} key source(s), {} rule(s), cache ttl {}s, max {} entries, failure mode {:?}",
+            "apikey-filter {} configured: key service cluster {}, {} key source(s), {} rule(s), cache ttl {}s, max {} entries, failure mode {}",
             env!("CARGO_PKG_VERSION"),
             config.key_service.cluster,
             config.key_sources.len(),
             config.rules.len(),
             config.cache.ttl_s,
             config.cache.max_entries,
-            config.failure_mode,
+            match config.failure_mode {
+                FailureMode::Closed => "closed",
+                FailureMode::Open => "open",
+            },
         );
         self.worker.set_config(config);
         true
@@ -91,7 +102,10 @@ impl Root {
                 true
             }
             Err(status) => {
-                log::error!("apikey-filter cannot register its shared queue: {status:?}");
+                log::error!(
+                    "apikey-filter cannot register its shared queue (status {})",
+                    status as u32
+                );
                 false
             }
         }

@@ -5,15 +5,18 @@
 //! when the request that made it ends, and the SDK routes the answer to the context
 //! that made it. Owned by the root, one callout serves every request waiting on a key
 //! even after the client that caused it has gone.
-use super::host;
+use super::host::{self, HostStore};
 use super::metrics::Metrics;
 use crate::authorize::authorize;
+use crate::bucket::Take;
 use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
 use crate::config::{Config, FailureMode};
 use crate::denial::Denial;
 use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
+use crate::rate_limit;
 use crate::record::KeyRecord;
+use crate::record::RecordLimit;
 use crate::rules::required_scopes;
 use proxy_wasm::hostcalls;
 use std::cell::{Cell, RefCell};
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 /// A request whose key has been read: all a verdict needs.
 pub struct Request {
+    pub context_id: u32,
     pub config: Rc<Config>,
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
@@ -54,6 +58,8 @@ pub struct Worker {
     lookups: RefCell<HashMap<KeyHash, Lookup>>,
     callouts: RefCell<HashMap<u32, KeyHash>>,
     waiting: RefCell<HashMap<u32, Request>>,
+    /// RateLimit headers for the responses of requests that took a token.
+    rate_headers: RefCell<HashMap<u32, [(&'static str, String); 2]>>,
 }
 
 const CACHE_PREFIX: &str = "apikey_filter/v1/cache/";
@@ -70,6 +76,7 @@ impl Worker {
             lookups: RefCell::default(),
             callouts: RefCell::default(),
             waiting: RefCell::default(),
+            rate_headers: RefCell::default(),
         }
     }
 
@@ -119,6 +126,9 @@ impl Worker {
             );
             return self.deny(config, denial);
         }
+        if !self.take_token(request, record) {
+            return false;
+        }
         let names = &config.identity_headers;
         for (name, value) in [
             (&names.key_id, record.key_id.as_str()),
@@ -137,6 +147,77 @@ impl Worker {
         self.metrics.denied(denial);
         host::send_denial(denial, &config.www_authenticate, &[]);
         false
+    }
+
+    /// Takes a token from the key's bucket; false when the request has been answered
+    /// with a 429.
+    fn take_token(&self, request: &Request, record: &KeyRecord) -> bool {
+        let config = &request.config;
+        let spec = match record.rate_limit {
+            RecordLimit::Default => config.rate_limit,
+            RecordLimit::Unlimited => None,
+            RecordLimit::Bucket(spec) => Some(spec),
+        };
+        let Some(spec) = spec else {
+            return true;
+        };
+        let slots = config.cache.max_entries;
+        let take =
+            match rate_limit::take_token(&HostStore, &record.key_id, spec, slots, host::now_ms()) {
+                Ok(take) => take,
+                Err(why) => {
+                    // Fail closed: the limit is a promise to the upstream, never exceeded.
+                    log::warn!(
+                        "rate limit for key {} unavailable ({})",
+                        fingerprint(&request.key_hash),
+                        match why {
+                            rate_limit::Unavailable::Contention => "contention",
+                            rate_limit::Unavailable::StoreFailed => "shared data refused the write",
+                        }
+                    );
+                    Take {
+                        allowed: false,
+                        remaining: 0,
+                        retry_after_s: 1,
+                        full_in_s: 1,
+                    }
+                }
+            };
+        let headers = [
+            (
+                "ratelimit-policy",
+                format!("\"apikey\";q={};w={}", spec.requests, spec.period_s),
+            ),
+            (
+                "ratelimit",
+                format!("\"apikey\";r={};t={}", take.remaining, take.full_in_s),
+            ),
+        ];
+        if take.allowed {
+            self.rate_headers
+                .borrow_mut()
+                .insert(request.context_id, headers);
+            return true;
+        }
+        let denial = Denial::RateLimited;
+        self.metrics.denied(denial);
+        let retry_after = take.retry_after_s.to_string();
+        let [(policy, policy_value), (state, state_value)] = &headers;
+        host::send_denial(
+            denial,
+            &config.www_authenticate,
+            &[
+                ("retry-after", &retry_after),
+                (policy, policy_value),
+                (state, state_value),
+            ],
+        );
+        false
+    }
+
+    /// Response phase: the RateLimit headers of a request that took a token.
+    pub fn take_rate_headers(&self, context_id: u32) -> Option<[(&'static str, String); 2]> {
+        self.rate_headers.borrow_mut().remove(&context_id)
     }
 
     /// The key service failed for this request: a stale record, else `failure_mode`.
@@ -189,6 +270,7 @@ impl Worker {
     /// A request that ended (its client went away) before its answer.
     pub fn forget(&self, context_id: u32) {
         self.waiting.borrow_mut().remove(&context_id);
+        self.rate_headers.borrow_mut().remove(&context_id);
     }
 
     /// Root context: sends the callouts requests have asked for.
@@ -240,8 +322,9 @@ impl Worker {
             }
             Err(status) => {
                 log::warn!(
-                    "key service callout to cluster {} not sent: {status:?}",
-                    service.cluster
+                    "key service callout to cluster {} not sent (status {})",
+                    service.cluster,
+                    status as u32
                 );
                 self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
             }

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Reference key service for apikey-filter (SPEC "Key service protocol"), for tests and the demo.
+
+    python3 scripts/keyservice.py --port 8081 [--host 127.0.0.1] [--keys FILE] [--save]
+
+Keys file: {"keys": {"<lowercase sha256 hex of the raw key>": {record}}}. It holds hashes
+only: this service never sees a raw key, and neither does anything it stores or prints.
+
+Protocol:  GET /v1/keys/<hash>  ->  200 record JSON | 404 {"error": "not_found"}
+
+Admin API (JSON in and out), used by tests to change keys and to make the service misbehave:
+    POST   /admin/keys                 {"key_hash": h, "record": {...}}  upsert, record kept as given
+    DELETE /admin/keys/<hash>          remove (lookups then get 404)
+    POST   /admin/keys/<hash>/revoke   set "revoked": true
+    POST   /admin/keys/<hash>/expire   set "expires_at" to now - 1
+    GET    /admin/keys                 {"keys": {...}}
+    POST   /admin/mode                 {"mode": M, "status": S, "delay_ms": D}
+             normal     answer from the keys (the default)
+             status     answer every lookup with status S (default 500) and a small JSON body
+             hang       never answer: block until the mode changes or 60 s pass
+             close      close the connection without any response
+             malformed  200 with the body `{"key_id": ` (not JSON)
+             delay_ms   (default 0) delays every lookup answer, in any mode
+    GET    /admin/lookups              {"total": N, "by_hash": {h: n}, "recent": [{"path", "headers"}]}
+    POST   /admin/reset                zero the counters and recent lookups, mode back to normal
+    GET    /healthz                    200
+
+Lookups are counted in every mode, so a test can count callouts even while they fail.
+--save writes admin changes back to the keys file, so a restarted service keeps them.
+--port 0 picks a free port; the start line on stdout names the one bound.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODES = ("normal", "status", "hang", "close", "malformed")
+HANG_MAX_S = 60
+RECENT_MAX = 200
+
+
+class State:
+    """Everything the handlers share, behind one lock."""
+
+    def __init__(self, keys, keys_file=None, save=False):
+        self.lock = threading.Lock()
+        self.mode_changed = threading.Condition(self.lock)  # wakes hung lookups
+        self.keys = keys
+        self.keys_file = keys_file if save else None
+        self.mode = {"mode": "normal", "status": 500, "delay_ms": 0}
+        self.reset_counters()
+
+    def reset_counters(self):
+        self.total = 0
+        self.by_hash = collections.Counter()
+        self.recent = collections.deque(maxlen=RECENT_MAX)
+
+    def save(self):
+        """Write the keys back (atomically: a reader never sees half a file). Lock held."""
+        if self.keys_file:
+            tmp = f"{self.keys_file}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"keys": self.keys}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.keys_file)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: Envoy pools its connections to us
+    server_version = "keyservice"
+    state: State  # set on the class by main()
+
+    def log_message(self, format, *args):  # noqa: A002 - quiet: benchmarks go through here
+        pass
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def read_body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def read_json(self):
+        raw = self.read_body()
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return None
+
+    def send(self, status, body, content_type="application/json"):
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def route(self, method):
+        path = self.path.split("?", 1)[0]
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["v1", "keys"] and len(parts) == 3 and method == "GET":
+            return self.lookup(parts[2])
+        body = self.read_json() if method in ("POST", "PUT") else {}
+        if not isinstance(body, dict):
+            return self.send(400, {"error": "body is not a JSON object"})
+        if parts == ["healthz"] and method == "GET":
+            return self.send(200, {"ok": True})
+        if parts[:1] == ["admin"]:
+            return self.admin(method, parts[1:], body)
+        self.send(404, {"error": "no_such_endpoint"})
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def lookup(self, key_hash):
+        st = self.state
+        with st.lock:
+            st.total += 1
+            st.by_hash[key_hash] += 1
+            st.recent.append({"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]})
+            mode = dict(st.mode)
+        if mode["delay_ms"]:
+            time.sleep(mode["delay_ms"] / 1000)
+        if mode["mode"] == "hang":
+            deadline = time.monotonic() + HANG_MAX_S
+            with st.lock:
+                while st.mode["mode"] == "hang" and time.monotonic() < deadline:
+                    st.mode_changed.wait(deadline - time.monotonic())
+                mode = dict(st.mode)
+            if mode["mode"] == "hang":  # 60 s passed: give up without an answer
+                mode["mode"] = "close"
+        if mode["mode"] == "status":
+            return self.send(mode["status"], {"error": "injected", "status": mode["status"]})
+        if mode["mode"] == "close":
+            self.close_connection = True  # no bytes written: the server just closes the socket
+            return
+        if mode["mode"] == "malformed":
+            return self.send(200, b'{"key_id": ')
+        with st.lock:  # serialised under the lock: an admin call may be changing the record
+            record = st.keys.get(key_hash)
+            body = None if record is None else json.dumps(record).encode()
+        if body is None:
+            return self.send(404, {"error": "not_found"})
+        self.send(200, body)
+
+    # -- the admin API --------------------------------------------------------------------
+
+    def admin(self, method, parts, body):
+        st = self.state
+        # Answers are built under the lock and sent after it: a slow client must not
+        # hold up lookups.
+        if parts == ["keys"] and method == "GET":
+            with st.lock:
+                keys = json.dumps({"keys": st.keys}).encode()
+            return self.send(200, keys)
+        if parts == ["keys"] and method == "POST":
+            h, record = body.get("key_hash"), body.get("record")
+            if not isinstance(h, str) or not h or not isinstance(record, dict):
+                return self.send(400, {"error": 'want {"key_hash": str, "record": {...}}'})
+            with st.lock:
+                st.keys[h] = record
+                st.save()
+            return self.send(200, {"key_hash": h, "record": record})
+        if len(parts) in (2, 3) and parts[0] == "keys":
+            h, action = parts[1], (parts[2] if len(parts) == 3 else None)
+            with st.lock:
+                status, answer = self.change_key(h, method, action)
+            return self.send(status, answer)
+        if parts == ["mode"] and method == "POST":
+            mode = body.get("mode", "normal")
+            status = body.get("status")
+            delay = body.get("delay_ms")
+            if mode not in MODES:
+                return self.send(400, {"error": f"mode must be one of {', '.join(MODES)}"})
+            status = 500 if status is None else status
+            delay = 0 if delay is None else delay
+            if not (isinstance(status, int) and 100 <= status <= 599 and isinstance(delay, (int, float)) and delay >= 0):
+                return self.send(400, {"error": "status must be 100..599, delay_ms >= 0"})
+            with st.lock:
+                st.mode = {"mode": mode, "status": status, "delay_ms": delay}
+                st.mode_changed.notify_all()
+            return self.send(200, {"mode": mode, "status": status, "delay_ms": delay})
+        if parts == ["lookups"] and method == "GET":
+            with st.lock:
+                seen = {"total": st.total, "by_hash": dict(st.by_hash), "recent": list(st.recent)}
+                seen = json.dumps(seen).encode()
+            return self.send(200, seen)
+        if parts == ["reset"] and method == "POST":
+            with st.lock:
+                st.reset_counters()
+                st.mode = {"mode": "normal", "status": 500, "delay_ms": 0}
+                st.mode_changed.notify_all()
+            return self.send(200, {"ok": True})
+        self.send(404, {"error": "no_such_endpoint"})
+
+    def change_key(self, h, method, action):
+        """DELETE /admin/keys/<h>, POST .../revoke, POST .../expire. Lock held."""
+        st = self.state
+        if h not in st.keys:
+            return 404, {"error": "not_found"}
+        if method == "DELETE" and action is None:
+            del st.keys[h]
+        elif method == "POST" and action == "revoke":
+            st.keys[h]["revoked"] = True
+        elif method == "POST" and action == "expire":
+            st.keys[h]["expires_at"] = int(time.time()) - 1
+        else:
+            return 404, {"error": "no_such_endpoint"}
+        st.save()
+        return 200, ({"deleted": h} if method == "DELETE" else {"key_hash": h, "record": dict(st.keys[h])})
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung request must not keep the process alive
+
+    def handle_error(self, request, client_address):
+        # A peer that went away (Envoy giving up on a callout, a test's short timeout) is
+        # expected here; only a real bug deserves a traceback in the log.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+def load_keys(path):
+    if not path:
+        return {}
+    with open(path) as f:
+        keys = json.load(f).get("keys", {})
+    if not isinstance(keys, dict):
+        raise SystemExit(f"keyservice: {path}: \"keys\" must be an object of hash -> record")
+    return keys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="reference key service for apikey-filter")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--keys", help='JSON file {"keys": {sha256hex: record}}')
+    ap.add_argument("--save", action="store_true", help="write admin changes back to --keys")
+    args = ap.parse_args(argv)
+
+    Handler.state = State(load_keys(args.keys), args.keys, args.save)
+    server = Server((args.host, args.port), Handler)
+    host, port = server.server_address[:2]
+    print(f"keyservice listening on http://{host}:{port} ({len(Handler.state.keys)} keys)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.05)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

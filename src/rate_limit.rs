@@ -1,0 +1,325 @@
+//! One token bucket per `key_id`, shared by every worker thread through shared data
+//! and updated with compare-and-swap, so the limit is exact across threads.
+//!
+//! Envoy's shared data has no insert-if-absent: two workers creating the same key both
+//! "win". So buckets live in a fixed set of slots created once at configure time
+//! (`create_slots`) and are only ever updated with the CAS they were read with. A key's
+//! bucket sits in the first of `PROBES` slots from its home slot that is its own, free,
+//! or holds a full bucket (a full bucket carries no information, so reusing its slot
+//! loses nothing).
+use crate::bucket::{Bucket, Take};
+use crate::config::BucketSpec;
+use crate::key_hash::hash_key;
+use crate::shared_store::{SetError, SharedStore};
+
+const SLOT_PREFIX: &str = "apikey_filter/v1/bucket/";
+const SLOTS_MARKER: &str = "apikey_filter/v1/bucket-slots";
+const FORMAT_VERSION: u8 = 1;
+/// Slots tried from a key's home slot.
+pub const PROBES: u32 = 4;
+/// Compare-and-swap attempts before giving up. Each failed attempt means another
+/// worker took a token meanwhile, so this only runs out under extreme contention.
+pub const MAX_ATTEMPTS: u32 = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every attempt lost the compare-and-swap race.
+    Contention,
+    /// Shared data refused a write.
+    StoreFailed,
+}
+
+/// A slot's content: whose bucket it is, and the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotState {
+    owner: u64,
+    bucket: Bucket,
+}
+
+pub fn slot_key(slot: u32) -> String {
+    format!("{SLOT_PREFIX}{slot}")
+}
+
+/// Creates the slots that do not exist yet; never touches one that does, so running it
+/// again (every VM, every configuration push) keeps every running bucket.
+pub fn create_slots(store: &impl SharedStore, slots: u32) {
+    let marker = slots.to_le_bytes();
+    if store.get(SLOTS_MARKER).is_some_and(|(v, _)| v == marker) {
+        return;
+    }
+    for slot in 0..slots {
+        let key = slot_key(slot);
+        if store.get(&key).is_none() {
+            let _ = store.set(&key, &[], None);
+        }
+    }
+    let _ = store.set(SLOTS_MARKER, &marker, None);
+}
+
+/// Takes a token from `key_id`'s bucket.
+pub fn take_token(
+    store: &impl SharedStore,
+    key_id: &str,
+    spec: BucketSpec,
+    slots: u32,
+    now_ms: u64,
+) -> Result<Take, Unavailable> {
+    let owner = owner_of(key_id);
+    let home = (owner % u64::from(slots.max(1))) as u32;
+    for _ in 0..MAX_ATTEMPTS {
+        let (key, cas, bucket) = choose_slot(store, owner, home, slots, spec, now_ms);
+        let (after, take) = bucket.take();
+        if !take.allowed {
+            // Nothing changed that a later read would not compute again.
+            return Ok(take);
+        }
+        let state = SlotState {
+            owner,
+            bucket: after,
+        };
+        match store.set(&key, &encode(&state), cas) {
+            Ok(()) => return Ok(take),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Failed) => return Err(Unavailable::StoreFailed),
+        }
+    }
+    Err(Unavailable::Contention)
+}
+
+/// The slot for `owner`'s bucket with the CAS it was read with, and the bucket as of now.
+fn choose_slot(
+    store: &impl SharedStore,
+    owner: u64,
+    home: u32,
+    slots: u32,
+    spec: BucketSpec,
+    now_ms: u64,
+) -> (String, Option<u32>, Bucket) {
+    let mut free: Option<(String, Option<u32>)> = None;
+    let mut home_cas = None;
+    for probe in 0..PROBES.min(slots.max(1)) {
+        let key = slot_key((home + probe) % slots.max(1));
+        // A slot that was never created is used as free: only possible while a larger
+        // `max_entries` is being rolled out, and creating it can race (see module docs).
+        let (value, cas) = match store.get(&key) {
+            Some((value, cas)) => (value, Some(cas)),
+            None => (Vec::new(), None),
+        };
+        if probe == 0 {
+            home_cas = cas;
+        }
+        match decode(&value) {
+            Some(state) if state.owner == owner => {
+                return (key, cas, state.bucket.at(spec, now_ms))
+            }
+            Some(state) if !state.bucket.at(state.bucket.spec, now_ms).is_full() => {}
+            _ => {
+                if free.is_none() {
+                    free = Some((key, cas));
+                }
+            }
+        }
+    }
+    // Every probed slot holds another key's live bucket: take over the home slot. Only
+    // with more live buckets than slots; the evicted key starts afresh.
+    let (key, cas) = free.unwrap_or_else(|| (slot_key(home), home_cas));
+    (key, cas, Bucket::full(spec, now_ms))
+}
+
+fn owner_of(key_id: &str) -> u64 {
+    let hash = hash_key(key_id.as_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
+    u64::from_le_bytes(id)
+}
+
+fn encode(state: &SlotState) -> Vec<u8> {
+    let b = &state.bucket;
+    let mut out = Vec::with_capacity(45);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&state.owner.to_le_bytes());
+    for n in [b.spec.requests, b.spec.period_s, b.spec.burst] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&b.units.to_le_bytes());
+    out.extend_from_slice(&b.updated_at_ms.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<SlotState> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != FORMAT_VERSION || rest.len() != 44 {
+        return None;
+    }
+    let u32_at = |i: usize| Some(u32::from_le_bytes(rest.get(i..i + 4)?.try_into().ok()?));
+    let u64_at = |i: usize| Some(u64::from_le_bytes(rest.get(i..i + 8)?.try_into().ok()?));
+    Some(SlotState {
+        owner: u64_at(0)?,
+        bucket: Bucket {
+            spec: BucketSpec {
+                requests: u32_at(8)?,
+                period_s: u32_at(12)?,
+                burst: u32_at(16)?,
+            },
+            units: u128::from_le_bytes(rest.get(20..36)?.try_into().ok()?),
+            updated_at_ms: u64_at(36)?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    /// Shared data with Envoy's CAS rules, and a hook that lets "another worker" act
+    /// between a read and the write that follows it.
+    #[derive(Default)]
+    struct FakeStore {
+        data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        next_cas: Cell<u32>,
+        interleave: RefCell<Option<Box<dyn FnMut(&FakeStore)>>>,
+        mismatches: Cell<u32>,
+    }
+
+    impl SharedStore for FakeStore {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.data.borrow().get(key).cloned()
+        }
+
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+            let hook = self.interleave.borrow_mut().take();
+            if let Some(mut other_worker) = hook {
+                other_worker(self);
+                *self.interleave.borrow_mut() = Some(other_worker);
+            }
+            let mut data = self.data.borrow_mut();
+            if let (Some(cas), Some((_, current))) = (cas, data.get(key)) {
+                if cas != 0 && cas != *current {
+                    self.mismatches.set(self.mismatches.get() + 1);
+                    return Err(SetError::CasMismatch);
+                }
+            }
+            self.next_cas.set(self.next_cas.get() + 1);
+            data.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
+            Ok(())
+        }
+    }
+
+    fn spec(burst: u32) -> BucketSpec {
+        BucketSpec {
+            requests: 1,
+            period_s: 3600,
+            burst,
+        }
+    }
+
+    fn store(slots: u32) -> FakeStore {
+        let s = FakeStore::default();
+        create_slots(&s, slots);
+        s
+    }
+
+    #[test]
+    fn exactly_burst_pass_when_every_write_races_another_worker() {
+        let s = store(64);
+        let allowed = std::rc::Rc::new(Cell::new(0u32));
+        let counted = allowed.clone();
+        let rounds = Cell::new(0u32);
+        *s.interleave.borrow_mut() = Some(Box::new(move |s: &FakeStore| {
+            rounds.set(rounds.get() + 1);
+            // Every third write, another worker takes a token first.
+            if rounds.get() % 3 == 0 {
+                if let Ok(t) = take_token(s, "k_1", spec(25), 64, 0) {
+                    counted.set(counted.get() + u32::from(t.allowed));
+                }
+            }
+        }));
+        for _ in 0..100 {
+            if let Ok(t) = take_token(&s, "k_1", spec(25), 64, 0) {
+                allowed.set(allowed.get() + u32::from(t.allowed));
+            }
+        }
+        assert_eq!(allowed.get(), 25);
+        assert!(s.mismatches.get() > 0, "the test must really interleave");
+    }
+
+    #[test]
+    fn gives_up_after_bounded_attempts_under_endless_contention() {
+        let s = store(8);
+        *s.interleave.borrow_mut() = Some(Box::new(|s: &FakeStore| {
+            // Another worker rewrites every slot before each of our writes.
+            for slot in 0..8 {
+                let key = slot_key(slot);
+                let value = s.get(&key).map(|(v, _)| v).unwrap_or_default();
+                s.next_cas.set(s.next_cas.get() + 1);
+                s.data.borrow_mut().insert(key, (value, s.next_cas.get()));
+            }
+        }));
+        assert_eq!(
+            take_token(&s, "k", spec(5), 8, 0),
+            Err(Unavailable::Contention)
+        );
+    }
+
+    #[test]
+    fn keys_have_separate_buckets_even_when_their_slots_collide() {
+        let s = store(1);
+        // One slot: the second key can only take over when the first is full again.
+        assert!(take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(!take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(take_token(&s, "b", spec(2), 1, 0).unwrap().allowed);
+
+        let s = store(64);
+        for key in ["a", "b", "c", "d", "e"] {
+            assert!(
+                take_token(&s, key, spec(1), 64, 0).unwrap().allowed,
+                "{key}"
+            );
+            assert!(
+                !take_token(&s, key, spec(1), 64, 0).unwrap().allowed,
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn refills_over_time() {
+        let s = store(16);
+        let per_second = BucketSpec {
+            requests: 1,
+            period_s: 1,
+            burst: 1,
+        };
+        assert!(take_token(&s, "k", per_second, 16, 0).unwrap().allowed);
+        assert!(!take_token(&s, "k", per_second, 16, 999).unwrap().allowed);
+        assert!(take_token(&s, "k", per_second, 16, 1000).unwrap().allowed);
+    }
+
+    #[test]
+    fn creating_slots_again_keeps_running_buckets() {
+        let s = store(16);
+        assert!(take_token(&s, "k", spec(1), 16, 0).unwrap().allowed);
+        create_slots(&s, 16);
+        create_slots(&s, 32);
+        assert!(!take_token(&s, "k", spec(1), 16, 0).unwrap().allowed);
+        assert!(s.get(&slot_key(31)).is_some());
+    }
+
+    #[test]
+    fn slot_encoding_round_trips() {
+        let state = SlotState {
+            owner: 7,
+            bucket: Bucket {
+                spec: spec(3),
+                units: 123_456,
+                updated_at_ms: 99,
+            },
+        };
+        assert_eq!(decode(&encode(&state)), Some(state));
+        assert_eq!(decode(&[]), None);
+        assert_eq!(decode(&encode(&state)[..44]), None);
+    }
+}
