@@ -173,13 +173,15 @@ mod tests {
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
+    type OtherWorker = Box<dyn FnMut(&FakeStore)>;
+
     /// Shared data with Envoy's CAS rules, and a hook that lets "another worker" act
     /// between a read and the write that follows it.
     #[derive(Default)]
     struct FakeStore {
         data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         next_cas: Cell<u32>,
-        interleave: RefCell<Option<Box<dyn FnMut(&FakeStore)>>>,
+        interleave: RefCell<Option<OtherWorker>>,
         mismatches: Cell<u32>,
     }
 
@@ -230,7 +232,7 @@ mod tests {
         *s.interleave.borrow_mut() = Some(Box::new(move |s: &FakeStore| {
             rounds.set(rounds.get() + 1);
             // Every third write, another worker takes a token first.
-            if rounds.get() % 3 == 0 {
+            if rounds.get().is_multiple_of(3) {
                 if let Ok(t) = take_token(s, "k_1", spec(25), 64, 0) {
                     counted.set(counted.get() + u32::from(t.allowed));
                 }
