@@ -82,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung request must not keep the process alive
+    # The default backlog of 5 resets connections under the concurrent bursts the tests
+    # send, which Envoy then reports as 503s that look like the filter's.
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         # A peer that went away (Envoy giving up on a callout, a test's short timeout) is

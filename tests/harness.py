@@ -308,20 +308,47 @@ def _check_wasm():
         raise HarnessError(f"{WASM_PATH} not found: run scripts/build first")
 
 
-def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_service_port):
+def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_service_port,
+            lds=False, wasm_path=WASM_PATH, access_log=None):
     """filter_config: a dict/list (sent as one line of JSON) or a str sent as it is (one
-    line), e.g. to try malformed JSON. The template's YAML `|` block adds a final newline."""
+    line), e.g. to try malformed JSON. The template's YAML `|` block adds a final newline.
+
+    lds=True serves the very same listener over file-based LDS (tmp/lds.yaml), so that a
+    test can push a new filter configuration into the running Envoy."""
     config = Path(tmp) / "envoy.yaml"
     render_envoy.render({
         "LISTEN_PORT": listen_port,
         "ADMIN_PORT": admin_port,
         "UPSTREAM_PORT": upstream_port,
         "KEY_SERVICE_PORT": key_service_port,
-        "WASM_PATH": WASM_PATH,
-        "ACCESS_LOG": Path(tmp) / "access.log",
+        "WASM_PATH": wasm_path,
+        "ACCESS_LOG": access_log or Path(tmp) / "access.log",
         "FILTER_CONFIG": filter_config,
     }, config)
+    if lds:
+        _move_listener_to_lds(config, Path(tmp) / "lds.yaml")
     return config
+
+
+def _move_listener_to_lds(config, lds_path):
+    """Cuts the template's `listeners:` block out of the bootstrap into an LDS file."""
+    lines = config.read_text().splitlines(keepends=True)
+    start = lines.index("  listeners:\n")
+    end = lines.index("  clusters:\n")
+    listener = [line[2:] for line in lines[start + 1:end]]
+    listener.insert(1, '  "@type": type.googleapis.com/envoy.config.listener.v3.Listener\n')
+    staged = lds_path.with_suffix(".new")
+    staged.write_text("resources:\n" + "".join(listener))
+    staged.rename(lds_path)  # Envoy watches for the file being moved into place
+    bootstrap = lines[:start] + lines[end:]
+    bootstrap += [
+        "node: { id: apikey-test, cluster: apikey-test }\n",
+        "dynamic_resources:\n",
+        "  lds_config:\n",
+        "    resource_api_version: V3\n",
+        f"    path_config_source: {{ path: {lds_path} }}\n",
+    ]
+    config.write_text("".join(bootstrap))
 
 
 def _admin_ready(admin_port):
@@ -408,8 +435,10 @@ class Stack:
     keys as last changed; its counters and mode start afresh.
     """
 
-    def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info"):
+    def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info",
+                 lds=False):
         self.filter_config = filter_config
+        self.lds = lds
         self.initial_keys = dict(keys or {})
         self.concurrency = concurrency
         self.start_key_service_at_start = start_key_service
@@ -456,7 +485,7 @@ class Stack:
         for _attempt in range(3):
             self.listen_port, self.admin_port = free_port(), free_port()
             self.config_path = _render(self.tmp, self.filter_config, self.listen_port, self.admin_port,
-                                       self.upstream_port, self.key_service_port)
+                                       self.upstream_port, self.key_service_port, lds=self.lds)
             self.envoy_log_path = self.tmp / "envoy.log"
             self.envoy_log_path.unlink(missing_ok=True)
             self.envoy = Process("envoy", _envoy_argv(self.config_path, self.concurrency, self.envoy_log_path,
@@ -474,6 +503,25 @@ class Stack:
             if not _port_clash(log):
                 raise HarnessError(f"Envoy exited with {self.envoy.proc.returncode}; log tail:\n{_tail(log)}")
         raise HarnessError("Envoy could not bind its ports three times; log tail:\n" + _tail(log))
+
+    def push_listener(self, filter_config, wasm_path=WASM_PATH, timeout=10):
+        """Pushes a new filter configuration (and optionally another .wasm) to the running
+        Envoy over LDS (needs lds=True) and waits until the new listener serves."""
+        assert self.lds, "push_listener needs Stack(..., lds=True)"
+        modified = self.stat("listener_manager.listener_modified")
+        scratch = self.tmp / "push"
+        scratch.mkdir(exist_ok=True)
+        _render(scratch, filter_config, self.listen_port, self.admin_port, self.upstream_port,
+                self.key_service_port, lds=True, wasm_path=wasm_path, access_log=self.tmp / "access.log")
+        (scratch / "lds.yaml").rename(self.tmp / "lds.yaml")
+        deadline = time.monotonic() + timeout
+        while self.stat("listener_manager.listener_modified") == modified:
+            if time.monotonic() > deadline:
+                raise HarnessError("Envoy did not take the pushed listener; log tail:\n" + _tail(self.envoy_log()))
+            time.sleep(POLL_S)
+        while self.stat("listener_manager.total_listeners_warming"):
+            time.sleep(POLL_S)
+        self.filter_config = filter_config
 
     def close(self):
         """Stop every process this stack started, then remove its temp dir. Idempotent."""
@@ -557,8 +605,8 @@ class Stack:
         r = self.admin("/stats?format=json")
         out = {}
         for s in r.json().get("stats", []):
-            if "value" in s:
-                out[s["name"]] = int(s["value"])
+            if isinstance(s.get("value"), int):  # text readouts (e.g. with LDS) are not numbers
+                out[s["name"]] = s["value"]
         return out
 
     def stat(self, name, default=0):
