@@ -43,7 +43,10 @@ pub fn extract<'c>(
             KeySource::Header { name } => header_values(headers, name)
                 .map(|v| v.trim_ascii().to_vec())
                 .collect(),
+            // Envoy joins a repeated inline header such as `authorization` into one
+            // value with commas, so each comma-separated part is a credential.
             KeySource::SchemeHeader { name, scheme } => header_values(headers, name)
+                .flat_map(|v| v.split(|&b| b == b','))
                 .filter_map(|v| strip_scheme(v, scheme))
                 .collect(),
             KeySource::Query { name } => {
@@ -203,6 +206,14 @@ mod tests {
             KeyOutcome::Duplicate
         );
         assert_eq!(run(&[], "/?api_key=a&api_key=b").0, KeyOutcome::Duplicate);
+        assert_eq!(
+            run(&[("authorization", b"Bearer a,Bearer b")], "/").0,
+            KeyOutcome::Duplicate
+        );
+        assert_eq!(
+            run(&[("authorization", b"Basic x, Bearer b")], "/").0,
+            KeyOutcome::Key(b"b".to_vec())
+        );
         let (o, _, p) = run(&[("x-api-key", b"a")], "/?api_key=b&api_key=c");
         assert_eq!(o, KeyOutcome::Duplicate);
         assert_eq!(p.as_deref(), Some("/"));

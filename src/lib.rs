@@ -17,6 +17,7 @@ pub mod authorize;
 pub mod bucket;
 pub mod cache_entry;
 pub mod callout;
+pub mod client_address;
 pub mod config;
 pub mod denial;
 pub mod extract;

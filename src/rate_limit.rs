@@ -12,9 +12,41 @@ use crate::config::BucketSpec;
 use crate::key_hash::hash_key;
 use crate::shared_store::{SetError, SharedStore};
 
-const SLOT_PREFIX: &str = "apikey_filter/v1/bucket/";
-const SLOTS_MARKER: &str = "apikey_filter/v1/bucket-slots";
 const FORMAT_VERSION: u8 = 1;
+
+/// A fixed set of bucket slots in shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    prefix: &'static str,
+    pub slots: u32,
+}
+
+impl Table {
+    /// One bucket per `key_id`.
+    pub fn keys(slots: u32) -> Table {
+        Table {
+            prefix: "apikey_filter/v1/bucket/",
+            slots: slots.max(1),
+        }
+    }
+
+    /// One failed-attempt budget per client address (`brute_force`), apart from the
+    /// key buckets so that a spray from many addresses cannot evict those.
+    pub fn client_addresses(slots: u32) -> Table {
+        Table {
+            prefix: "apikey_filter/v1/failures/",
+            slots: slots.max(1),
+        }
+    }
+
+    fn slot_key(&self, slot: u32) -> String {
+        format!("{}{slot}", self.prefix)
+    }
+
+    fn marker_key(&self) -> String {
+        format!("{}slots", self.prefix)
+    }
+}
 /// Slots tried from a key's home slot.
 pub const PROBES: u32 = 4;
 /// Compare-and-swap attempts before giving up. Each failed attempt means another
@@ -36,38 +68,49 @@ struct SlotState {
     bucket: Bucket,
 }
 
-pub fn slot_key(slot: u32) -> String {
-    format!("{SLOT_PREFIX}{slot}")
-}
-
 /// Creates the slots that do not exist yet; never touches one that does, so running it
 /// again (every VM, every configuration push) keeps every running bucket.
-pub fn create_slots(store: &impl SharedStore, slots: u32) {
-    let marker = slots.to_le_bytes();
-    if store.get(SLOTS_MARKER).is_some_and(|(v, _)| v == marker) {
+pub fn create_slots(store: &impl SharedStore, table: Table) {
+    let marker = table.slots.to_le_bytes();
+    if store
+        .get(&table.marker_key())
+        .is_some_and(|(v, _)| v == marker)
+    {
         return;
     }
-    for slot in 0..slots {
-        let key = slot_key(slot);
+    for slot in 0..table.slots {
+        let key = table.slot_key(slot);
         if store.get(&key).is_none() {
             let _ = store.set(&key, &[], None);
         }
     }
-    let _ = store.set(SLOTS_MARKER, &marker, None);
+    let _ = store.set(&table.marker_key(), &marker, None);
 }
 
-/// Takes a token from `key_id`'s bucket.
+/// What `owner`'s bucket holds now, without taking anything: `allowed` says whether a
+/// token is there.
+pub fn peek(
+    store: &impl SharedStore,
+    table: Table,
+    owner: &str,
+    spec: BucketSpec,
+    now_ms: u64,
+) -> Take {
+    let (_, _, bucket) = choose_slot(store, table, owner_of(owner), spec, now_ms);
+    bucket.take().1
+}
+
+/// Takes a token from `owner`'s bucket.
 pub fn take_token(
     store: &impl SharedStore,
-    key_id: &str,
+    table: Table,
+    owner: &str,
     spec: BucketSpec,
-    slots: u32,
     now_ms: u64,
 ) -> Result<Take, Unavailable> {
-    let owner = owner_of(key_id);
-    let home = (owner % u64::from(slots.max(1))) as u32;
+    let owner = owner_of(owner);
     for _ in 0..MAX_ATTEMPTS {
-        let (key, cas, bucket) = choose_slot(store, owner, home, slots, spec, now_ms);
+        let (key, cas, bucket) = choose_slot(store, table, owner, spec, now_ms);
         let (after, take) = bucket.take();
         if !take.allowed {
             // Nothing changed that a later read would not compute again.
@@ -89,16 +132,16 @@ pub fn take_token(
 /// The slot for `owner`'s bucket with the CAS it was read with, and the bucket as of now.
 fn choose_slot(
     store: &impl SharedStore,
+    table: Table,
     owner: u64,
-    home: u32,
-    slots: u32,
     spec: BucketSpec,
     now_ms: u64,
 ) -> (String, Option<u32>, Bucket) {
+    let home = (owner % u64::from(table.slots)) as u32;
     let mut free: Option<(String, Option<u32>)> = None;
     let mut home_cas = None;
-    for probe in 0..PROBES.min(slots.max(1)) {
-        let key = slot_key((home + probe) % slots.max(1));
+    for probe in 0..PROBES.min(table.slots) {
+        let key = table.slot_key(home.wrapping_add(probe) % table.slots);
         // A slot that was never created is used as free: only possible while a larger
         // `max_entries` is being rolled out, and creating it can race (see module docs).
         let (value, cas) = match store.get(&key) {
@@ -122,12 +165,12 @@ fn choose_slot(
     }
     // Every probed slot holds another key's live bucket: take over the home slot. Only
     // with more live buckets than slots; the evicted key starts afresh.
-    let (key, cas) = free.unwrap_or_else(|| (slot_key(home), home_cas));
+    let (key, cas) = free.unwrap_or_else(|| (table.slot_key(home), home_cas));
     (key, cas, Bucket::full(spec, now_ms))
 }
 
-fn owner_of(key_id: &str) -> u64 {
-    let hash = hash_key(key_id.as_bytes());
+fn owner_of(owner: &str) -> u64 {
+    let hash = hash_key(owner.as_bytes());
     let mut id = [0u8; 8];
     id.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
     u64::from_le_bytes(id)
@@ -219,8 +262,18 @@ mod tests {
 
     fn store(slots: u32) -> FakeStore {
         let s = FakeStore::default();
-        create_slots(&s, slots);
+        create_slots(&s, Table::keys(slots));
         s
+    }
+
+    fn take(
+        s: &FakeStore,
+        owner: &str,
+        spec: BucketSpec,
+        slots: u32,
+        now_ms: u64,
+    ) -> Result<Take, Unavailable> {
+        take_token(s, Table::keys(slots), owner, spec, now_ms)
     }
 
     #[test]
@@ -233,13 +286,13 @@ mod tests {
             rounds.set(rounds.get() + 1);
             // Every third write, another worker takes a token first.
             if rounds.get().is_multiple_of(3) {
-                if let Ok(t) = take_token(s, "k_1", spec(25), 64, 0) {
+                if let Ok(t) = take(s, "k_1", spec(25), 64, 0) {
                     counted.set(counted.get() + u32::from(t.allowed));
                 }
             }
         }));
         for _ in 0..100 {
-            if let Ok(t) = take_token(&s, "k_1", spec(25), 64, 0) {
+            if let Ok(t) = take(&s, "k_1", spec(25), 64, 0) {
                 allowed.set(allowed.get() + u32::from(t.allowed));
             }
         }
@@ -253,37 +306,28 @@ mod tests {
         *s.interleave.borrow_mut() = Some(Box::new(|s: &FakeStore| {
             // Another worker rewrites every slot before each of our writes.
             for slot in 0..8 {
-                let key = slot_key(slot);
+                let key = Table::keys(8).slot_key(slot);
                 let value = s.get(&key).map(|(v, _)| v).unwrap_or_default();
                 s.next_cas.set(s.next_cas.get() + 1);
                 s.data.borrow_mut().insert(key, (value, s.next_cas.get()));
             }
         }));
-        assert_eq!(
-            take_token(&s, "k", spec(5), 8, 0),
-            Err(Unavailable::Contention)
-        );
+        assert_eq!(take(&s, "k", spec(5), 8, 0), Err(Unavailable::Contention));
     }
 
     #[test]
     fn keys_have_separate_buckets_even_when_their_slots_collide() {
         let s = store(1);
         // One slot: the second key can only take over when the first is full again.
-        assert!(take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
-        assert!(take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
-        assert!(!take_token(&s, "a", spec(2), 1, 0).unwrap().allowed);
-        assert!(take_token(&s, "b", spec(2), 1, 0).unwrap().allowed);
+        assert!(take(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(take(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(!take(&s, "a", spec(2), 1, 0).unwrap().allowed);
+        assert!(take(&s, "b", spec(2), 1, 0).unwrap().allowed);
 
         let s = store(64);
         for key in ["a", "b", "c", "d", "e"] {
-            assert!(
-                take_token(&s, key, spec(1), 64, 0).unwrap().allowed,
-                "{key}"
-            );
-            assert!(
-                !take_token(&s, key, spec(1), 64, 0).unwrap().allowed,
-                "{key}"
-            );
+            assert!(take(&s, key, spec(1), 64, 0).unwrap().allowed, "{key}");
+            assert!(!take(&s, key, spec(1), 64, 0).unwrap().allowed, "{key}");
         }
     }
 
@@ -295,19 +339,31 @@ mod tests {
             period_s: 1,
             burst: 1,
         };
-        assert!(take_token(&s, "k", per_second, 16, 0).unwrap().allowed);
-        assert!(!take_token(&s, "k", per_second, 16, 999).unwrap().allowed);
-        assert!(take_token(&s, "k", per_second, 16, 1000).unwrap().allowed);
+        assert!(take(&s, "k", per_second, 16, 0).unwrap().allowed);
+        assert!(!take(&s, "k", per_second, 16, 999).unwrap().allowed);
+        assert!(take(&s, "k", per_second, 16, 1000).unwrap().allowed);
     }
 
     #[test]
     fn creating_slots_again_keeps_running_buckets() {
         let s = store(16);
-        assert!(take_token(&s, "k", spec(1), 16, 0).unwrap().allowed);
-        create_slots(&s, 16);
-        create_slots(&s, 32);
-        assert!(!take_token(&s, "k", spec(1), 16, 0).unwrap().allowed);
-        assert!(s.get(&slot_key(31)).is_some());
+        assert!(take(&s, "k", spec(1), 16, 0).unwrap().allowed);
+        create_slots(&s, Table::keys(16));
+        create_slots(&s, Table::keys(32));
+        assert!(!take(&s, "k", spec(1), 16, 0).unwrap().allowed);
+        assert!(s.get(&Table::keys(32).slot_key(31)).is_some());
+    }
+
+    #[test]
+    fn peeking_takes_nothing_and_tables_are_apart() {
+        let s = store(16);
+        create_slots(&s, Table::client_addresses(16));
+        let one = spec(1);
+        assert!(peek(&s, Table::keys(16), "k", one, 0).allowed);
+        assert!(peek(&s, Table::keys(16), "k", one, 0).allowed);
+        assert!(take(&s, "k", one, 16, 0).unwrap().allowed);
+        assert!(!peek(&s, Table::keys(16), "k", one, 0).allowed);
+        assert!(peek(&s, Table::client_addresses(16), "k", one, 0).allowed);
     }
 
     #[test]

@@ -234,9 +234,10 @@ def _receive(conn):
     return Response(r.status, r.reason, [(k.lower(), v) for k, v in r.getheaders()], body)
 
 
-def http_request(port, method, path, headers=(), body=None, timeout=10):
-    """One request on a fresh connection to 127.0.0.1:port."""
-    conn = _Connection(HOST, port, timeout=timeout)
+def http_request(port, method, path, headers=(), body=None, timeout=10, source=None):
+    """One request on a fresh connection to 127.0.0.1:port, from the loopback address
+    `source` (e.g. "127.0.0.2") when given."""
+    conn = _Connection(HOST, port, timeout=timeout, source_address=(source, 0) if source else None)
     try:
         _send(conn, method, path, list(headers), body)
         return _receive(conn)
@@ -546,14 +547,15 @@ class Stack:
 
     # -- traffic ------------------------------------------------------------------------
 
-    def request(self, method, path, headers=(), body=None, timeout=10):
+    def request(self, method, path, headers=(), body=None, timeout=10, source=None):
         """Send one request through Envoy on a fresh connection.
 
         headers: (name, value) pairs, sent in order and as given (repeats kept; a bytes
         value goes out byte for byte, a str one as latin-1). body: bytes, str (UTF-8),
-        dict/list (JSON) or None; Content-Length is added unless given.
+        dict/list (JSON) or None; Content-Length is added unless given. source: the
+        client's loopback address (127.0.0.0/8), so tests can be several clients.
         """
-        return http_request(self.listen_port, method, path, headers, body, timeout)
+        return http_request(self.listen_port, method, path, headers, body, timeout, source)
 
     def requests_concurrently(self, n, method, path, headers=(), body=None, timeout=10):
         """n requests through Envoy, each on its own connection, released together.

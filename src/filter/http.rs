@@ -3,10 +3,13 @@
 use super::host;
 use super::worker::{Outcome, Request, Worker};
 use crate::cache_entry::{self, Lookup};
+use crate::client_address::without_port;
+use crate::config::Config;
 use crate::denial::Denial;
 use crate::extract::{extract, KeyOutcome};
 use crate::key_hash::hash_key;
 use crate::rules::matching_rule;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -49,14 +52,31 @@ impl Http {
             host::set_request_header(":path", rewritten);
         }
 
+        let client = config.brute_force.and_then(|_| {
+            hostcalls::get_property(vec!["source", "address"])
+                .ok()
+                .flatten()
+                .and_then(|address| without_port(&address))
+        });
+        if self
+            .worker
+            .refuse_if_budget_spent(&config, client.as_deref())
+        {
+            return Action::Pause;
+        }
         let key = match extraction.outcome {
             KeyOutcome::Key(key) => key,
-            KeyOutcome::Missing => return self.deny(&config, Denial::Missing),
-            KeyOutcome::Duplicate => return self.deny(&config, Denial::Duplicate),
-            KeyOutcome::Malformed => return self.deny(&config, Denial::Malformed),
+            KeyOutcome::Missing => return self.deny(&config, client.as_deref(), Denial::Missing),
+            KeyOutcome::Duplicate => {
+                return self.deny(&config, client.as_deref(), Denial::Duplicate)
+            }
+            KeyOutcome::Malformed => {
+                return self.deny(&config, client.as_deref(), Denial::Malformed)
+            }
         };
         let request = Request {
             context_id: self.context_id,
+            client,
             key_hash: hash_key(&key),
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
@@ -85,8 +105,8 @@ impl Http {
         }
     }
 
-    fn deny(&self, config: &crate::config::Config, denial: Denial) -> Action {
-        self.worker.deny(config, denial);
+    fn deny(&self, config: &Config, client: Option<&str>, denial: Denial) -> Action {
+        self.worker.deny(config, client, denial);
         Action::Pause
     }
 

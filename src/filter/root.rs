@@ -3,7 +3,7 @@ use super::host::HostStore;
 use super::http::Http;
 use super::worker::Worker;
 use crate::config::{Config, FailureMode};
-use crate::rate_limit;
+use crate::rate_limit::{self, Table};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -51,7 +51,13 @@ impl RootContext for Root {
             return false;
         }
         let started = super::host::now_ms();
-        rate_limit::create_slots(&HostStore, config.cache.max_entries);
+        rate_limit::create_slots(&HostStore, Table::keys(config.cache.max_entries));
+        if config.brute_force.is_some() {
+            rate_limit::create_slots(
+                &HostStore,
+                Table::client_addresses(config.cache.max_entries),
+            );
+        }
         log::debug!(
             "bucket slots ready in {} ms",
             super::host::now_ms().saturating_sub(started)

@@ -11,10 +11,10 @@ use crate::authorize::authorize;
 use crate::bucket::Take;
 use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
-use crate::config::{Config, FailureMode};
+use crate::config::{BruteForce, BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
 use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
-use crate::rate_limit;
+use crate::rate_limit::{self, Table};
 use crate::record::KeyRecord;
 use crate::record::RecordLimit;
 use crate::rules::required_scopes;
@@ -28,6 +28,8 @@ use std::time::Duration;
 pub struct Request {
     pub context_id: u32,
     pub config: Rc<Config>,
+    /// Set when `brute_force` is on: whose failures this request's would count against.
+    pub client: Option<String>,
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
     pub rule: Option<usize>,
@@ -110,7 +112,7 @@ impl Worker {
         let config = &request.config;
         let record = match outcome {
             Outcome::Known(record) => record,
-            Outcome::Deny(denial) => return self.deny(config, denial),
+            Outcome::Deny(denial) => return self.deny(config, request.client.as_deref(), denial),
             Outcome::ForwardAnonymous => {
                 self.metrics.allowed();
                 return true;
@@ -124,7 +126,7 @@ impl Worker {
                 record.key_id,
                 denial.code()
             );
-            return self.deny(config, denial);
+            return self.deny(config, request.client.as_deref(), denial);
         }
         if !self.take_token(request, record) {
             return false;
@@ -143,10 +145,52 @@ impl Worker {
         true
     }
 
-    pub fn deny(&self, config: &Config, denial: Denial) -> bool {
+    /// Answers the current request with `denial`, charging a failed attempt to the
+    /// client's `brute_force` budget when it is one.
+    pub fn deny(&self, config: &Config, client: Option<&str>, denial: Denial) -> bool {
+        if let (Some(limit), Some(client), true) =
+            (config.brute_force, client, denial.is_failed_attempt())
+        {
+            let table = Table::client_addresses(config.cache.max_entries);
+            let _ = rate_limit::take_token(
+                &HostStore,
+                table,
+                client,
+                failure_budget(limit),
+                host::now_ms(),
+            );
+        }
         self.metrics.denied(denial);
         host::send_denial(denial, &config.www_authenticate, &[]);
         false
+    }
+
+    /// Whether `client` has spent its `brute_force` budget; if so, the request has been
+    /// answered with a 429.
+    pub fn refuse_if_budget_spent(&self, config: &Config, client: Option<&str>) -> bool {
+        let (Some(limit), Some(client)) = (config.brute_force, client) else {
+            return false;
+        };
+        let table = Table::client_addresses(config.cache.max_entries);
+        let budget = rate_limit::peek(
+            &HostStore,
+            table,
+            client,
+            failure_budget(limit),
+            host::now_ms(),
+        );
+        if budget.allowed {
+            return false;
+        }
+        let denial = Denial::TooManyFailedAttempts;
+        self.metrics.denied(denial);
+        let retry_after = budget.retry_after_s.to_string();
+        host::send_denial(
+            denial,
+            &config.www_authenticate,
+            &[("retry-after", &retry_after)],
+        );
+        true
     }
 
     /// Takes a token from the key's bucket; false when the request has been answered
@@ -161,9 +205,9 @@ impl Worker {
         let Some(spec) = spec else {
             return true;
         };
-        let slots = config.cache.max_entries;
+        let table = Table::keys(config.cache.max_entries);
         let take =
-            match rate_limit::take_token(&HostStore, &record.key_id, spec, slots, host::now_ms()) {
+            match rate_limit::take_token(&HostStore, table, &record.key_id, spec, host::now_ms()) {
                 Ok(take) => take,
                 Err(why) => {
                     // Fail closed: the limit is a promise to the upstream, never exceeded.
@@ -420,6 +464,15 @@ impl Worker {
             }
         }
         let _ = hostcalls::set_effective_context(self.root_id);
+    }
+}
+
+/// `max_failures` per `period_s`, all of them available at once.
+fn failure_budget(limit: BruteForce) -> BucketSpec {
+    BucketSpec {
+        requests: limit.max_failures,
+        period_s: limit.period_s,
+        burst: limit.max_failures,
     }
 }
 
