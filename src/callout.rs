@@ -22,14 +22,16 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Low-cardinality name for stats and logs.
-    pub fn kind(&self) -> &'static str {
+    /// Low-cardinality names for stats (`key_service.error.<kind>`).
+    pub const KINDS: [&'static str; 5] = ["not_sent", "reset", "timeout", "status", "bad_record"];
+
+    pub fn kind_index(&self) -> usize {
         match self {
-            Failure::NotSent => "not_sent",
-            Failure::Reset => "reset",
-            Failure::Timeout => "timeout",
-            Failure::Status(_) => "status",
-            Failure::BadRecord(_) => "bad_record",
+            Failure::NotSent => 0,
+            Failure::Reset => 1,
+            Failure::Timeout => 2,
+            Failure::Status(_) => 3,
+            Failure::BadRecord(_) => 4,
         }
     }
 

@@ -148,6 +148,56 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The effective configuration, for the start-up log line: every value except those
+    /// of `key_service.headers`, which are often credentials.
+    pub fn summary(&self) -> String {
+        let sources: Vec<String> = self
+            .key_sources
+            .iter()
+            .map(|s| match s {
+                KeySource::Header { name } => format!("header {name}"),
+                KeySource::SchemeHeader { name, scheme } => format!("header {name} ({scheme})"),
+                KeySource::Query { name } => format!("query {name}"),
+            })
+            .collect();
+        let bucket = |b: Option<BucketSpec>| match b {
+            Some(b) => format!("{}/{}s burst {}", b.requests, b.period_s, b.burst),
+            None => "none".to_string(),
+        };
+        let ks = &self.key_service;
+        let header_names: Vec<&str> = ks.headers.iter().map(|(n, _)| n.as_str()).collect();
+        format!(
+            "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}]}} \
+             cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={}}} rate_limit={} \
+             rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={}",
+            sources.join(", "),
+            ks.cluster,
+            ks.authority,
+            ks.path_for("{key_hash}"),
+            ks.timeout_ms,
+            header_names.join(", "),
+            self.cache.ttl_s,
+            self.cache.negative_ttl_s,
+            self.cache.stale_if_error_s,
+            self.cache.max_entries,
+            bucket(self.rate_limit),
+            self.rules.len(),
+            self.identity_headers.key_id,
+            self.identity_headers.owner,
+            self.identity_headers.scopes,
+            match self.brute_force {
+                Some(b) => format!("{} failures/{}s", b.max_failures, b.period_s),
+                None => "off".to_string(),
+            },
+            match self.failure_mode {
+                FailureMode::Closed => "closed",
+                FailureMode::Open => "open",
+            },
+        )
+    }
+}
+
 fn default_bucket() -> BucketSpec {
     BucketSpec {
         requests: 100,
@@ -561,6 +611,25 @@ mod tests {
             c.www_authenticate,
             "ApiKey realm=\"api\", Bearer realm=\"api\""
         );
+    }
+
+    #[test]
+    fn the_summary_names_every_field_but_no_header_value() {
+        let c = parse(
+            r#"{"key_service": {"cluster": "ks", "headers": {"x-proxy-token": "s3cret"}},
+                "brute_force": {"max_failures": 5, "period_s": 60}}"#,
+        )
+        .unwrap();
+        let summary = c.summary();
+        for field in FIELDS {
+            assert!(
+                summary.contains(&format!("{field}=")),
+                "{field} in {summary}"
+            );
+        }
+        assert!(summary.contains("x-proxy-token"));
+        assert!(!summary.contains("s3cret"));
+        assert!(summary.contains("path=/v1/keys/{key_hash}"));
     }
 
     #[test]

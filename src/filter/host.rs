@@ -39,6 +39,22 @@ pub fn shared_set(key: &str, value: &[u8]) {
     let _ = hostcalls::set_shared_data(key, Some(value), None);
 }
 
+/// Filter state for access logs, read as `%FILTER_STATE(wasm.apikey_filter.<name>:PLAIN)%`
+/// (Envoy puts properties a wasm filter sets under `wasm.`).
+fn set_log_field(name: &str, value: &str) {
+    let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+}
+
+/// Who the key belongs to, for the access log: never the key itself.
+pub fn set_log_fingerprint(fingerprint: &str) {
+    set_log_field("apikey_filter.fingerprint", fingerprint);
+}
+
+pub fn set_log_identity(key_id: &str, owner: &str) {
+    set_log_field("apikey_filter.key_id", key_id);
+    set_log_field("apikey_filter.owner", owner);
+}
+
 /// Sends the spec's JSON error as a local reply of the current request.
 pub fn send_denial(denial: Denial, www_authenticate: &str, extra: &[(&str, &str)]) {
     let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];

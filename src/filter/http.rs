@@ -7,7 +7,7 @@ use crate::client_address::without_port;
 use crate::config::Config;
 use crate::denial::Denial;
 use crate::extract::{extract, KeyOutcome};
-use crate::key_hash::hash_key;
+use crate::key_hash::{fingerprint, hash_key};
 use crate::rules::matching_rule;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -81,6 +81,7 @@ impl Http {
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
         };
+        host::set_log_fingerprint(&fingerprint(&request.key_hash));
         let metrics = &self.worker.metrics;
         let slot = self.worker.cache_read(&request.key_hash, &config);
         match cache_entry::lookup(

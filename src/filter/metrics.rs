@@ -1,4 +1,5 @@
 //! The filter's Envoy stats (SPEC "Observability"), defined once per VM.
+use crate::callout::Failure;
 use crate::denial::{Denial, CODES};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -13,7 +14,11 @@ pub struct Metrics {
     pub key_service_found: u32,
     pub key_service_not_found: u32,
     pub key_service_error: u32,
+    /// `key_service.error.<kind>`, in the order of `Failure::KINDS`.
+    key_service_errors: [u32; Failure::KINDS.len()],
     key_service_latency_ms: u32,
+    pub rate_limit_unavailable: u32,
+    pub failure_open: u32,
 }
 
 /// Metric ids are only ever used to count; a metric Envoy refused to define is skipped.
@@ -36,7 +41,11 @@ impl Metrics {
             key_service_found: counter("key_service.found"),
             key_service_not_found: counter("key_service.not_found"),
             key_service_error: counter("key_service.error"),
+            key_service_errors: Failure::KINDS
+                .map(|kind| counter(&format!("key_service.error.{kind}"))),
             key_service_latency_ms: define(MetricType::Histogram, "key_service.latency_ms"),
+            rate_limit_unavailable: counter("rate_limit.unavailable"),
+            failure_open: counter("failure_open"),
         }
     }
 
@@ -52,6 +61,13 @@ impl Metrics {
 
     pub fn denied(&self, denial: Denial) {
         if let Some(&id) = self.denied.get(denial.code_index()) {
+            self.count(id);
+        }
+    }
+
+    pub fn key_service_failed(&self, failure: &Failure) {
+        self.count(self.key_service_error);
+        if let Some(&id) = self.key_service_errors.get(failure.kind_index()) {
             self.count(id);
         }
     }

@@ -2,7 +2,8 @@
 use super::host::HostStore;
 use super::http::Http;
 use super::worker::Worker;
-use crate::config::{Config, FailureMode};
+use crate::config::Config;
+use crate::key_hash::hash_key;
 use crate::rate_limit::{self, Table};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -62,19 +63,7 @@ impl RootContext for Root {
             "bucket slots ready in {} ms",
             super::host::now_ms().saturating_sub(started)
         );
-        log::info!(
-            "apikey-filter {} configured: key service cluster {}, {} key source(s), {} rule(s), cache ttl {}s, max {} entries, failure mode {}",
-            env!("CARGO_PKG_VERSION"),
-            config.key_service.cluster,
-            config.key_sources.len(),
-            config.rules.len(),
-            config.cache.ttl_s,
-            config.cache.max_entries,
-            match config.failure_mode {
-                FailureMode::Closed => "closed",
-                FailureMode::Open => "open",
-            },
-        );
+        announce(&raw, &config);
         self.worker.set_config(config);
         true
     }
@@ -93,6 +82,25 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 }
+
+/// Logs the effective configuration at info level once per node and configuration (every
+/// VM runs `on_configure`; one line is enough), at debug level in the other VMs.
+fn announce(raw: &[u8], config: &Config) {
+    let digest = hash_key(raw);
+    let line = format!(
+        "apikey-filter {} configured: {}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
+    if super::host::shared_get(ANNOUNCED_KEY).as_deref() == Some(&digest[..]) {
+        log::debug!("{line}");
+    } else {
+        super::host::shared_set(ANNOUNCED_KEY, &digest);
+        log::info!("{line}");
+    }
+}
+
+const ANNOUNCED_KEY: &str = "apikey_filter/v1/announced-config";
 
 impl Root {
     /// Each VM needs a queue of its own (a queue wakes only the VM that registered it

@@ -62,9 +62,12 @@ pub struct Worker {
     waiting: RefCell<HashMap<u32, Request>>,
     /// RateLimit headers for the responses of requests that took a token.
     rate_headers: RefCell<HashMap<u32, [(&'static str, String); 2]>>,
+    /// When the last key service warning was logged, and how many were held back since.
+    last_warning: Cell<(u64, u32)>,
 }
 
 const CACHE_PREFIX: &str = "apikey_filter/v1/cache/";
+const WARN_INTERVAL_MS: u64 = 10_000;
 /// Larger answers are not records; they are refused rather than copied in.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -79,6 +82,7 @@ impl Worker {
             callouts: RefCell::default(),
             waiting: RefCell::default(),
             rate_headers: RefCell::default(),
+            last_warning: Cell::new((0, 0)),
         }
     }
 
@@ -114,23 +118,28 @@ impl Worker {
             Outcome::Known(record) => record,
             Outcome::Deny(denial) => return self.deny(config, request.client.as_deref(), denial),
             Outcome::ForwardAnonymous => {
+                log::debug!(
+                    "key {}: key service failing, forwarded without identity (failure_mode open)",
+                    fingerprint(&request.key_hash)
+                );
+                self.metrics.count(self.metrics.failure_open);
                 self.metrics.allowed();
                 return true;
             }
         };
+        host::set_log_identity(&record.key_id, &record.owner);
         let scopes = required_scopes(&config.rules, request.rule);
         if let Err(denial) = authorize(record, (host::now_ms() / 1000) as i64, scopes) {
-            log::debug!(
-                "key {} ({}): {}",
-                fingerprint(&request.key_hash),
-                record.key_id,
-                denial.code()
-            );
             return self.deny(config, request.client.as_deref(), denial);
         }
         if !self.take_token(request, record) {
             return false;
         }
+        log::debug!(
+            "key {} ({}): allowed",
+            fingerprint(&request.key_hash),
+            record.key_id
+        );
         let names = &config.identity_headers;
         for (name, value) in [
             (&names.key_id, record.key_id.as_str()),
@@ -160,6 +169,7 @@ impl Worker {
                 host::now_ms(),
             );
         }
+        log::debug!("request denied: {}", denial.code());
         self.metrics.denied(denial);
         host::send_denial(denial, &config.www_authenticate, &[]);
         false
@@ -210,6 +220,7 @@ impl Worker {
             match rate_limit::take_token(&HostStore, table, &record.key_id, spec, host::now_ms()) {
                 Ok(take) => take,
                 Err(why) => {
+                    self.metrics.count(self.metrics.rate_limit_unavailable);
                     // Fail closed: the limit is a promise to the upstream, never exceeded.
                     log::warn!(
                         "rate limit for key {} unavailable ({})",
@@ -423,12 +434,8 @@ impl Worker {
                 Verdict::NotFound
             }
             Answer::Failed(failure) => {
-                self.metrics.count(self.metrics.key_service_error);
-                log::warn!(
-                    "key service lookup for key {} failed: {}",
-                    fingerprint(key_hash),
-                    failure.describe()
-                );
+                self.metrics.key_service_failed(failure);
+                self.warn_key_service_failure(key_hash, failure, now);
                 return;
             }
         };
@@ -441,6 +448,23 @@ impl Worker {
             verdict,
         };
         host::shared_set(&cache_key(key_hash, &config), &cache_entry::encode(&entry));
+    }
+
+    /// One warning per `WARN_INTERVAL_MS` at most, so an outage does not flood the log;
+    /// the next one says how many were held back. Stats count every failure.
+    fn warn_key_service_failure(&self, key_hash: &KeyHash, failure: &Failure, now_ms: u64) {
+        let (last, held_back) = self.last_warning.get();
+        if last != 0 && now_ms.saturating_sub(last) < WARN_INTERVAL_MS {
+            self.last_warning.set((last, held_back + 1));
+            return;
+        }
+        self.last_warning.set((now_ms, 0));
+        log::warn!(
+            "key service lookup for key {} failed: {} ({} similar warning(s) held back)",
+            fingerprint(key_hash),
+            failure.describe(),
+            held_back
+        );
     }
 
     fn answer_waiters(&self, key_hash: KeyHash, answer: &Answer) {
