@@ -43,10 +43,8 @@ pub fn extract<'c>(
             KeySource::Header { name } => header_values(headers, name)
                 .map(|v| v.trim_ascii().to_vec())
                 .collect(),
-            // Envoy joins a repeated inline header such as `authorization` into one
-            // value with commas, so each comma-separated part is a credential.
             KeySource::SchemeHeader { name, scheme } => header_values(headers, name)
-                .flat_map(|v| v.split(|&b| b == b','))
+                .flat_map(credentials)
                 .filter_map(|v| strip_scheme(v, scheme))
                 .collect(),
             KeySource::Query { name } => {
@@ -91,6 +89,24 @@ fn header_values<'h>(
         .iter()
         .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_slice())
+}
+
+/// Envoy joins a repeated inline header such as `authorization` into one value with
+/// commas. A comma starts a new credential only where `word ` follows it, so a key that
+/// itself holds a comma (`Bearer a,1`) stays whole.
+fn credentials(value: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.iter().enumerate().filter(|(_, &b)| b == b',') {
+        let rest = value.get(i + 1..).unwrap_or_default().trim_ascii_start();
+        let word_len = rest.iter().take_while(|&&b| b != b' ' && b != b',').count();
+        if word_len > 0 && rest.get(word_len) == Some(&b' ') {
+            parts.push(value.get(start..i).unwrap_or_default());
+            start = i + 1;
+        }
+    }
+    parts.push(value.get(start..).unwrap_or_default());
+    parts
 }
 
 /// `Bearer abc` → `abc`; `Bearer` alone (Envoy trims the trailing space) → empty;
@@ -213,6 +229,18 @@ mod tests {
         assert_eq!(
             run(&[("authorization", b"Basic x, Bearer b")], "/").0,
             KeyOutcome::Key(b"b".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_comma_inside_a_bearer_key_is_part_of_it() {
+        assert_eq!(
+            run(&[("authorization", b"Bearer k,1")], "/").0,
+            KeyOutcome::Key(b"k,1".to_vec())
+        );
+        assert_eq!(
+            run(&[("authorization", b"Bearer k,1,Bearer k,2")], "/").0,
+            KeyOutcome::Duplicate
         );
         let (o, _, p) = run(&[("x-api-key", b"a")], "/?api_key=b&api_key=c");
         assert_eq!(o, KeyOutcome::Duplicate);

@@ -80,7 +80,8 @@ pub fn take_param(path: &[u8], name: &[u8]) -> Taken {
         };
     }
     let mut rewritten = base.to_vec();
-    if !kept.is_empty() {
+    // Empty pieces (`?api_key=k&`) are no parameters: with nothing else, no `?` either.
+    if kept.iter().any(|piece| !piece.is_empty()) {
         rewritten.push(b'?');
         rewritten.extend_from_slice(&kept.join(&b'&'));
     }
@@ -120,6 +121,19 @@ mod tests {
             take("/a?api_key=k1", "api_key"),
             (vec!["k1".into()], Some("/a".into()))
         );
+    }
+
+    #[test]
+    fn empty_pieces_alone_leave_no_question_mark() {
+        assert_eq!(
+            take("/a?api_key=k&", "api_key"),
+            (vec!["k".into()], Some("/a".into()))
+        );
+        assert_eq!(
+            take("/a?&api_key=k", "api_key"),
+            (vec!["k".into()], Some("/a".into()))
+        );
+        assert_eq!(take("/a?x&&api_key=k", "api_key").1, Some("/a?x&".into()));
     }
 
     #[test]
