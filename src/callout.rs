@@ -19,11 +19,20 @@ pub enum Failure {
     Timeout,
     Status(u16),
     BadRecord(String),
+    /// Another worker's lookup of the key, which this one waited for, failed.
+    Peer,
 }
 
 impl Failure {
     /// Low-cardinality names for stats (`key_service.error.<kind>`).
-    pub const KINDS: [&'static str; 5] = ["not_sent", "reset", "timeout", "status", "bad_record"];
+    pub const KINDS: [&'static str; 6] = [
+        "not_sent",
+        "reset",
+        "timeout",
+        "status",
+        "bad_record",
+        "peer",
+    ];
 
     pub fn kind_index(&self) -> usize {
         match self {
@@ -32,6 +41,7 @@ impl Failure {
             Failure::Timeout => 2,
             Failure::Status(_) => 3,
             Failure::BadRecord(_) => 4,
+            Failure::Peer => 5,
         }
     }
 
@@ -42,6 +52,7 @@ impl Failure {
             Failure::Timeout => "timed out (504)".into(),
             Failure::Status(s) => format!("answered HTTP {s}"),
             Failure::BadRecord(why) => format!("answered 200 with a bad record: {why}"),
+            Failure::Peer => "failed in another worker's lookup".into(),
         }
     }
 }

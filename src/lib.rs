@@ -23,11 +23,13 @@ pub mod denial;
 pub mod extract;
 pub mod json_fields;
 pub mod key_hash;
+pub mod lookup_lock;
 pub mod query;
 pub mod rate_limit;
 pub mod record;
 pub mod rules;
 pub mod shared_store;
+pub mod slots;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

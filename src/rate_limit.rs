@@ -3,7 +3,7 @@
 //!
 //! Envoy's shared data has no insert-if-absent: two workers creating the same key both
 //! "win". So buckets live in a fixed set of slots created once at configure time
-//! (`create_slots`) and are only ever updated with the CAS they were read with. A key's
+//! (`slots::create_slots`) and are only ever updated with the CAS they were read with. A key's
 //! bucket sits in the first of `PROBES` slots from its home slot that is its own, free,
 //! or holds a full bucket (a full bucket carries no information, so reusing its slot
 //! loses nothing).
@@ -11,42 +11,10 @@ use crate::bucket::{Bucket, Take};
 use crate::config::BucketSpec;
 use crate::key_hash::hash_key;
 use crate::shared_store::{SetError, SharedStore};
+use crate::slots::Table;
 
 const FORMAT_VERSION: u8 = 1;
 
-/// A fixed set of bucket slots in shared data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Table {
-    prefix: &'static str,
-    pub slots: u32,
-}
-
-impl Table {
-    /// One bucket per `key_id`.
-    pub fn keys(slots: u32) -> Table {
-        Table {
-            prefix: "apikey_filter/v1/bucket/",
-            slots: slots.max(1),
-        }
-    }
-
-    /// One failed-attempt budget per client address (`brute_force`), apart from the
-    /// key buckets so that a spray from many addresses cannot evict those.
-    pub fn client_addresses(slots: u32) -> Table {
-        Table {
-            prefix: "apikey_filter/v1/failures/",
-            slots: slots.max(1),
-        }
-    }
-
-    fn slot_key(&self, slot: u32) -> String {
-        format!("{}{slot}", self.prefix)
-    }
-
-    fn marker_key(&self) -> String {
-        format!("{}slots", self.prefix)
-    }
-}
 /// Slots tried from a key's home slot.
 pub const PROBES: u32 = 4;
 /// Compare-and-swap attempts before giving up. Each failed attempt means another
@@ -66,25 +34,6 @@ pub enum Unavailable {
 struct SlotState {
     owner: u64,
     bucket: Bucket,
-}
-
-/// Creates the slots that do not exist yet; never touches one that does, so running it
-/// again (every VM, every configuration push) keeps every running bucket.
-pub fn create_slots(store: &impl SharedStore, table: Table) {
-    let marker = table.slots.to_le_bytes();
-    if store
-        .get(&table.marker_key())
-        .is_some_and(|(v, _)| v == marker)
-    {
-        return;
-    }
-    for slot in 0..table.slots {
-        let key = table.slot_key(slot);
-        if store.get(&key).is_none() {
-            let _ = store.set(&key, &[], None);
-        }
-    }
-    let _ = store.set(&table.marker_key(), &marker, None);
 }
 
 /// What `owner`'s bucket holds now, without taking anything: `allowed` says whether a
@@ -137,11 +86,11 @@ fn choose_slot(
     spec: BucketSpec,
     now_ms: u64,
 ) -> (String, Option<u32>, Bucket) {
-    let home = (owner % u64::from(table.slots)) as u32;
+    let home = table.home_of(owner);
     let mut free: Option<(String, Option<u32>)> = None;
     let mut home_cas = None;
     for probe in 0..PROBES.min(table.slots) {
-        let key = table.slot_key(home.wrapping_add(probe) % table.slots);
+        let key = table.slot_key(home.wrapping_add(probe));
         // A slot that was never created is used as free: only possible while a larger
         // `max_entries` is being rolled out, and creating it can race (see module docs).
         let (value, cas) = match store.get(&key) {
@@ -213,44 +162,9 @@ fn decode(bytes: &[u8]) -> Option<SlotState> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
-
-    type OtherWorker = Box<dyn FnMut(&FakeStore)>;
-
-    /// Shared data with Envoy's CAS rules, and a hook that lets "another worker" act
-    /// between a read and the write that follows it.
-    #[derive(Default)]
-    struct FakeStore {
-        data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next_cas: Cell<u32>,
-        interleave: RefCell<Option<OtherWorker>>,
-        mismatches: Cell<u32>,
-    }
-
-    impl SharedStore for FakeStore {
-        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.data.borrow().get(key).cloned()
-        }
-
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-            let hook = self.interleave.borrow_mut().take();
-            if let Some(mut other_worker) = hook {
-                other_worker(self);
-                *self.interleave.borrow_mut() = Some(other_worker);
-            }
-            let mut data = self.data.borrow_mut();
-            if let (Some(cas), Some((_, current))) = (cas, data.get(key)) {
-                if cas != 0 && cas != *current {
-                    self.mismatches.set(self.mismatches.get() + 1);
-                    return Err(SetError::CasMismatch);
-                }
-            }
-            self.next_cas.set(self.next_cas.get() + 1);
-            data.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
-            Ok(())
-        }
-    }
+    use crate::shared_store::fake::FakeStore;
+    use crate::slots::create_slots;
+    use std::cell::Cell;
 
     fn spec(burst: u32) -> BucketSpec {
         BucketSpec {

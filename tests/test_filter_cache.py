@@ -202,3 +202,17 @@ def test_a_small_cache_still_serves_valid_keys_after_a_flood_of_unknown_ones():
         for i in range(40):
             assert code_of(get(s, f"random-{i}")) == "api_key_invalid"
         assert get(s, "survivor").status == 200
+
+
+@pytest.mark.parametrize("mode, expected", [("normal", 200), ("unknown", 401), ("failing", 503)])
+def test_a_burst_on_every_worker_thread_makes_one_callout_for_the_node(mode, expected):
+    """Envoy with four worker threads: each sees the cold key, one asks, all are answered."""
+    with Stack({"key_service": SERVICE, "rate_limit": None}, concurrency=4) as s:
+        raw = f"node-wide-{mode}"
+        if mode != "unknown":
+            s.keyservice.add_key(key_hash(raw), RECORD)
+        s.keyservice.set_mode("status" if mode == "failing" else "normal", status=500, delay_ms=200)
+        responses = s.requests_concurrently(120, "GET", "/", headers=[("x-api-key", raw)])
+        assert [r.status for r in responses] == [expected] * 120
+        assert lookups_of(s, raw) == 1
+        assert s.stat("apikey_filter.key_service.joined") >= 1, "the other workers waited on the lock"

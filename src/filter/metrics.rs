@@ -18,6 +18,7 @@ pub struct Metrics {
     key_service_errors: [u32; Failure::KINDS.len()],
     key_service_latency_ms: u32,
     pub rate_limit_unavailable: u32,
+    pub key_service_joined: u32,
     pub failure_open: u32,
 }
 
@@ -45,6 +46,7 @@ impl Metrics {
                 .map(|kind| counter(&format!("key_service.error.{kind}"))),
             key_service_latency_ms: define(MetricType::Histogram, "key_service.latency_ms"),
             rate_limit_unavailable: counter("rate_limit.unavailable"),
+            key_service_joined: counter("key_service.joined"),
             failure_open: counter("failure_open"),
         }
     }

@@ -4,7 +4,7 @@ use super::http::Http;
 use super::worker::Worker;
 use crate::config::Config;
 use crate::key_hash::hash_key;
-use crate::rate_limit::{self, Table};
+use crate::slots::{create_slots, Table};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -52,9 +52,10 @@ impl RootContext for Root {
             return false;
         }
         let started = super::host::now_ms();
-        rate_limit::create_slots(&HostStore, Table::keys(config.cache.max_entries));
+        create_slots(&HostStore, Table::keys(config.cache.max_entries));
+        create_slots(&HostStore, Table::lookup_locks());
         if config.brute_force.is_some() {
-            rate_limit::create_slots(
+            create_slots(
                 &HostStore,
                 Table::client_addresses(config.cache.max_entries),
             );
@@ -68,9 +69,13 @@ impl RootContext for Root {
         true
     }
 
+    fn on_tick(&mut self) {
+        self.worker.on_tick();
+    }
+
     fn on_queue_ready(&mut self, queue_id: u32) {
         if self.worker.is_own_queue(queue_id) {
-            self.worker.send_callouts(queue_id);
+            self.worker.on_queue(queue_id);
         }
     }
 

@@ -9,15 +9,18 @@ use super::host::{self, HostStore};
 use super::metrics::Metrics;
 use crate::authorize::authorize;
 use crate::bucket::Take;
+use crate::cache_entry::Lookup;
 use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
 use crate::config::{BruteForce, BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
 use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
-use crate::rate_limit::{self, Table};
+use crate::lookup_lock::{self, Acquired, Ended, Message};
+use crate::rate_limit;
 use crate::record::KeyRecord;
 use crate::record::RecordLimit;
 use crate::rules::required_scopes;
+use crate::slots::Table;
 use proxy_wasm::hostcalls;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -44,11 +47,15 @@ pub enum Outcome<'a> {
 }
 
 /// A key being looked up, and who waits for it.
-struct Lookup {
+struct PendingLookup {
     waiters: Vec<u32>,
     /// A found record past its TTL, usable if the key service fails.
     stale: Option<KeyRecord>,
     sent_at_ms: Option<u64>,
+    /// Set while another worker asks the key service: when to stop waiting for it.
+    peer_deadline_ms: Option<u64>,
+    /// This worker holds the key's lookup lock and must release it.
+    holds_lock: bool,
 }
 
 pub struct Worker {
@@ -57,7 +64,7 @@ pub struct Worker {
     pub metrics: Metrics,
     /// Wakes the root context to send callouts: see `ask_key_service`.
     queue: Cell<Option<u32>>,
-    lookups: RefCell<HashMap<KeyHash, Lookup>>,
+    lookups: RefCell<HashMap<KeyHash, PendingLookup>>,
     callouts: RefCell<HashMap<u32, KeyHash>>,
     waiting: RefCell<HashMap<u32, Request>>,
     /// RateLimit headers for the responses of requests that took a token.
@@ -66,8 +73,11 @@ pub struct Worker {
     last_warning: Cell<(u64, u32)>,
 }
 
-const CACHE_PREFIX: &str = "apikey_filter/v1/cache/";
 const WARN_INTERVAL_MS: u64 = 10_000;
+/// A lookup lock outlives its callout's timeout by this much before others take over.
+const LOCK_MARGIN_MS: u64 = 1_000;
+/// How often a worker waiting on another's lookup checks that the owner is still there.
+const TAKEOVER_CHECK_MS: u64 = 250;
 /// Larger answers are not records; they are refused rather than copied in.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -303,19 +313,22 @@ impl Worker {
         }
         lookups.insert(
             key_hash,
-            Lookup {
+            PendingLookup {
                 waiters: vec![context_id],
                 stale,
                 sent_at_ms: None,
+                peer_deadline_ms: None,
+                holds_lock: false,
             },
         );
         drop(lookups);
         // A request context cannot own the callout (see the module comment), so the
         // root context is woken through this VM's own queue to send it.
+        let ask = Message::Ask(key_hash).encode();
         let woken = self
             .queue
             .get()
-            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&key_hash)).is_ok());
+            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&ask)).is_ok());
         if !woken {
             log::warn!("cannot reach the root context to ask the key service");
             self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
@@ -328,20 +341,115 @@ impl Worker {
         self.rate_headers.borrow_mut().remove(&context_id);
     }
 
-    /// Root context: sends the callouts requests have asked for.
-    pub fn send_callouts(&self, queue_id: u32) {
-        while let Ok(Some(key_hash)) = hostcalls::dequeue_shared_queue(queue_id) {
-            let Ok(key_hash) = KeyHash::try_from(key_hash.as_slice()) else {
-                continue;
-            };
-            let unsent = self
-                .lookups
-                .borrow()
-                .get(&key_hash)
-                .is_some_and(|l| l.sent_at_ms.is_none());
-            if unsent {
+    /// Root context: this worker's queue has messages, from its own requests (ask the
+    /// key service) or from other workers (a lookup this one waited for has ended).
+    pub fn on_queue(&self, queue_id: u32) {
+        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(queue_id) {
+            match Message::decode(&bytes) {
+                Some(Message::Ask(key_hash)) => {
+                    let unsent =
+                        self.lookups.borrow().get(&key_hash).is_some_and(|l| {
+                            l.sent_at_ms.is_none() && l.peer_deadline_ms.is_none()
+                        });
+                    if unsent {
+                        self.start_lookup(key_hash);
+                    }
+                }
+                Some(Message::Woken(ended, key_hash)) => self.on_peer_lookup_ended(ended, key_hash),
+                None => {}
+            }
+        }
+    }
+
+    /// Root context: asks the key service about `key_hash` unless another worker of the
+    /// node already is (see `lookup_lock`), or has just put the answer in the cache.
+    fn start_lookup(&self, key_hash: KeyHash) {
+        let Some(config) = self.config() else {
+            return;
+        };
+        if self.answer_from_cache(&key_hash, &config) {
+            return;
+        }
+        let me = self.queue.get().unwrap_or_default();
+        let hold_ms = config.key_service.timeout_ms + LOCK_MARGIN_MS;
+        match lookup_lock::acquire(&HostStore, &key_hash, me, host::now_ms(), hold_ms) {
+            Acquired::Owner => {
+                if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
+                    lookup.holds_lock = true;
+                    lookup.peer_deadline_ms = None;
+                }
                 self.send_callout(key_hash);
             }
+            Acquired::Bypass => self.send_callout(key_hash),
+            Acquired::Waiting { deadline_ms } => {
+                if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
+                    lookup.peer_deadline_ms = Some(deadline_ms);
+                }
+                self.metrics.count(self.metrics.key_service_joined);
+                // Only a safety net for an owner that vanished: wake-ups come by queue.
+                let _ = hostcalls::set_tick_period(Duration::from_millis(TAKEOVER_CHECK_MS));
+            }
+        }
+    }
+
+    /// Answers the key's waiters from the cache if it holds a verdict now.
+    fn answer_from_cache(&self, key_hash: &KeyHash, config: &Config) -> bool {
+        let slot = self.cache_read(key_hash, config);
+        let answer =
+            match cache_entry::lookup(slot.as_deref(), key_hash, host::now_ms(), &config.cache) {
+                Lookup::Hit(record) => Answer::Found(record),
+                Lookup::NegativeHit => Answer::NotFound,
+                Lookup::Miss { .. } => return false,
+            };
+        self.answer_waiters(*key_hash, &answer);
+        true
+    }
+
+    fn on_peer_lookup_ended(&self, ended: Ended, key_hash: KeyHash) {
+        let Some(config) = self.config() else {
+            return;
+        };
+        let waiting = self
+            .lookups
+            .borrow()
+            .get(&key_hash)
+            .is_some_and(|l| l.peer_deadline_ms.is_some());
+        if !waiting {
+            return;
+        }
+        match ended {
+            Ended::Failed => self.answer_waiters(key_hash, &Answer::Failed(Failure::Peer)),
+            // The verdict may already be gone (a tiny cache, or ttl 0): ask again.
+            Ended::Answered if !self.answer_from_cache(&key_hash, &config) => {
+                self.start_lookup(key_hash)
+            }
+            Ended::Answered => {}
+        }
+    }
+
+    /// Root context: takes over lookups whose owner in another worker went silent.
+    pub fn on_tick(&self) {
+        let now = host::now_ms();
+        let overdue: Vec<KeyHash> = self
+            .lookups
+            .borrow()
+            .iter()
+            .filter(|(_, l)| l.peer_deadline_ms.is_some_and(|d| d <= now))
+            .map(|(h, _)| *h)
+            .collect();
+        for key_hash in overdue {
+            if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
+                lookup.peer_deadline_ms = None;
+            }
+            self.start_lookup(key_hash);
+        }
+        let still_waiting = self
+            .lookups
+            .borrow()
+            .values()
+            .any(|l| l.peer_deadline_ms.is_some());
+        if !still_waiting {
+            let _ = hostcalls::set_tick_period(Duration::ZERO);
         }
     }
 
@@ -381,7 +489,9 @@ impl Worker {
                     service.cluster,
                     status as u32
                 );
-                self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
+                let answer = Answer::Failed(Failure::NotSent);
+                self.release_lock(&key_hash, &answer);
+                self.answer_waiters(key_hash, &answer);
             }
         }
     }
@@ -411,7 +521,29 @@ impl Worker {
         };
         let answer = crate::callout::classify(status, &body);
         self.record_answer(&key_hash, &answer);
+        self.release_lock(&key_hash, &answer);
         self.answer_waiters(key_hash, &answer);
+    }
+
+    /// Releases the key's lookup lock if this worker holds it, and wakes the workers
+    /// that waited for the answer.
+    fn release_lock(&self, key_hash: &KeyHash, answer: &Answer) {
+        let held = self
+            .lookups
+            .borrow()
+            .get(key_hash)
+            .is_some_and(|l| l.holds_lock);
+        let Some(me) = self.queue.get().filter(|_| held) else {
+            return;
+        };
+        let ended = match answer {
+            Answer::Found(_) | Answer::NotFound => Ended::Answered,
+            Answer::Failed(_) => Ended::Failed,
+        };
+        let message = Message::Woken(ended, *key_hash).encode();
+        for waiter in lookup_lock::release(&HostStore, key_hash, me) {
+            let _ = hostcalls::enqueue_shared_queue(waiter, Some(&message));
+        }
     }
 
     fn record_answer(&self, key_hash: &KeyHash, answer: &Answer) {
@@ -501,8 +633,6 @@ fn failure_budget(limit: BruteForce) -> BucketSpec {
 }
 
 fn cache_key(key_hash: &KeyHash, config: &Config) -> String {
-    format!(
-        "{CACHE_PREFIX}{}",
-        slot_of(key_hash, config.cache.max_entries)
-    )
+    let table = Table::cache(config.cache.max_entries);
+    table.slot_key(slot_of(key_hash, table.slots))
 }

@@ -1,0 +1,282 @@
+//! One key service callout per key for the whole node.
+//!
+//! Each worker thread runs its own VM, so without coordination every worker that sees a
+//! cold key asks the key service about it. The worker that takes a key's lock (a slot
+//! of `Table::lookup_locks`, compare-and-swap) sends the callout; the others add their
+//! wake-up queue to the lock and wait. When the answer lands, the owner caches it,
+//! releases the lock with the outcome, and wakes the waiters through their queues. A
+//! lock carries a deadline, so an owner that vanished (a crashed VM) stalls nobody:
+//! after it, the next worker takes over.
+use crate::key_hash::KeyHash;
+use crate::shared_store::{SetError, SharedStore};
+use crate::slots::Table;
+
+const FORMAT_VERSION: u8 = 1;
+/// Compare-and-swap attempts before asking without the lock.
+const MAX_ATTEMPTS: u32 = 16;
+/// More waiting workers than this ask on their own (Envoy seldom runs more threads).
+pub const MAX_WAITERS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// This worker asks the key service; it must `release` afterwards.
+    Owner,
+    /// Another worker is asking; this one is woken through its queue.
+    Waiting { deadline_ms: u64 },
+    /// The slot is busy with another key, or contended: ask without the lock.
+    Bypass,
+}
+
+/// How a released lookup ended, for the workers woken by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The verdict is in the cache.
+    Answered,
+    /// The key service failed: nothing was cached.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lock {
+    key_hash: KeyHash,
+    owner: u32,
+    deadline_ms: u64,
+    waiters: Vec<u32>,
+}
+
+/// Takes the lock of `key_hash` for worker `me` (its queue id) until `now_ms + hold_ms`,
+/// or joins the worker that holds it.
+pub fn acquire(
+    store: &impl SharedStore,
+    key_hash: &KeyHash,
+    me: u32,
+    now_ms: u64,
+    hold_ms: u64,
+) -> Acquired {
+    let key = slot_key(key_hash);
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((value, cas)) = store.get(&key) else {
+            return Acquired::Bypass; // slots not created yet: see `slots`
+        };
+        let (lock, outcome) = match decode(&value) {
+            Some(held) if held.deadline_ms > now_ms && held.owner != me => {
+                if &held.key_hash != key_hash || held.waiters.len() >= MAX_WAITERS {
+                    return Acquired::Bypass;
+                }
+                let deadline_ms = held.deadline_ms;
+                let mut joined = held;
+                if !joined.waiters.contains(&me) {
+                    joined.waiters.push(me);
+                }
+                (joined, Acquired::Waiting { deadline_ms })
+            }
+            // Free, released, expired, or (after a restart of this worker) its own.
+            _ => (
+                Lock {
+                    key_hash: *key_hash,
+                    owner: me,
+                    deadline_ms: now_ms.saturating_add(hold_ms),
+                    waiters: Vec::new(),
+                },
+                Acquired::Owner,
+            ),
+        };
+        match store.set(&key, &encode(&lock), Some(cas)) {
+            Ok(()) => return outcome,
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Failed) => return Acquired::Bypass,
+        }
+    }
+    Acquired::Bypass
+}
+
+/// Releases `me`'s lock of `key_hash` and returns the queues of the workers to wake.
+/// Nothing to wake if the lock expired and another worker took it over meanwhile.
+pub fn release(store: &impl SharedStore, key_hash: &KeyHash, me: u32) -> Vec<u32> {
+    let key = slot_key(key_hash);
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((value, cas)) = store.get(&key) else {
+            return Vec::new();
+        };
+        let Some(lock) = decode(&value).filter(|l| &l.key_hash == key_hash && l.owner == me) else {
+            return Vec::new();
+        };
+        match store.set(&key, &[], Some(cas)) {
+            Ok(()) => return lock.waiters,
+            Err(SetError::CasMismatch) => continue, // a waiter joined meanwhile
+            Err(SetError::Failed) => return lock.waiters,
+        }
+    }
+    Vec::new()
+}
+
+/// What a worker's queue carries: a request of its own asking for a lookup, or another
+/// worker's news of a lookup it was waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    Ask(KeyHash),
+    Woken(Ended, KeyHash),
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, key_hash) = match self {
+            Message::Ask(h) => (0, h),
+            Message::Woken(Ended::Answered, h) => (1, h),
+            Message::Woken(Ended::Failed, h) => (2, h),
+        };
+        let mut out = vec![kind];
+        out.extend_from_slice(key_hash);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Message> {
+        let (&kind, hash) = bytes.split_first()?;
+        let hash: KeyHash = hash.try_into().ok()?;
+        match kind {
+            0 => Some(Message::Ask(hash)),
+            1 => Some(Message::Woken(Ended::Answered, hash)),
+            2 => Some(Message::Woken(Ended::Failed, hash)),
+            _ => None,
+        }
+    }
+}
+
+fn slot_key(key_hash: &KeyHash) -> String {
+    let table = Table::lookup_locks();
+    table.slot_key(crate::key_hash::slot_of(key_hash, table.slots))
+}
+
+fn encode(lock: &Lock) -> Vec<u8> {
+    let mut out = Vec::with_capacity(45 + 4 * lock.waiters.len());
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&lock.key_hash);
+    out.extend_from_slice(&lock.owner.to_le_bytes());
+    out.extend_from_slice(&lock.deadline_ms.to_le_bytes());
+    for waiter in &lock.waiters {
+        out.extend_from_slice(&waiter.to_le_bytes());
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<Lock> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != FORMAT_VERSION || rest.len() < 44 || (rest.len() - 44) % 4 != 0 {
+        return None;
+    }
+    let (head, waiters) = rest.split_at(44);
+    Some(Lock {
+        key_hash: head.get(..32)?.try_into().ok()?,
+        owner: u32::from_le_bytes(head.get(32..36)?.try_into().ok()?),
+        deadline_ms: u64::from_le_bytes(head.get(36..44)?.try_into().ok()?),
+        waiters: waiters
+            .chunks_exact(4)
+            .filter_map(|c| c.try_into().ok().map(u32::from_le_bytes))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared_store::fake::FakeStore;
+    use crate::slots::create_slots;
+
+    fn store() -> FakeStore {
+        let s = FakeStore::default();
+        create_slots(&s, Table::lookup_locks());
+        s
+    }
+
+    const KEY: KeyHash = [5; 32];
+
+    #[test]
+    fn one_owner_and_the_others_wait_then_are_woken() {
+        let s = store();
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        assert_eq!(
+            acquire(&s, &KEY, 2, 1001, 500),
+            Acquired::Waiting { deadline_ms: 1500 }
+        );
+        assert_eq!(
+            acquire(&s, &KEY, 3, 1002, 500),
+            Acquired::Waiting { deadline_ms: 1500 }
+        );
+        assert_eq!(
+            acquire(&s, &KEY, 3, 1003, 500),
+            Acquired::Waiting { deadline_ms: 1500 }
+        );
+        assert_eq!(release(&s, &KEY, 1), vec![2, 3]);
+        assert_eq!(
+            acquire(&s, &KEY, 2, 1004, 500),
+            Acquired::Owner,
+            "released: free again"
+        );
+    }
+
+    #[test]
+    fn an_expired_lock_is_taken_over_and_its_old_owner_wakes_nobody() {
+        let s = store();
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        assert_eq!(acquire(&s, &KEY, 2, 1500, 500), Acquired::Owner);
+        assert_eq!(release(&s, &KEY, 1), Vec::<u32>::new());
+        assert_eq!(release(&s, &KEY, 2), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn another_key_in_the_slot_means_asking_without_the_lock() {
+        let s = store();
+        let other = {
+            // A different hash with the same lock slot.
+            let mut h = KEY;
+            h[31] ^= 1;
+            let target = slot_key(&KEY);
+            (0u8..=255)
+                .map(|b| {
+                    let mut x = h;
+                    x[20] = b;
+                    x
+                })
+                .find(|x| slot_key(x) == target)
+        };
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        if let Some(other) = other {
+            assert_eq!(acquire(&s, &other, 2, 1000, 500), Acquired::Bypass);
+        }
+    }
+
+    #[test]
+    fn a_waiter_joining_during_release_is_not_lost() {
+        let s = store();
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        let joined = std::cell::Cell::new(false);
+        *s.interleave.borrow_mut() = Some(Box::new(move |s: &FakeStore| {
+            if !joined.replace(true) {
+                assert_eq!(
+                    acquire(s, &KEY, 9, 1001, 500),
+                    Acquired::Waiting { deadline_ms: 1500 }
+                );
+            }
+        }));
+        assert_eq!(release(&s, &KEY, 1), vec![9]);
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for message in [
+            Message::Ask(KEY),
+            Message::Woken(Ended::Answered, KEY),
+            Message::Woken(Ended::Failed, KEY),
+        ] {
+            assert_eq!(Message::decode(&message.encode()), Some(message));
+        }
+        assert_eq!(Message::decode(&KEY), None);
+        assert_eq!(Message::decode(&[9; 33]), None);
+    }
+
+    #[test]
+    fn decode_rejects_garbage() {
+        assert_eq!(decode(&[]), None);
+        assert_eq!(decode(&[FORMAT_VERSION; 47]), None);
+    }
+}
