@@ -25,6 +25,23 @@ pub struct Take {
     pub full_in_s: u64,
 }
 
+impl Take {
+    /// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11, policy
+    /// `"apikey"`) for a response after this take from a bucket of `spec`.
+    pub fn ratelimit_fields(&self, spec: BucketSpec) -> [(&'static str, String); 2] {
+        [
+            (
+                "ratelimit-policy",
+                format!("\"apikey\";q={};w={}", spec.requests, spec.period_s),
+            ),
+            (
+                "ratelimit",
+                format!("\"apikey\";r={};t={}", self.remaining, self.full_in_s),
+            ),
+        ]
+    }
+}
+
 fn units_per_token(spec: BucketSpec) -> u128 {
     u128::from(spec.period_s) * 1000
 }
@@ -138,6 +155,19 @@ mod tests {
         assert_eq!(
             (t.allowed, t.remaining, t.retry_after_s, t.full_in_s),
             (false, 0, 6, 60)
+        );
+    }
+
+    #[test]
+    fn ratelimit_fields_follow_the_draft() {
+        let s = spec(10, 60, 20);
+        let (_, t) = take_at(Bucket::full(s, 0), 0);
+        assert_eq!(
+            t.ratelimit_fields(s),
+            [
+                ("ratelimit-policy", "\"apikey\";q=10;w=60".to_string()),
+                ("ratelimit", "\"apikey\";r=19;t=6".to_string()),
+            ]
         );
     }
 

@@ -248,16 +248,7 @@ impl Worker {
                     }
                 }
             };
-        let headers = [
-            (
-                "ratelimit-policy",
-                format!("\"apikey\";q={};w={}", spec.requests, spec.period_s),
-            ),
-            (
-                "ratelimit",
-                format!("\"apikey\";r={};t={}", take.remaining, take.full_in_s),
-            ),
-        ];
+        let headers = take.ratelimit_fields(spec);
         if take.allowed {
             self.rate_headers
                 .borrow_mut()
