@@ -24,7 +24,9 @@ DEFAULTS = {
     "BIND_ADDRESS": "127.0.0.1",
     "UPSTREAM_HOST": "127.0.0.1",
     "KEY_SERVICE_HOST": "127.0.0.1",
-    # docker-compose uses STRICT_DNS with host names; here everything is an IP.
+    # docker-compose uses STRICT_DNS with host names (scripts/render-compose); here
+    # everything is an IP, and a STATIC cluster takes only IPs.
+    "UPSTREAM_DISCOVERY": "STATIC",
     "KEY_SERVICE_DISCOVERY": "STATIC",
 }
 

@@ -1,0 +1,322 @@
+"""What ships besides the .wasm: the docker-compose harness (envoy/docker-compose.yaml and the
+Envoy config rendered for it), the Istio manifests (envoy/istio/) and the supported Envoy range
+(envoy/SUPPORTED_VERSIONS). Docker and Kubernetes do not run here, so these check structure and
+cross-references, and let the real Envoy judge every Envoy config we ship: `envoy --mode
+validate` loads the .wasm and runs the filter's on_configure, so a refused filter configuration
+fails validation (test_validation_runs_the_filters_on_configure proves it)."""
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import (ROOT, WASM_PATH, HarnessError, Process, envoy_binary, free_port, http_request,
+                     render_envoy, start_helper_server)
+
+ENVOY_DIR = ROOT / "envoy"
+COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
+COMPOSE_ENVOY = ENVOY_DIR / "compose" / "envoy.yaml"
+ISTIO = ENVOY_DIR / "istio"
+DEMO_FILTER_CONFIG = ENVOY_DIR / "demo" / "filter-config.json"
+ISTIO_CLUSTER = re.compile(r"^outbound\|(\d+)\|\|([a-z0-9.-]+)$")  # Istio's name for a Service port's cluster
+
+
+def supported_versions():
+    """{"newest": "1.40.0", "oldest": ...} from envoy/SUPPORTED_VERSIONS."""
+    pairs = (line.split("=", 1) for line in (ENVOY_DIR / "SUPPORTED_VERSIONS").read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def load_yaml(path):
+    return yaml.safe_load(Path(path).read_text())
+
+
+def wasm_config(envoy_config):
+    """The `config` of the template's one wasm filter."""
+    listener = envoy_config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm")
+    return wasm["typed_config"]["config"]
+
+
+def clusters(envoy_config):
+    """{cluster name: (discovery type, address, port)}"""
+    out = {}
+    for c in envoy_config["static_resources"]["clusters"]:
+        sa = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        out[c["name"]] = (c["type"], sa["address"], sa["port_value"])
+    return out
+
+
+def validate(config_path, tmp_path):
+    """`envoy --mode validate`: (exit code, output). Loads the .wasm and runs on_configure."""
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config_path), "--log-level", "warn",
+                        "--disable-hot-restart"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=60, cwd=tmp_path)
+    return r.returncode, r.stdout
+
+
+def assert_valid(config_path, tmp_path):
+    code, out = validate(config_path, tmp_path)
+    assert code == 0, f"Envoy refuses {config_path}:\n{out[-3000:]}"
+
+
+def compose_config_locally(tmp_path, replace=None):
+    """The committed compose Envoy config with the .wasm at its local path and the text
+    replacements {old: new} made, written to tmp_path/envoy.yaml."""
+    text = COMPOSE_ENVOY.read_text()
+    wasm_in_container = wasm_config(yaml.safe_load(text))["vm_config"]["code"]["local"]["filename"]
+    text = text.replace(wasm_in_container, str(WASM_PATH))
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    out = tmp_path / "envoy.yaml"
+    out.write_text(text)
+    return out
+
+
+# -- docker-compose ----------------------------------------------------------------------
+
+
+def test_compose_envoy_config_is_a_fresh_render(tmp_path):
+    fresh = tmp_path / "envoy.yaml"
+    subprocess.run([ROOT / "scripts" / "render-compose", fresh], check=True, timeout=30)
+    assert COMPOSE_ENVOY.read_text() == fresh.read_text(), (
+        f"{COMPOSE_ENVOY.relative_to(ROOT)} differs from envoy/envoy.yaml.tmpl rendered now: "
+        "run scripts/render-compose and commit the result")
+
+
+def test_compose_file_structure():
+    """What `docker compose up` needs, cross-checked with the rendered Envoy config."""
+    compose = load_yaml(COMPOSE_FILE)
+    services = compose["services"]
+    assert set(services) == {"envoy", "keyservice", "upstream"}
+    assert services["envoy"]["image"] == f"envoyproxy/envoy:v{supported_versions()['newest']}"
+    assert services["keyservice"]["image"] == services["upstream"]["image"] == "python:3.11-slim"
+
+    mounts = {}  # (service, target in the container) -> source on the host
+    for name, service in services.items():
+        for v in service["volumes"]:
+            # Read-only binds of files that exist: never a directory Docker invents in their place.
+            assert v["type"] == "bind" and v["read_only"] is True, (name, v)
+            assert v["bind"]["create_host_path"] is False, (name, v)
+            source = (ENVOY_DIR / v["source"]).resolve()
+            assert source.exists(), f"{name}: {v['source']} does not exist"
+            mounts[name, v["target"]] = source
+
+    envoy = load_yaml(COMPOSE_ENVOY)
+    command = services["envoy"]["command"]
+    assert mounts["envoy", command[command.index("-c") + 1]] == COMPOSE_ENVOY
+    wasm_target = wasm_config(envoy)["vm_config"]["code"]["local"]["filename"]
+    assert mounts["envoy", wasm_target] == (ROOT / "target/wasm32-wasip1/release/apikey_filter.wasm")
+
+    # Envoy listens on all of the container's interfaces; the host publishes exactly those
+    # ports, on its loopback only.
+    listen_at = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+    admin_at = envoy["admin"]["address"]["socket_address"]
+    assert listen_at["address"] == admin_at["address"] == "0.0.0.0"
+    listen, admin = listen_at["port_value"], admin_at["port_value"]
+    assert sorted(services["envoy"]["ports"]) == sorted(f"127.0.0.1:{p}:{p}" for p in (listen, admin))
+
+    # Each helper: its script is in its scripts mount, it listens on all interfaces, on the port
+    # that the config's cluster names, under the service name that the cluster resolves.
+    for service, cluster in (("keyservice", "key_service"), ("upstream", "upstream")):
+        discovery, host, port = clusters(envoy)[cluster]
+        assert (discovery, host) == ("STRICT_DNS", service), cluster
+        cmd = services[service]["command"]
+        assert cmd[cmd.index("--port") + 1] == str(port) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+        script = Path(cmd[1])
+        assert (mounts[service, str(script.parent)] / script.name).is_file(), cmd
+    keys = services["keyservice"]["command"]
+    assert mounts["keyservice", keys[keys.index("--keys") + 1]] == ENVOY_DIR / "demo" / "keys.json"
+    assert json.loads(wasm_config(envoy)["configuration"]["value"]) == json.loads(DEMO_FILTER_CONFIG.read_text())
+
+
+def compose_cli():
+    """`docker compose` (plugin) or a standalone docker-compose, if one works here."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_file_passes_docker_compose_config():
+    """The Compose schema check proper; needs no engine, but a compose CLI, which CI lacks
+    (test_compose_file_structure stands in there)."""
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose CLI here")
+    r = subprocess.run([*cli, "-f", COMPOSE_FILE, "config", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_compose_envoy_config_validates(tmp_path):
+    assert_valid(compose_config_locally(tmp_path), tmp_path)
+
+
+def test_validation_runs_the_filters_on_configure(tmp_path):
+    """Without this, a validation that ignored the filter's configuration would pass the tests above."""
+    bad = compose_config_locally(tmp_path, {'"timeout_ms":500': '"timeout_ms":500,"no_such_field":1'})
+    code, out = validate(bad, tmp_path)
+    assert code != 0 and "key_service.no_such_field" in out, out[-3000:]
+
+
+def test_demo_envoy_config_validates(tmp_path):
+    """As scripts/demo renders it."""
+    config = render_envoy.render({
+        "LISTEN_PORT": 10000, "ADMIN_PORT": 9901, "UPSTREAM_PORT": 8082, "KEY_SERVICE_PORT": 8081,
+        "WASM_PATH": WASM_PATH, "ACCESS_LOG": tmp_path / "access.log",
+        "FILTER_CONFIG": json.loads(DEMO_FILTER_CONFIG.read_text()),
+    }, tmp_path / "demo.yaml")
+    assert_valid(config, tmp_path)
+
+
+def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
+    """The compose config run for real, with only what Docker provides swapped for local
+    equivalents: 127.0.0.1 for the service names (still STRICT_DNS) and for 0.0.0.0, free ports.
+    Its access log goes to /dev/stdout, as in the container."""
+    envoy = load_yaml(COMPOSE_ENVOY)
+    (_, _, ks_port), (_, _, up_port) = clusters(envoy)["key_service"], clusters(envoy)["upstream"]
+    procs = []
+    try:
+        ks, ks_bound = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / "ks.log",
+                                           ["--keys", ENVOY_DIR / "demo" / "keys.json"])
+        procs.append(ks)
+        up, up_bound = start_helper_server("upstream", "upstream.py", 0, tmp_path / "up.log")
+        procs.append(up)
+        listen, admin = free_port(), free_port()
+        config = compose_config_locally(tmp_path, {
+            "address: 0.0.0.0, port_value: 10000": f"address: 127.0.0.1, port_value: {listen}",
+            "address: 0.0.0.0, port_value: 9901": f"address: 127.0.0.1, port_value: {admin}",
+            f"address: keyservice, port_value: {ks_port}": f"address: 127.0.0.1, port_value: {ks_bound}",
+            f"address: upstream, port_value: {up_port}": f"address: 127.0.0.1, port_value: {up_bound}",
+        })
+        proxy = Process("envoy", [envoy_binary(), "-c", config, "--concurrency", "1", "--disable-hot-restart",
+                                  "--log-level", "warn", "--file-flush-interval-msec", "50"],
+                        tmp_path / "envoy.out").start()
+        procs.append(proxy)
+        wait_ready(proxy, admin)
+
+        r = http_request(listen, "GET", "/orders", [("x-api-key", "demo-key-alice")])
+        assert r.status == 200, r
+        assert ["x-api-key-id", "k_alice"] in r.json()["headers"]
+        assert http_request(listen, "GET", "/orders", [("x-api-key", "demo-key-revoked")]).status == 401
+        def access_logged():  # the line of alice's request (the template sets its format)
+            return any("/orders" in line and "k_alice" in line for line in proxy.log().splitlines())
+        deadline = time.monotonic() + 5
+        while not access_logged() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert access_logged(), "access log line not on stdout:\n" + proxy.log()[-2000:]
+
+        # The Istio stats matcher's prefix must let every metric of the filter through.
+        prefixes = proxy_stats_matcher()["inclusionPrefixes"]
+        stats = http_request(admin, "GET", "/stats?format=json").json()["stats"]
+        names = [s["name"] for s in stats  # wasm.<plugin>.* are Envoy's own stats of the VM
+                 if "apikey_filter" in s.get("name", "") and not s["name"].startswith("wasm.")]
+        assert "wasmcustom.apikey_filter.allowed" in names
+        assert all(any(n.startswith(p) for p in prefixes) for n in names), names
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def wait_ready(proxy, admin_port, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_request(admin_port, "GET", "/ready", timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        if not proxy.running() or time.monotonic() > deadline:
+            raise HarnessError("Envoy did not become ready:\n" + proxy.log()[-3000:])
+        time.sleep(0.05)
+
+
+# -- Istio -------------------------------------------------------------------------------
+
+
+def wasm_plugin():
+    return load_yaml(ISTIO / "wasmplugin.yaml")
+
+
+def proxy_stats_matcher():
+    patch = load_yaml(ISTIO / "proxy-stats-patch.yaml")
+    proxy_config = yaml.safe_load(patch["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    return proxy_config["proxyStatsMatcher"]
+
+
+def test_wasm_plugin_manifest():
+    plugin = wasm_plugin()
+    assert (plugin["apiVersion"], plugin["kind"]) == ("extensions.istio.io/v1alpha1", "WasmPlugin")
+    spec = plugin["spec"]
+    assert spec["phase"] == "AUTHN" and spec["failStrategy"] == "FAIL_CLOSE" and spec["type"] == "HTTP"
+    assert spec["imagePullPolicy"] in ("IfNotPresent", "Always")
+    assert spec["url"].startswith("oci://") and spec["selector"]["matchLabels"]
+    template = load_yaml(COMPOSE_ENVOY)
+    assert spec["pluginName"] == wasm_config(template)["root_id"]
+    # Istio's WasmPlugin.vmConfig has only `env`; vm_id cannot be set (README explains).
+    assert set(spec.get("vmConfig") or {}) <= {"env"}
+
+
+def test_wasm_plugin_calls_the_key_service_the_manifests_define():
+    key_service = wasm_plugin()["spec"]["pluginConfig"]["key_service"]
+    m = ISTIO_CLUSTER.match(key_service["cluster"])
+    assert m, f"{key_service['cluster']!r} is not Istio's outbound|PORT||HOST"
+    port, host = int(m.group(1)), m.group(2)
+    rule = load_yaml(ISTIO / "keyservice.yaml")
+    assert rule["kind"] == "DestinationRule" and rule["spec"]["host"] == host
+    assert port == 8080 and host == "keys.keys-system.svc.cluster.local"
+    assert key_service["authority"] == host  # the default (the cluster name) is no Host a sidecar routes
+    connect_ms = int(rule["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["connectTimeout"].removesuffix("ms"))
+    assert connect_ms < key_service["timeout_ms"]
+
+
+def test_wasm_plugin_config_is_accepted_by_the_filter(tmp_path):
+    """pluginConfig, as Istio hands it over (JSON), into the one template; only the cluster
+    name is swapped for the template's local one, since Envoy checks that a cluster exists."""
+    config = wasm_plugin()["spec"]["pluginConfig"]
+    config["key_service"]["cluster"] = "key_service"
+    rendered = render_envoy.render({
+        "LISTEN_PORT": free_port(), "ADMIN_PORT": free_port(), "UPSTREAM_PORT": 8082, "KEY_SERVICE_PORT": 8081,
+        "WASM_PATH": WASM_PATH, "ACCESS_LOG": tmp_path / "access.log", "FILTER_CONFIG": config,
+    }, tmp_path / "istio.yaml")
+    assert_valid(rendered, tmp_path)
+
+
+def test_proxy_stats_matcher_includes_the_filters_metrics():
+    assert proxy_stats_matcher()["inclusionPrefixes"] == ["wasmcustom.apikey_filter"]
+
+
+def test_oci_image_is_istios_compat_format():
+    """One layer holding plugin.wasm: FROM scratch, one COPY, nothing that adds a layer."""
+    lines = [line.split() for line in (ISTIO / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == [["FROM", "scratch"], ["COPY", "apikey_filter.wasm", "./plugin.wasm"]]
+
+
+def test_build_oci_image_explains_when_no_builder_works(tmp_path):
+    """Run without docker, podman or buildah on PATH: it must say so and exit non-zero."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in ("bash", "dirname", "mktemp", "cp", "rm", "cat", "sha256sum", "cut", "head"):
+        (path / tool).symlink_to(shutil.which(tool))
+    r = subprocess.run([ROOT / "scripts" / "build-oci-image", "example.com/apikey-filter:test"],
+                       env={"PATH": str(path), "APIKEY_WASM": str(WASM_PATH)}, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "no working image builder" in r.stderr, r.stderr
+
+
+# -- Envoy versions ----------------------------------------------------------------------
+
+
+def test_supported_versions_are_ordered():
+    v = supported_versions()
+    as_tuple = lambda s: tuple(int(x) for x in s.split("."))  # noqa: E731
+    assert as_tuple(v["oldest"]) <= as_tuple(v["newest"]), v
