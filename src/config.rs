@@ -101,6 +101,16 @@ const FIELDS: &[&str] = &[
     "failure_mode",
 ];
 
+/// The fields each object accepts; anything else is refused. The README's configuration
+/// table is checked against these (see the tests).
+const KEY_SOURCE_FIELDS: &[&str] = &["header", "scheme", "query"];
+const KEY_SERVICE_FIELDS: &[&str] = &["cluster", "authority", "path", "timeout_ms", "headers"];
+const CACHE_FIELDS: &[&str] = &["ttl_s", "negative_ttl_s", "stale_if_error_s", "max_entries"];
+const BUCKET_FIELDS: &[&str] = &["requests", "period_s", "burst"];
+const RULE_FIELDS: &[&str] = &["path_prefix", "methods", "scopes"];
+const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
+const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s"];
+
 /// Upper bounds that keep arithmetic and shared data sane; far above any real need.
 const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -226,7 +236,7 @@ fn parse_key_sources(root: &Object) -> FieldResult<Vec<KeySource>> {
 }
 
 fn parse_key_source(source: &Object) -> FieldResult<KeySource> {
-    source.refuse_unknown(&["header", "scheme", "query"])?;
+    source.refuse_unknown(KEY_SOURCE_FIELDS)?;
     match (
         source.string("header")?,
         source.string("scheme")?,
@@ -269,7 +279,7 @@ fn parse_key_service(root: &Object) -> FieldResult<KeyService> {
     let Some(service) = root.object("key_service")? else {
         return Err(FieldError::new("key_service.cluster", "is required"));
     };
-    service.refuse_unknown(&["cluster", "authority", "path", "timeout_ms", "headers"])?;
+    service.refuse_unknown(KEY_SERVICE_FIELDS)?;
     let cluster = match service.string("cluster")? {
         Some(c) if !c.is_empty() => c.to_string(),
         Some(_) => return Err(FieldError::new("key_service.cluster", "must not be empty")),
@@ -331,7 +341,7 @@ fn parse_cache(root: &Object) -> FieldResult<CacheConfig> {
         Some(cache) => cache,
         None => Object::new("cache", &empty)?,
     };
-    cache.refuse_unknown(&["ttl_s", "negative_ttl_s", "stale_if_error_s", "max_entries"])?;
+    cache.refuse_unknown(CACHE_FIELDS)?;
     Ok(CacheConfig {
         ttl_s: cache.u64_in("ttl_s", 60, 0, MAX_SECONDS)?,
         negative_ttl_s: cache.u64_in("negative_ttl_s", 10, 0, MAX_SECONDS)?,
@@ -351,7 +361,7 @@ fn parse_nullable_bucket(
         Some(Value::Null) => Ok(None),
         Some(value) => {
             let bucket = Object::new(parent.path_of(name), value)?;
-            bucket.refuse_unknown(&["requests", "period_s", "burst"])?;
+            bucket.refuse_unknown(BUCKET_FIELDS)?;
             parse_bucket(&bucket).map(Some)
         }
     }
@@ -396,7 +406,7 @@ fn parse_rules(root: &Object) -> FieldResult<Vec<Rule>> {
         .enumerate()
         .map(|(i, item)| {
             let rule = Object::new(format!("rules[{i}]"), item)?;
-            rule.refuse_unknown(&["path_prefix", "methods", "scopes"])?;
+            rule.refuse_unknown(RULE_FIELDS)?;
             let path_prefix = match rule.string("path_prefix")? {
                 Some(p) if p.starts_with('/') => p.to_string(),
                 Some(_) => {
@@ -433,7 +443,7 @@ fn parse_identity_headers(root: &Object) -> FieldResult<IdentityHeaders> {
         scopes: "x-api-key-scopes".into(),
     };
     if let Some(headers) = root.object("identity_headers")? {
-        headers.refuse_unknown(&["key_id", "owner", "scopes"])?;
+        headers.refuse_unknown(IDENTITY_FIELDS)?;
         for (field, slot) in [
             ("key_id", &mut names.key_id),
             ("owner", &mut names.owner),
@@ -452,7 +462,7 @@ fn parse_brute_force(root: &Object) -> FieldResult<Option<BruteForce>> {
         None | Some(Value::Null) => Ok(None),
         Some(value) => {
             let bf = Object::new("brute_force", value)?;
-            bf.refuse_unknown(&["max_failures", "period_s"])?;
+            bf.refuse_unknown(BRUTE_FORCE_FIELDS)?;
             let required = |name: &str| {
                 if bf.u64(name)?.is_none() {
                     return Err(FieldError::new(bf.path_of(name), "is required"));
@@ -630,6 +640,81 @@ mod tests {
         assert!(summary.contains("x-proxy-token"));
         assert!(!summary.contains("s3cret"));
         assert!(summary.contains("path=/v1/keys/{key_hash}"));
+    }
+
+    /// The README's configuration table: (field, example JSON, row text).
+    fn readme_rows() -> Vec<(String, String, String)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has a Configuration section");
+        section
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .map(|line| {
+                let cells: Vec<&str> = line.split(" | ").collect();
+                let unquote = |cell: &str| {
+                    cell.trim_matches(|c| c == '|' || c == ' ' || c == '`')
+                        .to_string()
+                };
+                (unquote(cells[0]), unquote(cells[2]), line.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_documents_exactly_the_fields_the_code_accepts() {
+        let rows = readme_rows();
+        let documented: Vec<&str> = rows.iter().map(|(field, _, _)| field.as_str()).collect();
+        let mut expected: Vec<String> = Vec::new();
+        for field in FIELDS {
+            match *field {
+                "key_service" => expected.extend(
+                    KEY_SERVICE_FIELDS
+                        .iter()
+                        .map(|f| format!("key_service.{f}")),
+                ),
+                "cache" => expected.extend(CACHE_FIELDS.iter().map(|f| format!("cache.{f}"))),
+                other => expected.push(other.to_string()),
+            }
+        }
+        assert_eq!(
+            documented, expected,
+            "README configuration table rows, in order"
+        );
+        // Fields of objects documented in one row must be named in that row.
+        for (field, inner) in [
+            ("key_sources", KEY_SOURCE_FIELDS),
+            ("rate_limit", BUCKET_FIELDS),
+            ("rules", RULE_FIELDS),
+            ("identity_headers", IDENTITY_FIELDS),
+            ("brute_force", BRUTE_FORCE_FIELDS),
+        ] {
+            let (_, _, row) = rows.iter().find(|(f, _, _)| f == field).unwrap();
+            for name in inner {
+                assert!(
+                    row.contains(&format!("\"{name}\"")),
+                    "README row {field} names \"{name}\""
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_readme_example_is_accepted() {
+        for (field, example, _) in readme_rows() {
+            let value: serde_json::Value = serde_json::from_str(&example)
+                .unwrap_or_else(|e| panic!("{field}: {example}: {e}"));
+            let mut doc = serde_json::json!({"key_service": {"cluster": "keys"}});
+            match field.split_once('.') {
+                Some((parent, child)) => doc[parent][child] = value,
+                None => doc[&field] = value,
+            }
+            let parsed = Config::parse(doc.to_string().as_bytes());
+            assert!(parsed.is_ok(), "{field}: {example}: {:?}", parsed.err());
+        }
     }
 
     #[test]
