@@ -80,6 +80,7 @@ impl Http {
             key_hash: hash_key(&key),
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
+            now_ms: host::now_ms(),
         };
         host::set_log_fingerprint(&fingerprint(&request.key_hash));
         let metrics = &self.worker.metrics;
@@ -87,7 +88,7 @@ impl Http {
         match cache_entry::lookup(
             slot.as_deref(),
             &request.key_hash,
-            host::now_ms(),
+            request.now_ms,
             &config.cache,
         ) {
             Lookup::Hit(record) => {

@@ -36,6 +36,8 @@ pub struct Request {
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
     pub rule: Option<usize>,
+    /// When the verdict is made: one reading of the host clock serves the whole request.
+    pub now_ms: u64,
 }
 
 /// What is known about a request's key.
@@ -139,7 +141,7 @@ impl Worker {
         };
         host::set_log_identity(&record.key_id, &record.owner);
         let scopes = required_scopes(&config.rules, request.rule);
-        if let Err(denial) = authorize(record, (host::now_ms() / 1000) as i64, scopes) {
+        if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes) {
             return self.deny(config, request.client.as_deref(), denial);
         }
         if !self.take_token(request, record) {
@@ -227,7 +229,7 @@ impl Worker {
         };
         let table = Table::keys(config.cache.max_entries);
         let take =
-            match rate_limit::take_token(&HostStore, table, &record.key_id, spec, host::now_ms()) {
+            match rate_limit::take_token(&HostStore, table, &record.key_id, spec, request.now_ms) {
                 Ok(take) => take,
                 Err(why) => {
                     self.metrics.count(self.metrics.rate_limit_unavailable);
@@ -594,10 +596,12 @@ impl Worker {
         let Some(lookup) = self.lookups.borrow_mut().remove(&key_hash) else {
             return;
         };
+        let now_ms = host::now_ms();
         for context_id in lookup.waiters {
-            let Some(request) = self.waiting.borrow_mut().remove(&context_id) else {
+            let Some(mut request) = self.waiting.borrow_mut().remove(&context_id) else {
                 continue; // its client went away
             };
+            request.now_ms = now_ms;
             if hostcalls::set_effective_context(context_id).is_err() {
                 continue;
             }
