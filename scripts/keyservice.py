@@ -36,7 +36,9 @@ import os
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from threaded_server import Server  # scripts/ is on sys.path: it holds this script
 
 MODES = ("normal", "status", "hang", "close", "malformed")
 HANG_MAX_S = 60
@@ -222,19 +224,6 @@ class Handler(BaseHTTPRequestHandler):
             return 404, {"error": "no_such_endpoint"}
         st.save()
         return 200, ({"deleted": h} if method == "DELETE" else {"key_hash": h, "record": dict(st.keys[h])})
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a hung request must not keep the process alive
-    # The default backlog of 5 resets connections under the concurrent bursts the tests
-    # send, which Envoy then reports as 503s that look like the filter's.
-    request_queue_size = 1024
-
-    def handle_error(self, request, client_address):
-        # A peer that went away (Envoy giving up on a callout, a test's short timeout) is
-        # expected here; only a real bug deserves a traceback in the log.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 def load_keys(path):

@@ -16,7 +16,9 @@ import collections
 import json
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from threaded_server import Server  # scripts/ is on sys.path: it holds this script
 
 ADMIN_PATH = "/__upstream/requests"
 RECORDED_MAX = 10000  # bounded: benchmarks send far more than tests ever read
@@ -78,19 +80,6 @@ class Handler(BaseHTTPRequestHandler):
         if name.startswith("do_"):
             return self.handle_any
         raise AttributeError(name)
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a hung request must not keep the process alive
-    # The default backlog of 5 resets connections under the concurrent bursts the tests
-    # send, which Envoy then reports as 503s that look like the filter's.
-    request_queue_size = 1024
-
-    def handle_error(self, request, client_address):
-        # A peer that went away (Envoy giving up on a callout, a test's short timeout) is
-        # expected here; only a real bug deserves a traceback in the log.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 def main(argv=None):

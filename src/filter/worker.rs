@@ -12,7 +12,7 @@ use crate::bucket::Take;
 use crate::cache_entry::Lookup;
 use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
-use crate::config::{BruteForce, BucketSpec, Config, FailureMode};
+use crate::config::{BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
 use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
 use crate::lookup_lock::{self, Acquired, Ended, Message};
@@ -169,17 +169,10 @@ impl Worker {
     /// Answers the current request with `denial`, charging a failed attempt to the
     /// client's `brute_force` budget when it is one.
     pub fn deny(&self, config: &Config, client: Option<&str>, denial: Denial) -> bool {
-        if let (Some(limit), Some(client), true) =
-            (config.brute_force, client, denial.is_failed_attempt())
+        if let (Some((table, budget)), Some(client), true) =
+            (failure_budget(config), client, denial.is_failed_attempt())
         {
-            let table = Table::client_addresses(config.cache.max_entries);
-            let _ = rate_limit::take_token(
-                &HostStore,
-                table,
-                client,
-                failure_budget(limit),
-                host::now_ms(),
-            );
+            let _ = rate_limit::take_token(&HostStore, table, client, budget, host::now_ms());
         }
         log::debug!("request denied: {}", denial.code());
         self.metrics.denied(denial);
@@ -190,17 +183,10 @@ impl Worker {
     /// Whether `client` has spent its `brute_force` budget; if so, the request has been
     /// answered with a 429.
     pub fn refuse_if_budget_spent(&self, config: &Config, client: Option<&str>) -> bool {
-        let (Some(limit), Some(client)) = (config.brute_force, client) else {
+        let (Some((table, budget)), Some(client)) = (failure_budget(config), client) else {
             return false;
         };
-        let table = Table::client_addresses(config.cache.max_entries);
-        let budget = rate_limit::peek(
-            &HostStore,
-            table,
-            client,
-            failure_budget(limit),
-            host::now_ms(),
-        );
+        let budget = rate_limit::peek(&HostStore, table, client, budget, host::now_ms());
         if budget.allowed {
             return false;
         }
@@ -618,13 +604,16 @@ impl Worker {
     }
 }
 
-/// `max_failures` per `period_s`, all of them available at once.
-fn failure_budget(limit: BruteForce) -> BucketSpec {
-    BucketSpec {
+/// With `brute_force` on, where client budgets live and what each holds: `max_failures`
+/// per `period_s`, all of them available at once.
+fn failure_budget(config: &Config) -> Option<(Table, BucketSpec)> {
+    let limit = config.brute_force?;
+    let budget = BucketSpec {
         requests: limit.max_failures,
         period_s: limit.period_s,
         burst: limit.max_failures,
-    }
+    };
+    Some((Table::client_addresses(config.cache.max_entries), budget))
 }
 
 fn cache_key(key_hash: &KeyHash, config: &Config) -> String {

@@ -1,0 +1,16 @@
+"""The HTTP server the reference key service and the recording upstream share."""
+import sys
+from http.server import ThreadingHTTPServer
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung request must not keep the process alive
+    # The default backlog of 5 resets connections under the concurrent bursts the tests
+    # send, which Envoy then reports as 503s that look like the filter's.
+    request_queue_size = 1024
+
+    def handle_error(self, request, client_address):
+        # A peer that went away (Envoy giving up on a callout, a test's short timeout) is
+        # expected here; only a real bug deserves a traceback in the log.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
