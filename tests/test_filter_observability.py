@@ -97,3 +97,13 @@ def test_the_configuration_is_logged_once_and_failures_are_warned_sparingly():
         assert fingerprint("obs-outage-0") in log or fingerprint("obs-outage-1") in log
         assert "answered HTTP 500" in warnings[0]
         assert not any(f"obs-outage-{i}" in log for i in range(5))
+
+
+def test_callout_latency_is_recorded_in_the_histogram():
+    with Stack({"key_service": SERVICE}, keys=KEYS, concurrency=1) as s:
+        s.keyservice.set_mode("normal", delay_ms=50)
+        assert send(s, "obs-valid-6d1c").status == 200
+        time.sleep(5.5)  # Envoy shows histograms after its stats flush, every 5 s
+        [line] = [l for l in s.admin("/stats?filter=key_service.latency_ms").text.splitlines() if l]
+        p50 = float(line.split("P50(")[1].split(",")[0])
+        assert p50 >= 50, line
