@@ -1,7 +1,12 @@
-//! One slot of the node-wide key cache: a compact binary value (no JSON on the hot
-//! path) and the rules for when it may be trusted.
+//! The node-wide key cache: entries in a compact binary form (no JSON on the hot path),
+//! the rules for when one may be trusted, and where one may be stored.
+//!
+//! A key's entry sits in one of `PROBES` slots from its home slot. A new entry takes
+//! the key's own slot, else the least valuable one; an unknown key never displaces a
+//! found key that may still be used, so a flood of random keys cannot strip valid keys
+//! of their cache (and of stale-if-error while the key service is down).
 use crate::config::{BucketSpec, CacheConfig};
-use crate::key_hash::KeyHash;
+use crate::key_hash::{slot_of, KeyHash};
 use crate::record::{KeyRecord, RecordLimit};
 
 /// Bumped whenever the layout changes; older entries then read as misses.
@@ -32,17 +37,84 @@ pub enum Lookup {
     },
 }
 
-pub fn lookup(slot: Option<&[u8]>, key_hash: &KeyHash, now_ms: u64, cache: &CacheConfig) -> Lookup {
-    let Some(entry) = slot.and_then(decode).filter(|e| &e.key_hash == key_hash) else {
-        return Lookup::Miss { stale: None };
-    };
+/// Slots a key's entry may sit in, from its home slot on.
+pub const PROBES: u32 = 4;
+
+/// The table slots a key's entry may sit in, in the order they are tried.
+pub fn probe_slots(key_hash: &KeyHash, slots: u32) -> impl Iterator<Item = u32> {
+    let slots = slots.max(1);
+    let home = slot_of(key_hash, slots);
+    (0..PROBES.min(slots)).map(move |i| (home + i) % slots)
+}
+
+/// The key's own entry: reads its probe slots through `read` until it is found.
+pub fn find(
+    key_hash: &KeyHash,
+    slots: u32,
+    mut read: impl FnMut(u32) -> Option<Vec<u8>>,
+) -> Option<CacheEntry> {
+    probe_slots(key_hash, slots)
+        .filter_map(|slot| read(slot).as_deref().and_then(decode))
+        .find(|entry| &entry.key_hash == key_hash)
+}
+
+/// Where `entry` should be stored: the slot of the key's own entry, else the least
+/// valuable of its probe slots. `None`: every probe slot holds a found key that may still
+/// be used, and `entry` is a not-found answer, which must not displace them.
+pub fn placement(
+    entry: &CacheEntry,
+    slots: u32,
+    mut read: impl FnMut(u32) -> Option<Vec<u8>>,
+    now_ms: u64,
+    cache: &CacheConfig,
+) -> Option<u32> {
+    let mut best: Option<(u8, u64, u32)> = None;
+    for slot in probe_slots(&entry.key_hash, slots) {
+        let held = read(slot).as_deref().and_then(decode);
+        let (value, stored_at) = match &held {
+            Some(h) if h.key_hash == entry.key_hash => return Some(slot),
+            Some(h) => (worth(h, now_ms, cache), h.stored_at_ms),
+            None => (EMPTY, 0),
+        };
+        if best.is_none_or(|(v, at, _)| (value, stored_at) < (v, at)) {
+            best = Some((value, stored_at, slot));
+        }
+    }
+    let (value, _, slot) = best?;
+    let displaces_usable_found = value == USABLE_FOUND;
+    (!(displaces_usable_found && entry.verdict == Verdict::NotFound)).then_some(slot)
+}
+
+/// What losing an entry costs, lowest first.
+const EMPTY: u8 = 0;
+const USELESS: u8 = 1;
+const NEGATIVE: u8 = 2;
+const USABLE_FOUND: u8 = 3;
+
+fn worth(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> u8 {
+    match judge(entry, now_ms, cache) {
+        Lookup::Hit(_) | Lookup::Miss { stale: Some(_) } => USABLE_FOUND,
+        Lookup::NegativeHit => NEGATIVE,
+        Lookup::Miss { stale: None } => USELESS,
+    }
+}
+
+/// What the key's entry (from `find`) says now.
+pub fn lookup(entry: Option<CacheEntry>, now_ms: u64, cache: &CacheConfig) -> Lookup {
+    match entry {
+        Some(entry) => judge(&entry, now_ms, cache),
+        None => Lookup::Miss { stale: None },
+    }
+}
+
+fn judge(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> Lookup {
     let age_ms = now_ms.saturating_sub(entry.stored_at_ms);
     let within = |seconds: u64| age_ms < seconds.saturating_mul(1000);
-    match entry.verdict {
-        Verdict::Found(record) if within(cache.ttl_s) => Lookup::Hit(record),
+    match &entry.verdict {
+        Verdict::Found(record) if within(cache.ttl_s) => Lookup::Hit(record.clone()),
         Verdict::Found(record) if within(cache.ttl_s.saturating_add(cache.stale_if_error_s)) => {
             Lookup::Miss {
-                stale: Some(record),
+                stale: Some(record.clone()),
             }
         }
         Verdict::NotFound if within(cache.negative_ttl_s) => Lookup::NegativeHit,
@@ -197,6 +269,15 @@ mod tests {
         }
     }
 
+    /// The lookup of a key in a one-slot cache holding `slot`.
+    fn at_slot(slot: Option<&[u8]>, key_hash: &KeyHash, now_ms: u64) -> Lookup {
+        lookup(
+            find(key_hash, 1, |_| slot.map(|s| s.to_vec())),
+            now_ms,
+            &cfg(),
+        )
+    }
+
     fn stored(verdict: Verdict) -> Vec<u8> {
         encode(&CacheEntry {
             key_hash: [7; 32],
@@ -233,7 +314,7 @@ mod tests {
     #[test]
     fn found_is_fresh_then_stale_then_gone() {
         let slot = stored(Verdict::Found(record()));
-        let at = |s: u64| lookup(Some(&slot), &[7; 32], 1_000_000 + s * 1000, &cfg());
+        let at = |s: u64| at_slot(Some(&slot), &[7; 32], 1_000_000 + s * 1000);
         assert_eq!(at(59), Lookup::Hit(record()));
         assert_eq!(
             at(60),
@@ -254,11 +335,11 @@ mod tests {
     fn not_found_is_remembered_for_the_negative_ttl() {
         let slot = stored(Verdict::NotFound);
         assert_eq!(
-            lookup(Some(&slot), &[7; 32], 1_009_999, &cfg()),
+            at_slot(Some(&slot), &[7; 32], 1_009_999),
             Lookup::NegativeHit
         );
         assert_eq!(
-            lookup(Some(&slot), &[7; 32], 1_010_000, &cfg()),
+            at_slot(Some(&slot), &[7; 32], 1_010_000),
             Lookup::Miss { stale: None }
         );
     }
@@ -267,15 +348,12 @@ mod tests {
     fn another_keys_entry_or_garbage_is_a_miss() {
         let slot = stored(Verdict::Found(record()));
         assert_eq!(
-            lookup(Some(&slot), &[8; 32], 1_000_000, &cfg()),
+            at_slot(Some(&slot), &[8; 32], 1_000_000),
             Lookup::Miss { stale: None }
         );
+        assert_eq!(at_slot(None, &[7; 32], 0), Lookup::Miss { stale: None });
         assert_eq!(
-            lookup(None, &[7; 32], 0, &cfg()),
-            Lookup::Miss { stale: None }
-        );
-        assert_eq!(
-            lookup(Some(b""), &[7; 32], 0, &cfg()),
+            at_slot(Some(b""), &[7; 32], 0),
             Lookup::Miss { stale: None }
         );
         let mut truncated = slot.clone();
@@ -289,10 +367,109 @@ mod tests {
     #[test]
     fn a_clock_that_steps_back_keeps_the_entry_fresh() {
         let slot = stored(Verdict::Found(record()));
+        assert_eq!(at_slot(Some(&slot), &[7; 32], 0), Lookup::Hit(record()));
+    }
+
+    fn entry(key: u8, stored_at_ms: u64, verdict: Verdict) -> CacheEntry {
+        CacheEntry {
+            key_hash: [key; 32],
+            stored_at_ms,
+            verdict,
+        }
+    }
+
+    /// A table of `PROBES` slots, every key's home among them.
+    fn placed(table: &[Option<CacheEntry>], new: &CacheEntry, now_ms: u64) -> Option<u32> {
+        placement(
+            new,
+            PROBES,
+            |slot| table[slot as usize].as_ref().map(encode),
+            now_ms,
+            &cfg(),
+        )
+    }
+
+    #[test]
+    fn an_entry_goes_to_its_own_slot_first_then_the_least_valuable() {
+        let found = |k, at| Some(entry(k, at, Verdict::Found(record())));
+        let negative = |k, at| Some(entry(k, at, Verdict::NotFound));
+        let new_found = entry(9, 1_000_000, Verdict::Found(record()));
+        let now = 1_000_000;
+        let home = probe_slots(&[9; 32], PROBES).next().unwrap() as usize;
+
+        let mut table = vec![found(1, now), found(2, now), found(3, now), found(4, now)];
+        table[(home + 2) % 4] = found(9, 0);
         assert_eq!(
-            lookup(Some(&slot), &[7; 32], 0, &cfg()),
-            Lookup::Hit(record())
+            placed(&table, &new_found, now),
+            Some(((home + 2) % 4) as u32),
+            "own slot"
         );
+
+        let table = vec![found(1, now), negative(2, now), None, found(4, now)];
+        assert_eq!(
+            placed(&table, &new_found, now),
+            Some(2),
+            "an empty slot first"
+        );
+
+        let table = vec![found(1, now), negative(2, now), found(3, 0), found(4, now)];
+        assert_eq!(
+            placed(&table, &new_found, now),
+            Some(2),
+            "then a found entry past any use"
+        );
+
+        let table = vec![
+            found(1, now),
+            negative(2, now),
+            found(3, now),
+            found(4, now),
+        ];
+        assert_eq!(
+            placed(&table, &new_found, now),
+            Some(1),
+            "then a negative one"
+        );
+
+        let table = vec![
+            found(1, now),
+            found(2, now - 5),
+            found(3, now),
+            found(4, now),
+        ];
+        assert_eq!(
+            placed(&table, &new_found, now),
+            Some(1),
+            "then the oldest found"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_never_displaces_a_usable_found_one() {
+        let now = 1_000_000;
+        // Past its TTL but within stale-if-error: still worth keeping.
+        let stale = |k| Some(entry(k, now - 100_000, Verdict::Found(record())));
+        let table = vec![stale(1), stale(2), stale(3), stale(4)];
+        assert_eq!(placed(&table, &entry(9, now, Verdict::NotFound), now), None);
+        let mut table = table;
+        table[3] = Some(entry(4, 0, Verdict::NotFound));
+        assert_eq!(
+            placed(&table, &entry(9, now, Verdict::NotFound), now),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn find_reads_probe_slots_until_the_keys_own_entry() {
+        let mine = entry(9, 5, Verdict::NotFound);
+        let home = probe_slots(&[9; 32], 100).next().unwrap();
+        let mut reads = Vec::new();
+        let found = find(&[9; 32], 100, |slot| {
+            reads.push(slot);
+            (slot == (home + 1) % 100).then(|| encode(&mine))
+        });
+        assert_eq!(found, Some(mine));
+        assert_eq!(reads, vec![home, (home + 1) % 100]);
     }
 
     proptest! {

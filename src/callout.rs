@@ -57,6 +57,9 @@ impl Failure {
     }
 }
 
+/// How Envoy's own 503 begins when it could not reach the key service at all.
+const ENVOY_UNREACHABLE: [&[u8]; 2] = [b"upstream connect error", b"no healthy upstream"];
+
 /// `status` is the callout response's `:status` value, `None` when it had no headers.
 pub fn classify(status: Option<&[u8]>, body: &[u8]) -> Answer {
     let Some(status) = status else {
@@ -72,6 +75,10 @@ pub fn classify(status: Option<&[u8]>, body: &[u8]) -> Answer {
         },
         Some(404) => Answer::NotFound,
         Some(504) => Answer::Failed(Failure::Timeout),
+        // Envoy answers a refused or reset connection with a 503 of its own.
+        Some(503) if ENVOY_UNREACHABLE.iter().any(|p| body.starts_with(p)) => {
+            Answer::Failed(Failure::Reset)
+        }
         Some(other) => Answer::Failed(Failure::Status(other)),
         None => Answer::Failed(Failure::Reset),
     }

@@ -92,15 +92,18 @@ fn header_values<'h>(
 }
 
 /// Envoy joins a repeated inline header such as `authorization` into one value with
-/// commas. A comma starts a new credential only where `word ` follows it, so a key that
+/// commas. A comma starts a new credential only where `word ` (or a tab) follows it, so a key that
 /// itself holds a comma (`Bearer a,1`) stays whole.
 fn credentials(value: &[u8]) -> Vec<&[u8]> {
     let mut parts = Vec::new();
     let mut start = 0;
     for (i, _) in value.iter().enumerate().filter(|(_, &b)| b == b',') {
         let rest = value.get(i + 1..).unwrap_or_default().trim_ascii_start();
-        let word_len = rest.iter().take_while(|&&b| b != b' ' && b != b',').count();
-        if word_len > 0 && rest.get(word_len) == Some(&b' ') {
+        let word_len = rest
+            .iter()
+            .take_while(|&&b| !matches!(b, b' ' | b'\t' | b','))
+            .count();
+        if word_len > 0 && matches!(rest.get(word_len), Some(b' ' | b'\t')) {
             parts.push(value.get(start..i).unwrap_or_default());
             start = i + 1;
         }
@@ -242,6 +245,20 @@ mod tests {
             run(&[("authorization", b"Bearer k,1,Bearer k,2")], "/").0,
             KeyOutcome::Duplicate
         );
+    }
+
+    #[test]
+    fn a_joined_bearer_credential_after_a_tab_is_still_stripped() {
+        // Found by fuzzing: Envoy joins two authorization headers with a comma.
+        let (o, rm, _) = run(
+            &[
+                ("x-api-key", b"k_good"),
+                ("authorization", b"Basic dXNlcg==,Bearer\tsecret"),
+            ],
+            "/",
+        );
+        assert_eq!(o, KeyOutcome::Key(b"k_good".to_vec()));
+        assert_eq!(rm, vec!["x-api-key", "authorization"]);
         let (o, _, p) = run(&[("x-api-key", b"a")], "/?api_key=b&api_key=c");
         assert_eq!(o, KeyOutcome::Duplicate);
         assert_eq!(p.as_deref(), Some("/"));

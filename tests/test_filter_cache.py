@@ -117,9 +117,11 @@ def test_each_key_service_failure_is_a_503_and_never_cached(stack, mode, status)
 def test_an_unreachable_key_service_is_a_503(stack):
     stack.keyservice.add_key(key_hash("while-down"), RECORD)
     stack.stop_key_service()
+    resets = stack.stat("apikey_filter.key_service.error.reset")
     try:
         r = get(stack, "while-down")
         assert (r.status, code_of(r)) == (503, "key_service_unavailable")
+        assert stack.stat("apikey_filter.key_service.error.reset") == resets + 1
     finally:
         stack.start_key_service()
     assert get(stack, "while-down").status == 200
@@ -216,3 +218,22 @@ def test_a_burst_on_every_worker_thread_makes_one_callout_for_the_node(mode, exp
         assert [r.status for r in responses] == [expected] * 120
         assert lookups_of(s, raw) == 1
         assert s.stat("apikey_filter.key_service.joined") >= 1, "the other workers waited on the lock"
+
+
+def test_a_flood_of_unknown_keys_does_not_strip_valid_keys_of_their_cache():
+    """Unknown keys never displace a found key that may still be used: after a flood,
+    valid keys still ride out a key service outage on their stale entries."""
+    config = {
+        "key_service": SERVICE,
+        "cache": {"ttl_s": 1, "stale_if_error_s": 120, "max_entries": 256},
+        "rate_limit": None,
+    }
+    valid = [f"flood-valid-{i}" for i in range(20)]
+    with Stack(config, keys={key_hash(k): RECORD for k in valid}, concurrency=2) as s:
+        assert [get(s, k).status for k in valid] == [200] * 20
+        for i in range(1000):
+            assert get(s, f"flood-random-{i}").status == 401
+        s.keyservice.set_mode("status", status=500)
+        time.sleep(1.1)  # past ttl_s: only stale entries can answer now
+        assert [get(s, k).status for k in valid] == [200] * 20
+        assert s.stat("apikey_filter.cache.stale") == 20

@@ -84,13 +84,8 @@ impl Http {
         };
         host::set_log_fingerprint(&fingerprint(&request.key_hash));
         let metrics = &self.worker.metrics;
-        let slot = self.worker.cache_read(&request.key_hash, &config);
-        match cache_entry::lookup(
-            slot.as_deref(),
-            &request.key_hash,
-            request.now_ms,
-            &config.cache,
-        ) {
+        let entry = self.worker.cache_find(&request.key_hash, &config);
+        match cache_entry::lookup(entry, request.now_ms, &config.cache) {
             Lookup::Hit(record) => {
                 metrics.count(metrics.cache_hit);
                 self.proceed(self.worker.finish(&request, Outcome::Known(&record)))

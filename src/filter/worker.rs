@@ -14,7 +14,7 @@ use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
 use crate::config::{BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
-use crate::key_hash::{fingerprint, hash_hex, slot_of, KeyHash};
+use crate::key_hash::{fingerprint, hash_hex, KeyHash};
 use crate::lookup_lock::{self, Acquired, Ended, Message};
 use crate::rate_limit;
 use crate::record::KeyRecord;
@@ -118,8 +118,12 @@ impl Worker {
         self.queue.get() == Some(queue_id)
     }
 
-    pub fn cache_read(&self, key_hash: &KeyHash, config: &Config) -> Option<Vec<u8>> {
-        host::shared_get(&cache_key(key_hash, config))
+    /// The key's cache entry, if any of its slots holds one.
+    pub fn cache_find(&self, key_hash: &KeyHash, config: &Config) -> Option<CacheEntry> {
+        let table = Table::cache(config.cache.max_entries);
+        cache_entry::find(key_hash, table.slots, |slot| {
+            host::shared_get(&table.slot_key(slot))
+        })
     }
 
     /// Applies what is known about the key to the current request. Returns true when
@@ -373,13 +377,12 @@ impl Worker {
 
     /// Answers the key's waiters from the cache if it holds a verdict now.
     fn answer_from_cache(&self, key_hash: &KeyHash, config: &Config) -> bool {
-        let slot = self.cache_read(key_hash, config);
-        let answer =
-            match cache_entry::lookup(slot.as_deref(), key_hash, host::now_ms(), &config.cache) {
-                Lookup::Hit(record) => Answer::Found(record),
-                Lookup::NegativeHit => Answer::NotFound,
-                Lookup::Miss { .. } => return false,
-            };
+        let entry = self.cache_find(key_hash, config);
+        let answer = match cache_entry::lookup(entry, host::now_ms(), &config.cache) {
+            Lookup::Hit(record) => Answer::Found(record),
+            Lookup::NegativeHit => Answer::NotFound,
+            Lookup::Miss { .. } => return false,
+        };
         self.answer_waiters(*key_hash, &answer);
         true
     }
@@ -558,7 +561,12 @@ impl Worker {
             stored_at_ms: now,
             verdict,
         };
-        host::shared_set(&cache_key(key_hash, &config), &cache_entry::encode(&entry));
+        let table = Table::cache(config.cache.max_entries);
+        let read = |slot| host::shared_get(&table.slot_key(slot));
+        // Written without CAS: two workers racing for one slot at worst cost a lookup.
+        if let Some(slot) = cache_entry::placement(&entry, table.slots, read, now, &config.cache) {
+            host::shared_set(&table.slot_key(slot), &cache_entry::encode(&entry));
+        }
     }
 
     /// One warning per `WARN_INTERVAL_MS` at most, so an outage does not flood the log;
@@ -614,9 +622,4 @@ fn failure_budget(config: &Config) -> Option<(Table, BucketSpec)> {
         burst: limit.max_failures,
     };
     Some((Table::client_addresses(config.cache.max_entries), budget))
-}
-
-fn cache_key(key_hash: &KeyHash, config: &Config) -> String {
-    let table = Table::cache(config.cache.max_entries);
-    table.slot_key(slot_of(key_hash, table.slots))
 }
