@@ -38,7 +38,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
-from threaded_server import Server  # scripts/ is on sys.path: it holds this script
+from threaded_server import serve  # scripts/ is on sys.path: it holds this script
 
 MODES = ("normal", "status", "hang", "close", "malformed")
 HANG_MAX_S = 60
@@ -245,13 +245,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     Handler.state = State(load_keys(args.keys), args.keys, args.save)
-    server = Server((args.host, args.port), Handler)
-    host, port = server.server_address[:2]
-    print(f"keyservice listening on http://{host}:{port} ({len(Handler.state.keys)} keys)", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    except KeyboardInterrupt:
-        pass
+    serve(Handler, args.host, args.port, f"keyservice listening on {{url}} ({len(Handler.state.keys)} keys)")
 
 
 if __name__ == "__main__":

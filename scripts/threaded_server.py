@@ -22,3 +22,15 @@ class Server(ThreadingHTTPServer):
         # expected here; only a real bug deserves a traceback in the log.
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+def serve(handler, host, port, banner):
+    """Serves `handler` until interrupted; prints `banner` with the bound address (port 0
+    picks a free one, so callers read it from this line)."""
+    server = Server((host, port), handler)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"{banner.format(url=f'http://{bound_host}:{bound_port}')}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.05)
+    except KeyboardInterrupt:
+        pass

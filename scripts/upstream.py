@@ -18,7 +18,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from threaded_server import Server  # scripts/ is on sys.path: it holds this script
+from threaded_server import serve  # scripts/ is on sys.path: it holds this script
 
 ADMIN_PATH = "/__upstream/requests"
 RECORDED_MAX = 10000  # bounded: benchmarks send far more than tests ever read
@@ -87,13 +87,7 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
-    server = Server((args.host, args.port), Handler)
-    host, port = server.server_address[:2]
-    print(f"upstream listening on http://{host}:{port}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    except KeyboardInterrupt:
-        pass
+    serve(Handler, args.host, args.port, "upstream listening on {url}")
 
 
 if __name__ == "__main__":

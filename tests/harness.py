@@ -304,6 +304,29 @@ class UpstreamClient(_JsonClient):
 # -- Envoy ------------------------------------------------------------------------------
 
 
+def envoy_stats(admin_port):
+    """Counters and gauges of the Envoy whose admin is on admin_port: {name: int}."""
+    out = {}
+    for s in http_request(admin_port, "GET", "/stats?format=json", timeout=5).json().get("stats", []):
+        if isinstance(s.get("value"), int):  # text readouts (e.g. with LDS) are not numbers
+            out[s["name"]] = s["value"]
+    return out
+
+
+def envoy_histograms(admin_port):
+    """{name: {"p50": v, "p99": v, ...}} of cumulative quantiles. Envoy merges histograms on
+    its stats flush (every 5 s), so they lag behind."""
+    out = {}
+    for s in http_request(admin_port, "GET", "/stats?format=json", timeout=5).json().get("stats", []):
+        h = s.get("histograms")
+        if not h:
+            continue
+        qs = h.get("supported_quantiles", [])
+        for entry in h.get("computed_quantiles", []):
+            out[entry["name"]] = {f"p{q:g}": v.get("cumulative") for q, v in zip(qs, entry.get("values", []))}
+    return out
+
+
 def _check_wasm():
     if not WASM_PATH.is_file():
         raise HarnessError(f"{WASM_PATH} not found: run scripts/build first")
@@ -604,12 +627,7 @@ class Stack:
     def stats(self):
         """Envoy's counters and gauges: {name: int}. The filter's own metrics appear as
         wasmcustom.apikey_filter.*. Histograms are left out (see histograms())."""
-        r = self.admin("/stats?format=json")
-        out = {}
-        for s in r.json().get("stats", []):
-            if isinstance(s.get("value"), int):  # text readouts (e.g. with LDS) are not numbers
-                out[s["name"]] = s["value"]
-        return out
+        return envoy_stats(self.admin_port)
 
     def stat(self, name, default=0):
         """One counter or gauge. "apikey_filter.allowed" also finds "wasmcustom.apikey_filter.allowed"."""
@@ -619,18 +637,8 @@ class Stack:
         return stats.get("wasmcustom." + name, default)
 
     def histograms(self):
-        """{name: {"p50": v, "p99": v, ...}} of cumulative quantiles, from /stats?format=json.
-        Envoy merges histograms on its stats flush (every 5 s), so they lag behind."""
-        r = self.admin("/stats?format=json")
-        out = {}
-        for s in r.json().get("stats", []):
-            h = s.get("histograms")
-            if not h:
-                continue
-            qs = h.get("supported_quantiles", [])
-            for entry in h.get("computed_quantiles", []):
-                out[entry["name"]] = {f"p{q:g}": v.get("cumulative") for q, v in zip(qs, entry.get("values", []))}
-        return out
+        """{name: {"p50": v, "p99": v, ...}} of cumulative quantiles (see envoy_histograms)."""
+        return envoy_histograms(self.admin_port)
 
     def envoy_log(self):
         """Envoy's log (--log-path) followed by anything it wrote to stdout/stderr."""

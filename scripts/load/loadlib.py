@@ -204,24 +204,10 @@ class Envoy:
 
     def stats(self):
         """Counters and gauges: {name: int}."""
-        r = http_request(self.admin_port, "GET", "/stats?format=json", timeout=5)
-        out = {}
-        for s in r.json().get("stats", []):
-            if isinstance(s.get("value"), int):
-                out[s["name"]] = s["value"]
-        return out
+        return harness.envoy_stats(self.admin_port)
 
     def histograms(self):
-        r = http_request(self.admin_port, "GET", "/stats?format=json", timeout=5)
-        out = {}
-        for s in r.json().get("stats", []):
-            h = s.get("histograms")
-            if not h:
-                continue
-            qs = h.get("supported_quantiles", [])
-            for entry in h.get("computed_quantiles", []):
-                out[entry["name"]] = {f"p{q:g}": v.get("cumulative") for q, v in zip(qs, entry.get("values", []))}
-        return out
+        return harness.envoy_histograms(self.admin_port)
 
 
 def start_filter_envoy(run, wasm, filter_config, upstream_port, key_service_port, concurrency=2,

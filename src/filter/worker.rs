@@ -472,7 +472,6 @@ impl Worker {
                     status as u32
                 );
                 let answer = Answer::Failed(Failure::NotSent);
-                self.release_lock(&key_hash, &answer);
                 self.answer_waiters(key_hash, &answer);
             }
         }
@@ -503,19 +502,13 @@ impl Worker {
         };
         let answer = crate::callout::classify(status, &body);
         self.record_answer(&key_hash, &answer);
-        self.release_lock(&key_hash, &answer);
         self.answer_waiters(key_hash, &answer);
     }
 
-    /// Releases the key's lookup lock if this worker holds it, and wakes the workers
-    /// that waited for the answer.
+    /// Releases this worker's lookup lock of the key, and wakes the workers that waited
+    /// for the answer.
     fn release_lock(&self, key_hash: &KeyHash, answer: &Answer) {
-        let held = self
-            .lookups
-            .borrow()
-            .get(key_hash)
-            .is_some_and(|l| l.holds_lock);
-        let Some(me) = self.queue.get().filter(|_| held) else {
+        let Some(me) = self.queue.get() else {
             return;
         };
         let ended = match answer {
@@ -586,10 +579,15 @@ impl Worker {
         );
     }
 
+    /// Ends the key's lookup: releases its lock if this worker holds it, then answers
+    /// every request waiting for it.
     fn answer_waiters(&self, key_hash: KeyHash, answer: &Answer) {
         let Some(lookup) = self.lookups.borrow_mut().remove(&key_hash) else {
             return;
         };
+        if lookup.holds_lock {
+            self.release_lock(&key_hash, answer);
+        }
         let now_ms = host::now_ms();
         for context_id in lookup.waiters {
             let Some(mut request) = self.waiting.borrow_mut().remove(&context_id) else {
