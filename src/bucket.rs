@@ -25,20 +25,16 @@ pub struct Take {
     pub full_in_s: u64,
 }
 
+/// The IETF `RateLimit-Policy` field (draft-ietf-httpapi-ratelimit-headers-11, policy
+/// `"apikey"`) of a bucket of `spec`: the same for every response, so made once.
+pub fn ratelimit_policy(spec: BucketSpec) -> String {
+    format!("\"apikey\";q={};w={}", spec.requests, spec.period_s)
+}
+
 impl Take {
-    /// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11, policy
-    /// `"apikey"`) for a response after this take from a bucket of `spec`.
-    pub fn ratelimit_fields(&self, spec: BucketSpec) -> [(&'static str, String); 2] {
-        [
-            (
-                "ratelimit-policy",
-                format!("\"apikey\";q={};w={}", spec.requests, spec.period_s),
-            ),
-            (
-                "ratelimit",
-                format!("\"apikey\";r={};t={}", self.remaining, self.full_in_s),
-            ),
-        ]
+    /// The IETF `RateLimit` field for a response after this take.
+    pub fn ratelimit(&self) -> String {
+        format!("\"apikey\";r={};t={}", self.remaining, self.full_in_s)
     }
 }
 
@@ -162,13 +158,8 @@ mod tests {
     fn ratelimit_fields_follow_the_draft() {
         let s = spec(10, 60, 20);
         let (_, t) = take_at(Bucket::full(s, 0), 0);
-        assert_eq!(
-            t.ratelimit_fields(s),
-            [
-                ("ratelimit-policy", "\"apikey\";q=10;w=60".to_string()),
-                ("ratelimit", "\"apikey\";r=19;t=6".to_string()),
-            ]
-        );
+        assert_eq!(ratelimit_policy(s), "\"apikey\";q=10;w=60");
+        assert_eq!(t.ratelimit(), "\"apikey\";r=19;t=6");
     }
 
     #[test]

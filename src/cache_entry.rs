@@ -29,7 +29,10 @@ pub struct CacheEntry {
 /// What the cache says about a key right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Hit(KeyRecord),
+    Hit {
+        record: KeyRecord,
+        stored_at_ms: u64,
+    },
     NegativeHit,
     /// Ask the key service. `stale` is a found record still usable if it fails.
     Miss {
@@ -93,7 +96,7 @@ const USABLE_FOUND: u8 = 3;
 
 fn worth(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> u8 {
     match judge(entry, now_ms, cache) {
-        Lookup::Hit(_) | Lookup::Miss { stale: Some(_) } => USABLE_FOUND,
+        Lookup::Hit { .. } | Lookup::Miss { stale: Some(_) } => USABLE_FOUND,
         Lookup::NegativeHit => NEGATIVE,
         Lookup::Miss { stale: None } => USELESS,
     }
@@ -108,10 +111,12 @@ pub fn lookup(entry: Option<CacheEntry>, now_ms: u64, cache: &CacheConfig) -> Lo
 }
 
 fn judge(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> Lookup {
-    let age_ms = now_ms.saturating_sub(entry.stored_at_ms);
-    let within = |seconds: u64| age_ms < seconds.saturating_mul(1000);
+    let within = |seconds: u64| is_within(entry.stored_at_ms, now_ms, seconds);
     match &entry.verdict {
-        Verdict::Found(record) if within(cache.ttl_s) => Lookup::Hit(record.clone()),
+        Verdict::Found(record) if within(cache.ttl_s) => Lookup::Hit {
+            record: record.clone(),
+            stored_at_ms: entry.stored_at_ms,
+        },
         Verdict::Found(record) if within(cache.ttl_s.saturating_add(cache.stale_if_error_s)) => {
             Lookup::Miss {
                 stale: Some(record.clone()),
@@ -120,6 +125,11 @@ fn judge(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> Lookup {
         Verdict::NotFound if within(cache.negative_ttl_s) => Lookup::NegativeHit,
         _ => Lookup::Miss { stale: None },
     }
+}
+
+/// Whether an entry stored at `stored_at_ms` is younger than `seconds` at `now_ms`.
+pub fn is_within(stored_at_ms: u64, now_ms: u64, seconds: u64) -> bool {
+    now_ms.saturating_sub(stored_at_ms) < seconds.saturating_mul(1000)
 }
 
 pub fn encode(entry: &CacheEntry) -> Vec<u8> {
@@ -315,7 +325,13 @@ mod tests {
     fn found_is_fresh_then_stale_then_gone() {
         let slot = stored(Verdict::Found(record()));
         let at = |s: u64| at_slot(Some(&slot), &[7; 32], 1_000_000 + s * 1000);
-        assert_eq!(at(59), Lookup::Hit(record()));
+        assert_eq!(
+            at(59),
+            Lookup::Hit {
+                record: record(),
+                stored_at_ms: 1_000_000
+            }
+        );
         assert_eq!(
             at(60),
             Lookup::Miss {
@@ -367,7 +383,13 @@ mod tests {
     #[test]
     fn a_clock_that_steps_back_keeps_the_entry_fresh() {
         let slot = stored(Verdict::Found(record()));
-        assert_eq!(at_slot(Some(&slot), &[7; 32], 0), Lookup::Hit(record()));
+        assert_eq!(
+            at_slot(Some(&slot), &[7; 32], 0),
+            Lookup::Hit {
+                record: record(),
+                stored_at_ms: 1_000_000
+            }
+        );
     }
 
     fn entry(key: u8, stored_at_ms: u64, verdict: Verdict) -> CacheEntry {

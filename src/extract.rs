@@ -1,6 +1,7 @@
 //! Finding the API key in a request, and everything that must be taken out of the
 //! request so the key goes no further.
 use crate::config::KeySource;
+use crate::header_map::Header;
 use crate::query;
 
 /// Keys longer than this are refused without asking the key service: no real key is
@@ -28,11 +29,7 @@ pub struct Extraction<'c> {
 
 /// Tries `sources` in order over the request's headers (names lowercased, as Envoy
 /// gives them) and `:path`. Every source is stripped, not just the one that won.
-pub fn extract<'c>(
-    sources: &'c [KeySource],
-    headers: &[(String, Vec<u8>)],
-    path: &[u8],
-) -> Extraction<'c> {
+pub fn extract<'c>(sources: &'c [KeySource], headers: &[Header], path: &[u8]) -> Extraction<'c> {
     let mut remove_headers = Vec::new();
     let mut rewritten_path: Option<Vec<u8>> = None;
     let mut found: Option<Vec<u8>> = None;
@@ -81,14 +78,11 @@ pub fn extract<'c>(
     }
 }
 
-fn header_values<'h>(
-    headers: &'h [(String, Vec<u8>)],
-    name: &'h str,
-) -> impl Iterator<Item = &'h [u8]> {
+fn header_values<'h>(headers: &'h [Header], name: &'h str) -> impl Iterator<Item = &'h [u8]> {
     headers
         .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_slice())
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v)
 }
 
 /// Envoy joins a repeated inline header such as `authorization` into one value with
@@ -147,11 +141,8 @@ mod tests {
         ]
     }
 
-    fn h(pairs: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_vec()))
-            .collect()
+    fn h<'a>(pairs: &[(&'a str, &'a [u8])]) -> Vec<Header<'a>> {
+        pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect()
     }
 
     fn run(headers: &[(&str, &[u8])], path: &str) -> (KeyOutcome, Vec<String>, Option<String>) {

@@ -41,11 +41,11 @@ struct SlotState {
 pub fn peek(
     store: &impl SharedStore,
     table: Table,
-    owner: &str,
+    owner: u64,
     spec: BucketSpec,
     now_ms: u64,
 ) -> Take {
-    let (_, _, bucket) = choose_slot(store, table, owner_of(owner), spec, now_ms);
+    let (_, _, bucket) = choose_slot(store, table, owner, spec, now_ms);
     bucket.take().1
 }
 
@@ -53,11 +53,10 @@ pub fn peek(
 pub fn take_token(
     store: &impl SharedStore,
     table: Table,
-    owner: &str,
+    owner: u64,
     spec: BucketSpec,
     now_ms: u64,
 ) -> Result<Take, Unavailable> {
-    let owner = owner_of(owner);
     for _ in 0..MAX_ATTEMPTS {
         let (key, cas, bucket) = choose_slot(store, table, owner, spec, now_ms);
         let (after, take) = bucket.take();
@@ -118,7 +117,8 @@ fn choose_slot(
     (key, cas, Bucket::full(spec, now_ms))
 }
 
-fn owner_of(owner: &str) -> u64 {
+/// Who a bucket belongs to (a `key_id`, a client address), as slots record it.
+pub fn owner_id(owner: &str) -> u64 {
     let hash = hash_key(owner.as_bytes());
     let mut id = [0u8; 8];
     id.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
@@ -187,7 +187,7 @@ mod tests {
         slots: u32,
         now_ms: u64,
     ) -> Result<Take, Unavailable> {
-        take_token(s, Table::keys(slots), owner, spec, now_ms)
+        take_token(s, Table::keys(slots), owner_id(owner), spec, now_ms)
     }
 
     #[test]
@@ -273,11 +273,11 @@ mod tests {
         let s = store(16);
         create_slots(&s, Table::client_addresses(16));
         let one = spec(1);
-        assert!(peek(&s, Table::keys(16), "k", one, 0).allowed);
-        assert!(peek(&s, Table::keys(16), "k", one, 0).allowed);
+        assert!(peek(&s, Table::keys(16), owner_id("k"), one, 0).allowed);
+        assert!(peek(&s, Table::keys(16), owner_id("k"), one, 0).allowed);
         assert!(take(&s, "k", one, 16, 0).unwrap().allowed);
-        assert!(!peek(&s, Table::keys(16), "k", one, 0).allowed);
-        assert!(peek(&s, Table::client_addresses(16), "k", one, 0).allowed);
+        assert!(!peek(&s, Table::keys(16), owner_id("k"), one, 0).allowed);
+        assert!(peek(&s, Table::client_addresses(16), owner_id("k"), one, 0).allowed);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! encode → decode unchanged, and `lookup` must never panic on it.
 #![no_main]
 
-use apikey_filter::cache_entry::{decode, encode, lookup, Lookup, Verdict};
+use apikey_filter::cache_entry::{decode, encode, find, lookup, Lookup, Verdict};
 use apikey_filter::config::CacheConfig;
 use libfuzzer_sys::fuzz_target;
 
@@ -30,9 +30,10 @@ fuzz_target!(|data: &[u8]| {
         entry.stored_at_ms.wrapping_add(59_999),
         u64::MAX,
     ] {
-        let seen = lookup(Some(data), &entry.key_hash, now_ms, &cache);
+        let in_slot = |key_hash| find(key_hash, 1, |_| Some(data.to_vec()));
+        let seen = lookup(in_slot(&entry.key_hash), now_ms, &cache);
         match (&entry.verdict, &seen) {
-            (Verdict::Found(r), Lookup::Hit(s)) => assert_eq!(r, s),
+            (Verdict::Found(r), Lookup::Hit { record, .. }) => assert_eq!(r, record),
             (Verdict::Found(r), Lookup::Miss { stale: Some(s) }) => assert_eq!(r, s),
             (Verdict::NotFound, Lookup::NegativeHit) | (_, Lookup::Miss { stale: None }) => {}
             (verdict, seen) => panic!("{verdict:?} looked up as {seen:?}"),
@@ -40,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         let mut other = entry.key_hash;
         other[0] ^= 1;
         assert_eq!(
-            lookup(Some(data), &other, now_ms, &cache),
+            lookup(in_slot(&other), now_ms, &cache),
             Lookup::Miss { stale: None }
         );
     }

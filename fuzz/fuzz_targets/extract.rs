@@ -4,6 +4,7 @@
 
 use apikey_filter::config::KeySource;
 use apikey_filter::extract::{extract, KeyOutcome, MAX_KEY_LEN};
+use apikey_filter::header_map::{self, Header};
 use apikey_filter::query::take_param;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -41,24 +42,27 @@ fuzz_target!(|request: Request<'_>| {
             name: "api_key".into(),
         },
     ];
-    let headers: Vec<(String, Vec<u8>)> = request
+    let headers: Vec<Header> = request
         .headers
         .into_iter()
         .take(MAX_HEADERS)
         .map(|(name, value)| {
-            let name = match name {
-                Name::XApiKey => "x-api-key".to_string(),
-                Name::Authorization => "authorization".to_string(),
-                Name::MixedCase(false) => "X-Api-Key".to_string(),
-                Name::MixedCase(true) => "Authorization".to_string(),
-                Name::Other(name) => name.to_string(),
+            let name: &[u8] = match name {
+                Name::XApiKey => b"x-api-key",
+                Name::Authorization => b"authorization",
+                Name::MixedCase(false) => b"X-Api-Key",
+                Name::MixedCase(true) => b"Authorization",
+                Name::Other(name) => name.as_bytes(),
             };
-            (name, value.to_vec())
+            (name, value)
         })
         .collect();
     let path = request.path;
 
-    let e = extract(&sources, &headers, path);
+    // As the filter sees them: through the host's serialization.
+    let serialized = header_map::serialize(&headers);
+    assert_eq!(header_map::parse(&serialized), headers);
+    let e = extract(&sources, &header_map::parse(&serialized), path);
 
     // The key parameter never reaches the upstream, and the rewrite is exactly the
     // one `take_param` makes (the only query source).
@@ -83,8 +87,8 @@ fuzz_target!(|request: Request<'_>| {
     let values = |name: &str| -> Vec<&[u8]> {
         headers
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| *v)
             .collect()
     };
     let x_api_key = values("x-api-key");

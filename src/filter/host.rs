@@ -12,8 +12,29 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub fn request_headers() -> Vec<(String, Bytes)> {
-    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+/// A header map as the host serializes it, for `header_map::parse`: the SDK's own
+/// reader would copy every name and value into a string of its own (and panic on a name
+/// that is not UTF-8).
+pub fn header_bytes(map: MapType) -> Vec<u8> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(
+            map_type: MapType,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> Status;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: as in the SDK's `get_map_bytes`: on success the host has filled `data`
+    // with `size` bytes it allocated through the SDK's `proxy_on_memory_allocate`, a
+    // boxed slice of exactly that length, which the Vec now owns.
+    unsafe {
+        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => Vec::new(),
+        }
+    }
 }
 
 pub fn set_request_header(name: &str, value: &[u8]) {

@@ -1,17 +1,17 @@
 //! One per request: reads and strips the key, then decides from the cache or waits for
 //! the key service.
 use super::host;
-use super::worker::{Outcome, Request, Worker};
-use crate::cache_entry::{self, Lookup};
+use super::worker::{Cached, Outcome, Request, Worker};
 use crate::client_address::without_port;
 use crate::config::Config;
 use crate::denial::Denial;
 use crate::extract::{extract, KeyOutcome};
+use crate::header_map;
 use crate::key_hash::{fingerprint, hash_key};
 use crate::rules::matching_rule;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, MapType};
 use std::rc::Rc;
 
 pub struct Http {
@@ -28,13 +28,9 @@ impl Http {
         let Some(config) = self.worker.config() else {
             return Action::Continue;
         };
-        let headers = host::request_headers();
-        let pseudo = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(&[][..], |(_, v)| v.as_slice())
-        };
+        let serialized = host::header_bytes(MapType::HttpRequestHeaders);
+        let headers = header_map::parse(&serialized);
+        let pseudo = |name| header_map::first(&headers, name).unwrap_or_default();
         let (method, path) = (pseudo(":method"), pseudo(":path"));
 
         // Strip first, decide after: a denied request's key reaches no access log either.
@@ -44,7 +40,7 @@ impl Http {
         }
         let names = &config.identity_headers;
         for name in [&names.key_id, &names.owner, &names.scopes] {
-            if headers.iter().any(|(n, _)| n == name) {
+            if header_map::first(&headers, name).is_some() {
                 host::remove_request_header(name);
             }
         }
@@ -84,17 +80,19 @@ impl Http {
         };
         host::set_log_fingerprint(&fingerprint(&request.key_hash));
         let metrics = &self.worker.metrics;
-        let entry = self.worker.cache_find(&request.key_hash, &config);
-        match cache_entry::lookup(entry, request.now_ms, &config.cache) {
-            Lookup::Hit(record) => {
+        match self
+            .worker
+            .cache_lookup(&request.key_hash, request.now_ms, &config)
+        {
+            Cached::Hit(known) => {
                 metrics.count(metrics.cache_hit);
-                self.proceed(self.worker.finish(&request, Outcome::Known(&record)))
+                self.proceed(self.worker.finish(&request, Outcome::Known(&known)))
             }
-            Lookup::NegativeHit => {
+            Cached::NegativeHit => {
                 metrics.count(metrics.cache_negative_hit);
                 self.proceed(self.worker.finish(&request, Outcome::Deny(Denial::Invalid)))
             }
-            Lookup::Miss { stale } => {
+            Cached::Miss { stale } => {
                 metrics.count(metrics.cache_miss);
                 self.worker.ask_key_service(self.context_id, request, stale);
                 Action::Pause

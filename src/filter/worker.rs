@@ -14,14 +14,16 @@ use crate::cache_entry::{self, CacheEntry, Verdict};
 use crate::callout::{Answer, Failure};
 use crate::config::{BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
+use crate::header_map;
 use crate::key_hash::{fingerprint, hash_hex, KeyHash};
+use crate::local_cache::{KnownKey, LocalCache};
 use crate::lookup_lock::{self, Acquired, Ended, Message};
 use crate::rate_limit;
 use crate::record::KeyRecord;
-use crate::record::RecordLimit;
 use crate::rules::required_scopes;
 use crate::slots::Table;
 use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -42,17 +44,34 @@ pub struct Request {
 
 /// What is known about a request's key.
 pub enum Outcome<'a> {
-    Known(&'a KeyRecord),
+    Known(&'a KnownKey),
     Deny(Denial),
     /// The key service failed and `failure_mode` is open.
     ForwardAnonymous,
 }
 
+/// What the cache says about a key.
+pub enum Cached {
+    Hit(Rc<KnownKey>),
+    NegativeHit,
+    /// Ask the key service. `stale` is a found key still usable if it fails.
+    Miss {
+        stale: Option<Rc<KnownKey>>,
+    },
+}
+
+/// How a lookup ended, for the requests that waited on it.
+enum Resolution {
+    Known(Rc<KnownKey>),
+    Unknown,
+    Failed,
+}
+
 /// A key being looked up, and who waits for it.
 struct PendingLookup {
     waiters: Vec<u32>,
-    /// A found record past its TTL, usable if the key service fails.
-    stale: Option<KeyRecord>,
+    /// A found key past its TTL, usable if the key service fails.
+    stale: Option<Rc<KnownKey>>,
     sent_at_ms: Option<u64>,
     /// Set while another worker asks the key service: when to stop waiting for it.
     peer_deadline_ms: Option<u64>,
@@ -63,6 +82,8 @@ struct PendingLookup {
 pub struct Worker {
     root_id: u32,
     config: RefCell<Option<Rc<Config>>>,
+    /// This worker's copies of found keys (see `local_cache`).
+    known_keys: RefCell<LocalCache>,
     pub metrics: Metrics,
     /// Wakes the root context to send callouts: see `ask_key_service`.
     queue: Cell<Option<u32>>,
@@ -88,6 +109,7 @@ impl Worker {
         Worker {
             root_id,
             config: RefCell::new(None),
+            known_keys: RefCell::new(LocalCache::new(0)),
             metrics: Metrics::define(),
             queue: Cell::new(None),
             lookups: RefCell::default(),
@@ -103,6 +125,8 @@ impl Worker {
     }
 
     pub fn set_config(&self, config: Config) {
+        // Copies kept under the old `ttl_s` must not outlive a shorter new one.
+        *self.known_keys.borrow_mut() = LocalCache::new(config.cache.max_entries);
         *self.config.borrow_mut() = Some(Rc::new(config));
     }
 
@@ -118,20 +142,54 @@ impl Worker {
         self.queue.get() == Some(queue_id)
     }
 
-    /// The key's cache entry, if any of its slots holds one.
-    pub fn cache_find(&self, key_hash: &KeyHash, config: &Config) -> Option<CacheEntry> {
+    /// What the cache says about the key: this worker's copy if it has one, else the
+    /// node-wide entry.
+    pub fn cache_lookup(&self, key_hash: &KeyHash, now_ms: u64, config: &Config) -> Cached {
+        let copy = self
+            .known_keys
+            .borrow()
+            .get(key_hash, now_ms, config.cache.ttl_s);
+        if let Some(known) = copy {
+            return Cached::Hit(known);
+        }
         let table = Table::cache(config.cache.max_entries);
-        cache_entry::find(key_hash, table.slots, |slot| {
+        let entry = cache_entry::find(key_hash, table.slots, |slot| {
             host::shared_get(&table.slot_key(slot))
-        })
+        });
+        match cache_entry::lookup(entry, now_ms, &config.cache) {
+            Lookup::Hit {
+                record,
+                stored_at_ms,
+            } => Cached::Hit(self.remember(*key_hash, stored_at_ms, record, config)),
+            Lookup::NegativeHit => Cached::NegativeHit,
+            Lookup::Miss { stale } => Cached::Miss {
+                stale: stale.map(|record| Rc::new(KnownKey::new(record, config.rate_limit))),
+            },
+        }
+    }
+
+    /// Keeps this worker's copy of a found key the node-wide cache holds as stored at
+    /// `stored_at_ms`.
+    fn remember(
+        &self,
+        key_hash: KeyHash,
+        stored_at_ms: u64,
+        record: KeyRecord,
+        config: &Config,
+    ) -> Rc<KnownKey> {
+        let known = Rc::new(KnownKey::new(record, config.rate_limit));
+        self.known_keys
+            .borrow_mut()
+            .put(key_hash, stored_at_ms, known.clone());
+        known
     }
 
     /// Applies what is known about the key to the current request. Returns true when
     /// the request goes on upstream, false when it has been answered.
     pub fn finish(&self, request: &Request, outcome: Outcome) -> bool {
         let config = &request.config;
-        let record = match outcome {
-            Outcome::Known(record) => record,
+        let known = match outcome {
+            Outcome::Known(known) => known,
             Outcome::Deny(denial) => return self.deny(config, request.client.as_deref(), denial),
             Outcome::ForwardAnonymous => {
                 log::debug!(
@@ -143,12 +201,13 @@ impl Worker {
                 return true;
             }
         };
+        let record = &known.record;
         host::set_log_identity(&record.key_id, &record.owner);
         let scopes = required_scopes(&config.rules, request.rule);
         if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes) {
             return self.deny(config, request.client.as_deref(), denial);
         }
-        if !self.take_token(request, record) {
+        if !self.take_token(request, known) {
             return false;
         }
         log::debug!(
@@ -160,7 +219,7 @@ impl Worker {
         for (name, value) in [
             (&names.key_id, record.key_id.as_str()),
             (&names.owner, record.owner.as_str()),
-            (&names.scopes, &record.scopes.join(",")),
+            (&names.scopes, known.scopes_header.as_str()),
         ] {
             if !value.is_empty() {
                 host::set_request_header(name, value.as_bytes());
@@ -176,7 +235,8 @@ impl Worker {
         if let (Some((table, budget)), Some(client), true) =
             (failure_budget(config), client, denial.is_failed_attempt())
         {
-            let _ = rate_limit::take_token(&HostStore, table, client, budget, host::now_ms());
+            let owner = rate_limit::owner_id(client);
+            let _ = rate_limit::take_token(&HostStore, table, owner, budget, host::now_ms());
         }
         log::debug!("request denied: {}", denial.code());
         self.metrics.denied(denial);
@@ -190,7 +250,8 @@ impl Worker {
         let (Some((table, budget)), Some(client)) = (failure_budget(config), client) else {
             return false;
         };
-        let budget = rate_limit::peek(&HostStore, table, client, budget, host::now_ms());
+        let owner = rate_limit::owner_id(client);
+        let budget = rate_limit::peek(&HostStore, table, owner, budget, host::now_ms());
         if budget.allowed {
             return false;
         }
@@ -207,40 +268,38 @@ impl Worker {
 
     /// Takes a token from the key's bucket; false when the request has been answered
     /// with a 429.
-    fn take_token(&self, request: &Request, record: &KeyRecord) -> bool {
+    fn take_token(&self, request: &Request, known: &KnownKey) -> bool {
         let config = &request.config;
-        let spec = match record.rate_limit {
-            RecordLimit::Default => config.rate_limit,
-            RecordLimit::Unlimited => None,
-            RecordLimit::Bucket(spec) => Some(spec),
-        };
-        let Some(spec) = spec else {
+        let Some(limit) = &known.limit else {
             return true;
         };
         let table = Table::keys(config.cache.max_entries);
-        let take =
-            match rate_limit::take_token(&HostStore, table, &record.key_id, spec, request.now_ms) {
-                Ok(take) => take,
-                Err(why) => {
-                    self.metrics.count(self.metrics.rate_limit_unavailable);
-                    // Fail closed: the limit is a promise to the upstream, never exceeded.
-                    log::warn!(
-                        "rate limit for key {} unavailable ({})",
-                        fingerprint(&request.key_hash),
-                        match why {
-                            rate_limit::Unavailable::Contention => "contention",
-                            rate_limit::Unavailable::StoreFailed => "shared data refused the write",
-                        }
-                    );
-                    Take {
-                        allowed: false,
-                        remaining: 0,
-                        retry_after_s: 1,
-                        full_in_s: 1,
+        let (owner, spec) = (limit.owner, limit.spec);
+        let take = match rate_limit::take_token(&HostStore, table, owner, spec, request.now_ms) {
+            Ok(take) => take,
+            Err(why) => {
+                self.metrics.count(self.metrics.rate_limit_unavailable);
+                // Fail closed: the limit is a promise to the upstream, never exceeded.
+                log::warn!(
+                    "rate limit for key {} unavailable ({})",
+                    fingerprint(&request.key_hash),
+                    match why {
+                        rate_limit::Unavailable::Contention => "contention",
+                        rate_limit::Unavailable::StoreFailed => "shared data refused the write",
                     }
+                );
+                Take {
+                    allowed: false,
+                    remaining: 0,
+                    retry_after_s: 1,
+                    full_in_s: 1,
                 }
-            };
-        let headers = take.ratelimit_fields(spec);
+            }
+        };
+        let headers = [
+            ("ratelimit-policy", limit.policy_header.clone()),
+            ("ratelimit", take.ratelimit()),
+        ];
         if take.allowed {
             self.rate_headers
                 .borrow_mut()
@@ -272,11 +331,11 @@ impl Worker {
     fn on_key_service_failure<'a>(
         &self,
         request: &Request,
-        stale: Option<&'a KeyRecord>,
+        stale: Option<&'a KnownKey>,
     ) -> Outcome<'a> {
-        if let Some(record) = stale {
+        if let Some(known) = stale {
             self.metrics.count(self.metrics.cache_stale);
-            return Outcome::Known(record);
+            return Outcome::Known(known);
         }
         match request.config.failure_mode {
             FailureMode::Closed => Outcome::Deny(Denial::KeyServiceUnavailable),
@@ -286,7 +345,7 @@ impl Worker {
 
     /// Parks the request (context `context_id`) until the key service answers for its
     /// key. Requests for a key already being looked up join that lookup.
-    pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
+    pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<Rc<KnownKey>>) {
         let key_hash = request.key_hash;
         self.waiting.borrow_mut().insert(context_id, request);
         let mut lookups = self.lookups.borrow_mut();
@@ -314,7 +373,7 @@ impl Worker {
             .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(&ask)).is_ok());
         if !woken {
             log::warn!("cannot reach the root context to ask the key service");
-            self.answer_waiters(key_hash, &Answer::Failed(Failure::NotSent));
+            self.answer_waiters(key_hash, &Resolution::Failed);
         }
     }
 
@@ -377,13 +436,12 @@ impl Worker {
 
     /// Answers the key's waiters from the cache if it holds a verdict now.
     fn answer_from_cache(&self, key_hash: &KeyHash, config: &Config) -> bool {
-        let entry = self.cache_find(key_hash, config);
-        let answer = match cache_entry::lookup(entry, host::now_ms(), &config.cache) {
-            Lookup::Hit(record) => Answer::Found(record),
-            Lookup::NegativeHit => Answer::NotFound,
-            Lookup::Miss { .. } => return false,
+        let resolution = match self.cache_lookup(key_hash, host::now_ms(), config) {
+            Cached::Hit(known) => Resolution::Known(known),
+            Cached::NegativeHit => Resolution::Unknown,
+            Cached::Miss { .. } => return false,
         };
-        self.answer_waiters(*key_hash, &answer);
+        self.answer_waiters(*key_hash, &resolution);
         true
     }
 
@@ -400,7 +458,7 @@ impl Worker {
             return;
         }
         match ended {
-            Ended::Failed => self.answer_waiters(key_hash, &Answer::Failed(Failure::Peer)),
+            Ended::Failed => self.answer_waiters(key_hash, &Resolution::Failed),
             // The verdict may already be gone (a tiny cache, or ttl 0): ask again.
             Ended::Answered if !self.answer_from_cache(&key_hash, &config) => {
                 self.start_lookup(key_hash)
@@ -471,8 +529,7 @@ impl Worker {
                     service.cluster,
                     status as u32
                 );
-                let answer = Answer::Failed(Failure::NotSent);
-                self.answer_waiters(key_hash, &answer);
+                self.answer_waiters(key_hash, &Resolution::Failed);
             }
         }
     }
@@ -482,12 +539,8 @@ impl Worker {
         let Some(key_hash) = self.callouts.borrow_mut().remove(&token) else {
             return;
         };
-        let headers = hostcalls::get_map_bytes(proxy_wasm::types::MapType::HttpCallResponseHeaders)
-            .unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(name, _)| name == ":status")
-            .map(|(_, v)| v.as_slice());
+        let serialized = host::header_bytes(MapType::HttpCallResponseHeaders);
+        let status = header_map::first(&header_map::parse(&serialized), ":status");
         let body = if body_size > MAX_ANSWER_BYTES {
             Vec::new()
         } else {
@@ -501,19 +554,22 @@ impl Worker {
             .unwrap_or_default()
         };
         let answer = crate::callout::classify(status, &body);
-        self.record_answer(&key_hash, &answer);
-        self.answer_waiters(key_hash, &answer);
+        let resolution = match self.config() {
+            Some(config) => self.record_answer(&key_hash, answer, &config),
+            None => Resolution::Failed,
+        };
+        self.answer_waiters(key_hash, &resolution);
     }
 
     /// Releases this worker's lookup lock of the key, and wakes the workers that waited
     /// for the answer.
-    fn release_lock(&self, key_hash: &KeyHash, answer: &Answer) {
+    fn release_lock(&self, key_hash: &KeyHash, resolution: &Resolution) {
         let Some(me) = self.queue.get() else {
             return;
         };
-        let ended = match answer {
-            Answer::Found(_) | Answer::NotFound => Ended::Answered,
-            Answer::Failed(_) => Ended::Failed,
+        let ended = match resolution {
+            Resolution::Known(_) | Resolution::Unknown => Ended::Answered,
+            Resolution::Failed => Ended::Failed,
         };
         let message = Message::Woken(ended, *key_hash).encode();
         for waiter in lookup_lock::release(&HostStore, key_hash, me) {
@@ -521,7 +577,8 @@ impl Worker {
         }
     }
 
-    fn record_answer(&self, key_hash: &KeyHash, answer: &Answer) {
+    /// Counts the key service's answer and puts its verdict in the cache.
+    fn record_answer(&self, key_hash: &KeyHash, answer: Answer, config: &Config) -> Resolution {
         let now = host::now_ms();
         if let Some(sent) = self
             .lookups
@@ -531,23 +588,21 @@ impl Worker {
         {
             self.metrics.key_service_latency(now.saturating_sub(sent));
         }
-        let verdict = match answer {
+        let (verdict, resolution) = match answer {
             Answer::Found(record) => {
                 self.metrics.count(self.metrics.key_service_found);
-                Verdict::Found(record.clone())
+                let known = self.remember(*key_hash, now, record.clone(), config);
+                (Verdict::Found(record), Resolution::Known(known))
             }
             Answer::NotFound => {
                 self.metrics.count(self.metrics.key_service_not_found);
-                Verdict::NotFound
+                (Verdict::NotFound, Resolution::Unknown)
             }
             Answer::Failed(failure) => {
-                self.metrics.key_service_failed(failure);
-                self.warn_key_service_failure(key_hash, failure, now);
-                return;
+                self.metrics.key_service_failed(&failure);
+                self.warn_key_service_failure(key_hash, &failure, now);
+                return Resolution::Failed;
             }
-        };
-        let Some(config) = self.config() else {
-            return;
         };
         let entry = CacheEntry {
             key_hash: *key_hash,
@@ -560,6 +615,7 @@ impl Worker {
         if let Some(slot) = cache_entry::placement(&entry, table.slots, read, now, &config.cache) {
             host::shared_set(&table.slot_key(slot), &cache_entry::encode(&entry));
         }
+        resolution
     }
 
     /// One warning per `WARN_INTERVAL_MS` at most, so an outage does not flood the log;
@@ -581,12 +637,12 @@ impl Worker {
 
     /// Ends the key's lookup: releases its lock if this worker holds it, then answers
     /// every request waiting for it.
-    fn answer_waiters(&self, key_hash: KeyHash, answer: &Answer) {
+    fn answer_waiters(&self, key_hash: KeyHash, resolution: &Resolution) {
         let Some(lookup) = self.lookups.borrow_mut().remove(&key_hash) else {
             return;
         };
         if lookup.holds_lock {
-            self.release_lock(&key_hash, answer);
+            self.release_lock(&key_hash, resolution);
         }
         let now_ms = host::now_ms();
         for context_id in lookup.waiters {
@@ -597,10 +653,12 @@ impl Worker {
             if hostcalls::set_effective_context(context_id).is_err() {
                 continue;
             }
-            let outcome = match answer {
-                Answer::Found(record) => Outcome::Known(record),
-                Answer::NotFound => Outcome::Deny(Denial::Invalid),
-                Answer::Failed(_) => self.on_key_service_failure(&request, lookup.stale.as_ref()),
+            let outcome = match resolution {
+                Resolution::Known(known) => Outcome::Known(known),
+                Resolution::Unknown => Outcome::Deny(Denial::Invalid),
+                Resolution::Failed => {
+                    self.on_key_service_failure(&request, lookup.stale.as_deref())
+                }
             };
             if self.finish(&request, outcome) {
                 let _ = hostcalls::resume_http_request();

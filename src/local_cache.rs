@@ -1,0 +1,210 @@
+//! Each worker's own copy of the found keys it has served, in front of the node-wide
+//! cache in shared data.
+//!
+//! Reading shared data copies the entry across the host boundary and decodes it: the
+//! dearest part of a cached request. A copy here is used only while the node-wide entry
+//! it came from would itself be a hit (younger than `ttl_s`), so what a request sees,
+//! revocation included, is what the node-wide cache would have said. Unknown keys are
+//! never copied: a flood of random keys cannot push out the keys that are in use.
+use crate::bucket::ratelimit_policy;
+use crate::cache_entry::is_within;
+use crate::config::BucketSpec;
+use crate::key_hash::KeyHash;
+use crate::rate_limit;
+use crate::record::{KeyRecord, RecordLimit};
+use std::rc::Rc;
+
+/// At most this many copies per worker, however large `cache.max_entries` is.
+pub const MAX_CAPACITY: u32 = 8192;
+
+/// A found key with what each of its requests needs worked out once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KnownKey {
+    pub record: KeyRecord,
+    /// `record.scopes` as the scopes header carries them.
+    pub scopes_header: String,
+    /// The token bucket its requests take from; none when the key is unlimited.
+    pub limit: Option<KeyLimit>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyLimit {
+    pub spec: BucketSpec,
+    /// Whose bucket it is (`rate_limit::owner_id` of the `key_id`).
+    pub owner: u64,
+    /// The `RateLimit-Policy` field of every response.
+    pub policy_header: String,
+}
+
+impl KnownKey {
+    /// `configured`: the `rate_limit` of the configuration, for records that name none.
+    pub fn new(record: KeyRecord, configured: Option<BucketSpec>) -> KnownKey {
+        let spec = match record.rate_limit {
+            RecordLimit::Default => configured,
+            RecordLimit::Unlimited => None,
+            RecordLimit::Bucket(spec) => Some(spec),
+        };
+        KnownKey {
+            scopes_header: record.scopes.join(","),
+            limit: spec.map(|spec| KeyLimit {
+                spec,
+                owner: rate_limit::owner_id(&record.key_id),
+                policy_header: ratelimit_policy(spec),
+            }),
+            record,
+        }
+    }
+}
+
+struct Copy {
+    key_hash: KeyHash,
+    stored_at_ms: u64,
+    known: Rc<KnownKey>,
+}
+
+/// Direct-mapped: a key has one place, and a newer copy takes it from whoever held it.
+pub struct LocalCache {
+    places: Vec<Option<Box<Copy>>>,
+}
+
+impl LocalCache {
+    /// Room for `min(max_entries, MAX_CAPACITY)` copies.
+    pub fn new(max_entries: u32) -> LocalCache {
+        let capacity = max_entries.clamp(1, MAX_CAPACITY) as usize;
+        LocalCache {
+            places: (0..capacity).map(|_| None).collect(),
+        }
+    }
+
+    /// The key's copy, if the node-wide entry it was stored as (at `stored_at_ms`) is
+    /// still within `ttl_s`.
+    pub fn get(&self, key_hash: &KeyHash, now_ms: u64, ttl_s: u64) -> Option<Rc<KnownKey>> {
+        let copy = self.places.get(self.place_of(key_hash))?.as_ref()?;
+        (&copy.key_hash == key_hash && is_within(copy.stored_at_ms, now_ms, ttl_s))
+            .then(|| copy.known.clone())
+    }
+
+    /// Keeps a copy of a found entry the node-wide cache holds as stored at `stored_at_ms`.
+    pub fn put(&mut self, key_hash: KeyHash, stored_at_ms: u64, known: Rc<KnownKey>) {
+        let place = self.place_of(&key_hash);
+        if let Some(slot) = self.places.get_mut(place) {
+            *slot = Some(Box::new(Copy {
+                key_hash,
+                stored_at_ms,
+                known,
+            }));
+        }
+    }
+
+    fn place_of(&self, key_hash: &KeyHash) -> usize {
+        // Bytes 8..16: the node-wide table places entries by bytes 0..8.
+        let mut bits = [0u8; 8];
+        bits.copy_from_slice(key_hash.get(8..16).unwrap_or(&[0; 8]));
+        (u64::from_le_bytes(bits) % self.places.len().max(1) as u64) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RecordLimit;
+
+    const CONFIGURED: BucketSpec = BucketSpec {
+        requests: 10,
+        period_s: 60,
+        burst: 20,
+    };
+
+    fn record(key_id: &str, rate_limit: RecordLimit) -> KeyRecord {
+        KeyRecord {
+            key_id: key_id.into(),
+            owner: "team".into(),
+            scopes: vec!["read".into(), "write".into()],
+            rate_limit,
+            expires_at: None,
+            revoked: false,
+        }
+    }
+
+    fn known(key_id: &str) -> Rc<KnownKey> {
+        Rc::new(KnownKey::new(
+            record(key_id, RecordLimit::Default),
+            Some(CONFIGURED),
+        ))
+    }
+
+    fn hash(n: u8) -> KeyHash {
+        let mut h = [n; 32];
+        h[8..16].copy_from_slice(&u64::from(n).to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn works_out_what_requests_need_once() {
+        let k = known("id-1");
+        assert_eq!(k.scopes_header, "read,write");
+        assert_eq!(
+            k.limit,
+            Some(KeyLimit {
+                spec: CONFIGURED,
+                owner: rate_limit::owner_id("id-1"),
+                policy_header: "\"apikey\";q=10;w=60".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn the_records_own_limit_wins_over_the_configured_one() {
+        let own = BucketSpec {
+            requests: 1,
+            period_s: 1,
+            burst: 1,
+        };
+        let limit =
+            |rate_limit, configured| KnownKey::new(record("k", rate_limit), configured).limit;
+        assert_eq!(
+            limit(RecordLimit::Bucket(own), Some(CONFIGURED)).map(|l| l.spec),
+            Some(own)
+        );
+        assert_eq!(limit(RecordLimit::Unlimited, Some(CONFIGURED)), None);
+        assert_eq!(limit(RecordLimit::Default, None), None);
+    }
+
+    #[test]
+    fn a_copy_lives_exactly_as_long_as_the_node_wide_hit() {
+        let mut cache = LocalCache::new(100);
+        cache.put(hash(1), 1_000, known("a"));
+        assert_eq!(cache.get(&hash(1), 1_000, 60), Some(known("a")));
+        assert_eq!(cache.get(&hash(1), 60_999, 60), Some(known("a")));
+        assert_eq!(cache.get(&hash(1), 61_000, 60), None);
+        assert_eq!(cache.get(&hash(1), 1_000, 0), None, "ttl 0 caches nothing");
+    }
+
+    #[test]
+    fn a_key_never_gets_another_keys_copy() {
+        let mut cache = LocalCache::new(1);
+        cache.put(hash(1), 0, known("a"));
+        assert_eq!(cache.get(&hash(2), 0, 60), None);
+        cache.put(hash(2), 0, known("b"));
+        assert_eq!(cache.get(&hash(2), 0, 60), Some(known("b")));
+        assert_eq!(cache.get(&hash(1), 0, 60), None, "its place was taken");
+    }
+
+    #[test]
+    fn a_refreshed_entry_replaces_the_copy() {
+        let mut cache = LocalCache::new(100);
+        cache.put(hash(1), 0, known("a"));
+        cache.put(hash(1), 60_000, known("a2"));
+        assert_eq!(cache.get(&hash(1), 100_000, 60), Some(known("a2")));
+    }
+
+    #[test]
+    fn room_is_bounded() {
+        assert_eq!(LocalCache::new(0).places.len(), 1);
+        assert_eq!(LocalCache::new(10).places.len(), 10);
+        assert_eq!(
+            LocalCache::new(1_000_000).places.len(),
+            MAX_CAPACITY as usize
+        );
+    }
+}
