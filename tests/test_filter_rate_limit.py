@@ -137,6 +137,22 @@ def test_a_changed_limit_applies_after_the_cache_refresh_without_a_fresh_bucket(
         assert ratelimit(r)[0] == 1, "two tokens were left; the new limit must not refill the bucket"
 
 
+def test_a_pushed_default_limit_applies_at_once_to_keys_already_cached():
+    # Workers keep their own copies of found keys, with the default limit worked out:
+    # a new configuration must not be answered with the old one's.
+    config = {"key_service": SERVICE, "cache": {"ttl_s": 600}, "rate_limit": {**SLOW_REFILL, "burst": 10}}
+    with Stack(config, concurrency=1, lds=True) as s:
+        s.keyservice.add_key(key_hash("cached-key"), record("k_cached"))
+        for _ in range(3):
+            assert get(s, "cached-key").header("ratelimit-policy") == '"apikey";q=1;w=3600'
+        s.push_listener({**config, "rate_limit": {"requests": 7, "period_s": 60, "burst": 10}})
+        r = get(s, "cached-key")
+        assert r.header("ratelimit-policy") == '"apikey";q=7;w=60'
+        assert s.keyservice.lookups()["by_hash"].get(key_hash("cached-key")) == 1, "the key came from the cache"
+        s.push_listener({**config, "rate_limit": None})
+        assert get(s, "cached-key").header("ratelimit-policy") is None
+
+
 def test_no_rate_limit_configured_means_no_bucket():
     with Stack({"key_service": SERVICE, "rate_limit": None}, concurrency=1) as s:
         s.keyservice.add_key(key_hash("free-key"), record("k_free"))

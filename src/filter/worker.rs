@@ -125,7 +125,7 @@ impl Worker {
     }
 
     pub fn set_config(&self, config: Config) {
-        // Copies kept under the old `ttl_s` must not outlive a shorter new one.
+        // Copies carry what the old configuration made of them (its default rate limit).
         *self.known_keys.borrow_mut() = LocalCache::new(config.cache.max_entries);
         *self.config.borrow_mut() = Some(Rc::new(config));
     }
