@@ -16,6 +16,10 @@ use std::rc::Rc;
 
 /// At most this many copies per worker, however large `cache.max_entries` is.
 pub const MAX_CAPACITY: u32 = 8192;
+/// Records with more text than this are not copied (they are read from the node-wide
+/// cache each time), so a worker's copies stay within a few MiB whatever the key service
+/// sends: a record may hold up to 64 scopes of 256 bytes.
+pub const MAX_COPIED_TEXT_BYTES: usize = 1024;
 
 /// A found key with what each of its requests needs worked out once.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +90,11 @@ impl LocalCache {
 
     /// Keeps a copy of a found entry the node-wide cache holds as stored at `stored_at_ms`.
     pub fn put(&mut self, key_hash: KeyHash, stored_at_ms: u64, known: Rc<KnownKey>) {
+        let record = &known.record;
+        let text = record.key_id.len() + record.owner.len() + 2 * known.scopes_header.len();
+        if text > MAX_COPIED_TEXT_BYTES {
+            return;
+        }
         let place = self.place_of(&key_hash);
         if let Some(slot) = self.places.get_mut(place) {
             *slot = Some(Box::new(Copy {
@@ -196,6 +205,15 @@ mod tests {
         cache.put(hash(1), 0, known("a"));
         cache.put(hash(1), 60_000, known("a2"));
         assert_eq!(cache.get(&hash(1), 100_000, 60), Some(known("a2")));
+    }
+
+    #[test]
+    fn records_with_much_text_are_not_copied() {
+        let mut cache = LocalCache::new(100);
+        let mut big = record("big", RecordLimit::Default);
+        big.scopes = (0..10).map(|i| format!("{i}").repeat(100)).collect();
+        cache.put(hash(1), 0, Rc::new(KnownKey::new(big, None)));
+        assert_eq!(cache.get(&hash(1), 0, 60), None);
     }
 
     #[test]
