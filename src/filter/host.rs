@@ -61,9 +61,21 @@ pub fn shared_set(key: &str, value: &[u8]) {
 }
 
 /// Filter state for access logs, read as `%FILTER_STATE(wasm.apikey_filter.<name>:PLAIN)%`
-/// (Envoy puts properties a wasm filter sets under `wasm.`).
+/// (Envoy puts properties a wasm filter sets under `wasm.`). Called directly: the SDK's
+/// `set_property` copies the path twice on every request and panics on any refusal.
 fn set_log_field(name: &str, value: &str) {
-    let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_set_property(
+            path_data: *const u8,
+            path_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> Status;
+    }
+    // SAFETY: both pointers are valid for their sizes for the whole call, and a path of
+    // one segment is its bytes as they are (segments are joined with NUL).
+    let _ = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
 }
 
 /// Who the key belongs to, for the access log: never the key itself.
