@@ -324,7 +324,7 @@ impl Worker {
 
     /// Response phase: the RateLimit headers of a request that took a token.
     pub fn take_rate_headers(&self, context_id: u32) -> Option<[(&'static str, String); 2]> {
-        self.rate_headers.borrow_mut().remove(&context_id)
+        remove_if_any(&self.rate_headers, context_id)
     }
 
     /// The key service failed for this request: a stale record, else `failure_mode`.
@@ -379,8 +379,8 @@ impl Worker {
 
     /// A request that ended (its client went away) before its answer.
     pub fn forget(&self, context_id: u32) {
-        self.waiting.borrow_mut().remove(&context_id);
-        self.rate_headers.borrow_mut().remove(&context_id);
+        remove_if_any(&self.waiting, context_id);
+        remove_if_any(&self.rate_headers, context_id);
     }
 
     /// Root context: this worker's queue has messages, from its own requests (ask the
@@ -666,6 +666,16 @@ impl Worker {
         }
         let _ = hostcalls::set_effective_context(self.root_id);
     }
+}
+
+/// Every request ends with these lookups, often in empty maps (they hold only requests
+/// waiting on the key service, or between their token and their response): skip the hashing.
+fn remove_if_any<T>(map: &RefCell<HashMap<u32, T>>, context_id: u32) -> Option<T> {
+    let mut map = map.borrow_mut();
+    if map.is_empty() {
+        return None;
+    }
+    map.remove(&context_id)
 }
 
 /// With `brute_force` on, where client budgets live and what each holds: `max_failures`
