@@ -3,9 +3,10 @@
 //!
 //! Reading shared data copies the entry across the host boundary and decodes it: the
 //! dearest part of a cached request. A copy here is used only while the node-wide entry
-//! it came from would itself be a hit (younger than `ttl_s`), so what a request sees,
-//! revocation included, is what the node-wide cache would have said. Unknown keys are
-//! never copied: a flood of random keys cannot push out the keys that are in use.
+//! it came from would itself be a hit (younger than `ttl_s`), so no answer is older than
+//! `ttl_s` and a revocation is still seen within `ttl_s`. (A copy may outlive its
+//! node-wide entry when another key takes that slot; never past `ttl_s`.) Unknown keys
+//! are never copied: a flood of random keys cannot push out the keys that are in use.
 use crate::bucket::ratelimit_policy;
 use crate::cache_entry::is_within;
 use crate::config::BucketSpec;
