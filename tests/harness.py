@@ -375,7 +375,8 @@ def _move_listener_to_lds(config, lds_path):
     config.write_text("".join(bootstrap))
 
 
-def _admin_ready(admin_port):
+def admin_ready(admin_port):
+    """Whether the Envoy whose admin is on admin_port says it is LIVE."""
     try:
         r = http_request(admin_port, "GET", "/ready", timeout=1)
     except OSError:
@@ -419,7 +420,7 @@ def envoy_refuses(filter_config, timeout=START_TIMEOUT_S, concurrency=1):
                         raise HarnessError(f"Envoy neither exited nor became ready in {timeout} s; log tail:\n"
                                            + _tail(_read(log_path) + envoy.log()))
                     time.sleep(POLL_S)
-                    ready = _admin_ready(admin)
+                    ready = admin_ready(admin)
             finally:
                 envoy.stop()
             log = _read(log_path) + envoy.log()
@@ -516,7 +517,7 @@ class Stack:
                                                       self.log_level), self.tmp / "envoy.out").start()
             deadline = time.monotonic() + START_TIMEOUT_S
             while self.envoy.running():
-                if _admin_ready(self.admin_port) and _accepts(self.listen_port):
+                if admin_ready(self.admin_port) and _accepts(self.listen_port):
                     return
                 if time.monotonic() > deadline:
                     self.envoy.stop()

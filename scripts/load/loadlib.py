@@ -28,6 +28,7 @@ HOST = harness.HOST
 key_hash = harness.key_hash
 free_port = harness.free_port
 http_request = harness.http_request
+admin_ready = harness.admin_ready
 KeyServiceClient = harness.KeyServiceClient
 
 PROCS = []
@@ -146,14 +147,6 @@ def start_server(module, port, log_path, extra=()):
         stop(p)
         raise
     return p, int(line.split()[3].rsplit(":", 1)[1])
-
-
-def admin_ready(admin_port):
-    try:
-        r = http_request(admin_port, "GET", "/ready", timeout=1)
-    except OSError:
-        return False
-    return r.status == 200 and r.text.strip() == "LIVE"
 
 
 class Envoy:

@@ -54,9 +54,9 @@ pub enum Outcome<'a> {
 pub enum Cached {
     Hit(Rc<KnownKey>),
     NegativeHit,
-    /// Ask the key service. `stale` is a found key still usable if it fails.
+    /// Ask the key service. `stale` is a found record still usable if it fails.
     Miss {
-        stale: Option<Rc<KnownKey>>,
+        stale: Option<KeyRecord>,
     },
 }
 
@@ -162,9 +162,7 @@ impl Worker {
                 stored_at_ms,
             } => Cached::Hit(self.remember(*key_hash, stored_at_ms, record, config)),
             Lookup::NegativeHit => Cached::NegativeHit,
-            Lookup::Miss { stale } => Cached::Miss {
-                stale: stale.map(|record| Rc::new(KnownKey::new(record, config.rate_limit))),
-            },
+            Lookup::Miss { stale } => Cached::Miss { stale },
         }
     }
 
@@ -345,8 +343,8 @@ impl Worker {
 
     /// Parks the request (context `context_id`) until the key service answers for its
     /// key. Requests for a key already being looked up join that lookup.
-    pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<Rc<KnownKey>>) {
-        let key_hash = request.key_hash;
+    pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
+        let (key_hash, configured) = (request.key_hash, request.config.rate_limit);
         self.waiting.borrow_mut().insert(context_id, request);
         let mut lookups = self.lookups.borrow_mut();
         if let Some(lookup) = lookups.get_mut(&key_hash) {
@@ -357,7 +355,8 @@ impl Worker {
             key_hash,
             PendingLookup {
                 waiters: vec![context_id],
-                stale,
+                // Worked out once per lookup: joiners' stale records are the same one.
+                stale: stale.map(|record| Rc::new(KnownKey::new(record, configured))),
                 sent_at_ms: None,
                 peer_deadline_ms: None,
                 holds_lock: false,
