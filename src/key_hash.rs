@@ -14,8 +14,27 @@ pub fn hash_hex(hash: &KeyHash) -> String {
 }
 
 /// First 12 hex digits: enough to tell keys apart in a log, useless to an attacker.
-pub fn fingerprint(hash: &KeyHash) -> String {
-    hex::encode(hash.get(..6).unwrap_or_default())
+/// Made on every request, so it lives on the stack.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Fingerprint([u8; 12]);
+
+impl Fingerprint {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub fn fingerprint(hash: &KeyHash) -> Fingerprint {
+    let mut digits = [0u8; 12];
+    // Cannot fail: 6 bytes always fill 12 digits.
+    let _ = hex::encode_to_slice(hash.get(..6).unwrap_or_default(), &mut digits);
+    Fingerprint(digits)
 }
 
 /// Which of `slots` fixed shared-data slots holds this hash's cache entry.
@@ -39,7 +58,9 @@ mod tests {
 
     #[test]
     fn fingerprint_is_the_first_twelve_hex_digits() {
-        assert_eq!(fingerprint(&hash_key(b"abc")), "ba7816bf8f01");
+        let fingerprint = fingerprint(&hash_key(b"abc"));
+        assert_eq!(fingerprint.as_str(), "ba7816bf8f01");
+        assert_eq!(fingerprint.to_string(), "ba7816bf8f01");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct KeyLimit {
     /// Whose bucket it is (`rate_limit::owner_id` of the `key_id`).
     pub owner: u64,
     /// The `RateLimit-Policy` field of every response.
-    pub policy_header: String,
+    pub policy_header: Rc<str>,
 }
 
 impl KnownKey {
@@ -54,7 +54,7 @@ impl KnownKey {
             limit: spec.map(|spec| KeyLimit {
                 spec,
                 owner: rate_limit::owner_id(&record.key_id),
-                policy_header: ratelimit_policy(spec),
+                policy_header: ratelimit_policy(spec).into(),
             }),
             record,
         }

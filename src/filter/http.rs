@@ -1,7 +1,7 @@
 //! One per request: reads and strips the key, then decides from the cache or waits for
 //! the key service.
 use super::host;
-use super::worker::{Cached, Outcome, Request, Worker};
+use super::worker::{Cached, Handled, Outcome, RateHeaders, Request, Worker};
 use crate::client_address::without_port;
 use crate::config::Config;
 use crate::denial::Denial;
@@ -17,14 +17,21 @@ use std::rc::Rc;
 pub struct Http {
     context_id: u32,
     worker: Rc<Worker>,
+    /// Set when the request took a token without waiting; a request that waited finds
+    /// its fields with the worker.
+    rate_headers: Option<RateHeaders>,
 }
 
 impl Http {
     pub fn new(context_id: u32, worker: Rc<Worker>) -> Http {
-        Http { context_id, worker }
+        Http {
+            context_id,
+            worker,
+            rate_headers: None,
+        }
     }
 
-    fn on_request(&self) -> Action {
+    fn on_request(&mut self) -> Action {
         let Some(config) = self.worker.config() else {
             return Action::Continue;
         };
@@ -71,14 +78,13 @@ impl Http {
             }
         };
         let request = Request {
-            context_id: self.context_id,
             client,
             key_hash: hash_key(&key),
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
             now_ms: host::now_ms(),
         };
-        host::set_log_fingerprint(&fingerprint(&request.key_hash));
+        host::set_log_fingerprint(fingerprint(&request.key_hash).as_str());
         let metrics = &self.worker.metrics;
         match self
             .worker
@@ -105,11 +111,13 @@ impl Http {
         Action::Pause
     }
 
-    fn proceed(&self, forwarded: bool) -> Action {
-        if forwarded {
-            Action::Continue
-        } else {
-            Action::Pause
+    fn proceed(&mut self, handled: Handled) -> Action {
+        match handled {
+            Handled::Forward(rate_headers) => {
+                self.rate_headers = rate_headers;
+                Action::Continue
+            }
+            Handled::Answered => Action::Pause,
         }
     }
 }
@@ -127,13 +135,12 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in self
-            .worker
-            .take_rate_headers(self.context_id)
-            .into_iter()
-            .flatten()
-        {
-            host::add_response_header(name, &value);
+        let rate_headers = self
+            .rate_headers
+            .take()
+            .or_else(|| self.worker.take_rate_headers(self.context_id));
+        for (name, value) in rate_headers.iter().flat_map(RateHeaders::fields) {
+            host::add_response_header(name, value);
         }
         Action::Continue
     }

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 /// A request whose key has been read: all a verdict needs.
 pub struct Request {
-    pub context_id: u32,
     pub config: Rc<Config>,
     /// Set when `brute_force` is on: whose failures this request's would count against.
     pub client: Option<String>,
@@ -48,6 +47,29 @@ pub enum Outcome<'a> {
     Deny(Denial),
     /// The key service failed and `failure_mode` is open.
     ForwardAnonymous,
+}
+
+/// What became of a request once its key is known.
+pub enum Handled {
+    /// It goes on upstream; its response gets these RateLimit fields if it took a token.
+    Forward(Option<RateHeaders>),
+    /// It has been answered here.
+    Answered,
+}
+
+/// The RateLimit fields of a response to a request that took a token.
+pub struct RateHeaders {
+    policy: Rc<str>,
+    state: String,
+}
+
+impl RateHeaders {
+    pub fn fields(&self) -> [(&'static str, &str); 2] {
+        [
+            ("ratelimit-policy", &self.policy),
+            ("ratelimit", &self.state),
+        ]
+    }
 }
 
 /// What the cache says about a key.
@@ -90,8 +112,9 @@ pub struct Worker {
     lookups: RefCell<HashMap<KeyHash, PendingLookup>>,
     callouts: RefCell<HashMap<u32, KeyHash>>,
     waiting: RefCell<HashMap<u32, Request>>,
-    /// RateLimit headers for the responses of requests that took a token.
-    rate_headers: RefCell<HashMap<u32, [(&'static str, String); 2]>>,
+    /// RateLimit fields for the responses of requests that took a token after waiting
+    /// on the key service (the others keep theirs: see `Handled`).
+    rate_headers: RefCell<HashMap<u32, RateHeaders>>,
     /// When the last key service warning was logged, and how many were held back since.
     last_warning: Cell<(u64, u32)>,
 }
@@ -182,13 +205,15 @@ impl Worker {
         known
     }
 
-    /// Applies what is known about the key to the current request. Returns true when
-    /// the request goes on upstream, false when it has been answered.
-    pub fn finish(&self, request: &Request, outcome: Outcome) -> bool {
+    /// Applies what is known about the key to the current request.
+    pub fn finish(&self, request: &Request, outcome: Outcome) -> Handled {
         let config = &request.config;
         let known = match outcome {
             Outcome::Known(known) => known,
-            Outcome::Deny(denial) => return self.deny(config, request.client.as_deref(), denial),
+            Outcome::Deny(denial) => {
+                self.deny(config, request.client.as_deref(), denial);
+                return Handled::Answered;
+            }
             Outcome::ForwardAnonymous => {
                 log::debug!(
                     "key {}: key service failing, forwarded without identity (failure_mode open)",
@@ -196,18 +221,19 @@ impl Worker {
                 );
                 self.metrics.count(self.metrics.failure_open);
                 self.metrics.allowed();
-                return true;
+                return Handled::Forward(None);
             }
         };
         let record = &known.record;
         host::set_log_identity(&record.key_id, &record.owner);
         let scopes = required_scopes(&config.rules, request.rule);
         if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes) {
-            return self.deny(config, request.client.as_deref(), denial);
+            self.deny(config, request.client.as_deref(), denial);
+            return Handled::Answered;
         }
-        if !self.take_token(request, known) {
-            return false;
-        }
+        let Ok(rate_headers) = self.take_token(request, known) else {
+            return Handled::Answered;
+        };
         log::debug!(
             "key {} ({}): allowed",
             fingerprint(&request.key_hash),
@@ -224,12 +250,12 @@ impl Worker {
             }
         }
         self.metrics.allowed();
-        true
+        Handled::Forward(rate_headers)
     }
 
     /// Answers the current request with `denial`, charging a failed attempt to the
     /// client's `brute_force` budget when it is one.
-    pub fn deny(&self, config: &Config, client: Option<&str>, denial: Denial) -> bool {
+    pub fn deny(&self, config: &Config, client: Option<&str>, denial: Denial) {
         if let (Some((table, budget)), Some(client), true) =
             (failure_budget(config), client, denial.is_failed_attempt())
         {
@@ -239,7 +265,6 @@ impl Worker {
         log::debug!("request denied: {}", denial.code());
         self.metrics.denied(denial);
         host::send_denial(denial, &config.www_authenticate, &[]);
-        false
     }
 
     /// Whether `client` has spent its `brute_force` budget; if so, the request has been
@@ -264,12 +289,12 @@ impl Worker {
         true
     }
 
-    /// Takes a token from the key's bucket; false when the request has been answered
-    /// with a 429.
-    fn take_token(&self, request: &Request, known: &KnownKey) -> bool {
+    /// Takes a token from the key's bucket: the RateLimit fields of the response, none
+    /// for an unlimited key, or Err when the request has been answered with a 429.
+    fn take_token(&self, request: &Request, known: &KnownKey) -> Result<Option<RateHeaders>, ()> {
         let config = &request.config;
         let Some(limit) = &known.limit else {
-            return true;
+            return Ok(None);
         };
         let table = Table::keys(config.cache.max_entries);
         let (owner, spec) = (limit.owner, limit.spec);
@@ -294,34 +319,27 @@ impl Worker {
                 }
             }
         };
-        let headers = [
-            ("ratelimit-policy", limit.policy_header.clone()),
-            ("ratelimit", take.ratelimit()),
-        ];
+        let headers = RateHeaders {
+            policy: limit.policy_header.clone(),
+            state: take.ratelimit(),
+        };
         if take.allowed {
-            self.rate_headers
-                .borrow_mut()
-                .insert(request.context_id, headers);
-            return true;
+            return Ok(Some(headers));
         }
         let denial = Denial::RateLimited;
         self.metrics.denied(denial);
         let retry_after = take.retry_after_s.to_string();
-        let [(policy, policy_value), (state, state_value)] = &headers;
+        let [policy, state] = headers.fields();
         host::send_denial(
             denial,
             &config.www_authenticate,
-            &[
-                ("retry-after", &retry_after),
-                (policy, policy_value),
-                (state, state_value),
-            ],
+            &[("retry-after", &retry_after), policy, state],
         );
-        false
+        Err(())
     }
 
-    /// Response phase: the RateLimit headers of a request that took a token.
-    pub fn take_rate_headers(&self, context_id: u32) -> Option<[(&'static str, String); 2]> {
+    /// Response phase: the RateLimit fields of a request that took a token after waiting.
+    pub fn take_rate_headers(&self, context_id: u32) -> Option<RateHeaders> {
         remove_if_any(&self.rate_headers, context_id)
     }
 
@@ -659,7 +677,12 @@ impl Worker {
                     self.on_key_service_failure(&request, lookup.stale.as_deref())
                 }
             };
-            if self.finish(&request, outcome) {
+            if let Handled::Forward(rate_headers) = self.finish(&request, outcome) {
+                if let Some(rate_headers) = rate_headers {
+                    self.rate_headers
+                        .borrow_mut()
+                        .insert(context_id, rate_headers);
+                }
                 let _ = hostcalls::resume_http_request();
             }
         }
