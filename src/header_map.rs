@@ -47,7 +47,8 @@ pub fn first<'a>(headers: &[Header<'a>], name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| *v)
 }
 
-/// What the host would send for `headers`: for tests and fuzzing.
+/// `headers` as the host serializes a map: what local replies send, and what tests and
+/// fuzzing feed `parse`.
 pub fn serialize(headers: &[Header]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(headers.len() as u32).to_le_bytes());

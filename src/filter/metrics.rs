@@ -53,7 +53,7 @@ impl Metrics {
 
     pub fn count(&self, id: u32) {
         if id != UNDEFINED {
-            let _ = hostcalls::increment_metric(id, 1);
+            super::host::increment_counter(id);
         }
     }
 
