@@ -13,7 +13,10 @@
 // and varies by a few percent from run to run; it is Node's V8, not Envoy's, so compare
 // builds with each other here, and see scripts/bench for what a user gets.
 //
-//   node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--config JSON]
+// With --cold, the same for requests whose key is new each time: a cache miss, a callout
+// (answered at once by the stand-in with a found record) and the request resumed.
+//
+//   node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]
 import fs from "node:fs";
 import { Session } from "node:inspector/promises";
 import { randomFillSync } from "node:crypto";
@@ -25,7 +28,7 @@ const option = (name, fallback) => {
 };
 const wasmPath = args[0];
 if (!wasmPath || wasmPath.startsWith("--")) {
-  console.error("usage: node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--config JSON]");
+  console.error("usage: node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]");
   process.exit(2);
 }
 const REQUESTS = Number(option("--requests", "300000"));
@@ -263,8 +266,14 @@ for (let i = 0; i < 20000; i++) {   // the first round fills the cache, the rest
   if (status !== 200) throw new Error(`a warm-up request got ${status}, not 200`);
 }
 
+// --cold: every measured request carries a key never seen before (a miss, a callout the
+// stand-in answers at once with a found record, the request resumed).
+const COLD = args.includes("--cold");
+const kind = COLD ? "cold" : "cached";
+let coldKeys = 0;
+const measuredKey = (i) => COLD ? `bench-cold-${coldKeys++}` : keys[i % HOT_KEYS];
 counting = true;
-request(keys[0]);
+if (request(measuredKey(0)) !== 200) throw new Error(`a ${kind} request was not answered 200`);
 counting = false;
 const session = new Session();
 session.connect();
@@ -272,14 +281,14 @@ await session.post("Profiler.enable");
 await session.post("Profiler.setSamplingInterval", { interval: 50 });
 await session.post("Profiler.start");
 const started = process.hrtime.bigint();
-for (let i = 0; i < REQUESTS; i++) request(keys[i % HOT_KEYS]);
+for (let i = 0; i < REQUESTS; i++) request(measuredKey(i));
 const perRequestNs = Number(process.hrtime.bigint() - started) / REQUESTS;
 const { profile } = await session.post("Profiler.stop");
 
 const calls = [...counts].sort((a, b) => b[1] - a[1]);
 const sum = (list) => list.reduce((total, [, n]) => total + n, 0);
 console.log(wasmPath);
-console.log(`host calls per cached request: ${sum(calls)}, ` +
+console.log(`host calls per ${kind} request: ${sum(calls)}, ` +
             `${sum(calls.filter(([n]) => RETURNS_DATA.has(n)))} of them handing data back (*)`);
 for (const [name, n] of calls) console.log(`  ${n}  ${name}${RETURNS_DATA.has(name) ? " *" : ""}`);
 
@@ -294,7 +303,7 @@ for (const id of profile.samples) {
   byFunction.set(name, (byFunction.get(name) ?? 0) + 1);
 }
 const ns = (samples) => (perRequestNs * samples / profile.samples.length).toFixed(0).padStart(5);
-console.log(`wasm code per cached request: ${ns(inWasm).trim()} ns ` +
+console.log(`wasm code per ${kind} request: ${ns(inWasm).trim()} ns ` +
             `(${REQUESTS} requests, Node ${process.version}); by function, top 25:`);
 for (const [name, samples] of [...byFunction].sort((a, b) => b[1] - a[1]).slice(0, 25)) {
   console.log(`  ${ns(samples)} ns  ${name}`);

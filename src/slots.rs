@@ -52,7 +52,14 @@ impl Table {
     }
 
     pub fn slot_key(&self, slot: u32) -> String {
-        format!("{}{}", self.prefix, slot % self.slots)
+        // Made for every shared-data read and write: without the formatting machinery.
+        let mut key = String::with_capacity(self.prefix.len() + 10);
+        key.push_str(self.prefix);
+        let n = slot % self.slots;
+        for place in (0..=n.checked_ilog10().unwrap_or(0)).rev() {
+            key.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
+        }
+        key
     }
 
     fn marker_key(&self) -> String {
@@ -77,4 +84,26 @@ pub fn create_slots(store: &impl SharedStore, table: Table) {
         }
     }
     let _ = store.set(&table.marker_key(), &marker, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_keys_are_the_prefix_and_the_slot_in_decimal() {
+        let table = Table::cache(100_000);
+        for slot in [0, 7, 10, 99, 100, 4095, 99_999] {
+            assert_eq!(
+                table.slot_key(slot),
+                format!("apikey_filter/v1/cache/{slot}")
+            );
+        }
+        assert_eq!(table.slot_key(100_003), "apikey_filter/v1/cache/3");
+        let widest = Table::keys(u32::MAX);
+        assert_eq!(
+            widest.slot_key(u32::MAX - 1),
+            format!("apikey_filter/v1/bucket/{}", u32::MAX - 1)
+        );
+    }
 }
