@@ -7,11 +7,21 @@
 //! releases the lock with the outcome, and wakes the waiters through their queues. A
 //! lock carries a deadline, so an owner that vanished (a crashed VM) stalls nobody:
 //! after it, the next worker takes over.
+//!
+//! A lock released with a verdict says so for a moment, so that a worker whose request
+//! missed the cache just before the verdict landed reads the cache again instead of
+//! asking a second time, without every worker re-reading the cache before each lookup.
 use crate::key_hash::KeyHash;
 use crate::shared_store::{SetError, SharedStore};
 use crate::slots::Table;
 
+/// First byte of a held lock.
 const FORMAT_VERSION: u8 = 1;
+/// First byte of a lock released with a verdict: the key hash and when.
+const ANSWERED_VERSION: u8 = 2;
+/// How long a released lock says "answered": far longer than a request waits between
+/// missing the cache and asking, far shorter than any cache TTL worth having.
+const ANSWERED_FOR_MS: u64 = 1_000;
 /// Compare-and-swap attempts before asking without the lock.
 const MAX_ATTEMPTS: u32 = 16;
 /// More waiting workers than this ask on their own (Envoy seldom runs more threads).
@@ -25,6 +35,9 @@ pub enum Acquired {
     Waiting { deadline_ms: u64 },
     /// The slot is busy with another key, or contended: ask without the lock.
     Bypass,
+    /// A lookup of this key ended with a verdict moments ago: the cache has it (unless
+    /// something evicted it since).
+    Answered,
 }
 
 /// How a released lookup ended, for the workers woken by it.
@@ -45,19 +58,25 @@ struct Lock {
 }
 
 /// Takes the lock of `key_hash` for worker `me` (its queue id) until `now_ms + hold_ms`,
-/// or joins the worker that holds it.
+/// or joins the worker that holds it. With `trust_recent_answer`, a lookup of the key
+/// that ended with a verdict moments ago is `Answered` instead.
 pub fn acquire(
     store: &impl SharedStore,
     key_hash: &KeyHash,
     me: u32,
     now_ms: u64,
     hold_ms: u64,
+    trust_recent_answer: bool,
 ) -> Acquired {
     let key = slot_key(key_hash);
+    let recent = |at: u64| now_ms.saturating_sub(at) < ANSWERED_FOR_MS;
     for _ in 0..MAX_ATTEMPTS {
         let Some((value, cas)) = store.get(&key) else {
             return Acquired::Bypass; // slots not created yet: see `slots`
         };
+        if trust_recent_answer && answered_at(&value, key_hash).is_some_and(recent) {
+            return Acquired::Answered;
+        }
         let (lock, outcome) = match decode(&value) {
             Some(held) if held.deadline_ms > now_ms && held.owner != me => {
                 if &held.key_hash != key_hash || held.waiters.len() >= MAX_WAITERS {
@@ -90,9 +109,21 @@ pub fn acquire(
     Acquired::Bypass
 }
 
-/// Releases `me`'s lock of `key_hash` and returns the queues of the workers to wake.
-/// Nothing to wake if the lock expired and another worker took it over meanwhile.
-pub fn release(store: &impl SharedStore, key_hash: &KeyHash, me: u32) -> Vec<u32> {
+/// Releases `me`'s lock of `key_hash` at `now_ms`, saying how the lookup `ended`, and
+/// returns the queues of the workers to wake. Nothing to wake if the lock expired and
+/// another worker took it over meanwhile.
+pub fn release(
+    store: &impl SharedStore,
+    key_hash: &KeyHash,
+    me: u32,
+    ended: Ended,
+    now_ms: u64,
+) -> Vec<u32> {
+    let released = match ended {
+        Ended::Answered => encode_answered(key_hash, now_ms),
+        // Nothing was cached: the next request asks again.
+        Ended::Failed => Vec::new(),
+    };
     let key = slot_key(key_hash);
     for _ in 0..MAX_ATTEMPTS {
         let Some((value, cas)) = store.get(&key) else {
@@ -101,7 +132,7 @@ pub fn release(store: &impl SharedStore, key_hash: &KeyHash, me: u32) -> Vec<u32
         let Some(lock) = decode(&value).filter(|l| &l.key_hash == key_hash && l.owner == me) else {
             return Vec::new();
         };
-        match store.set(&key, &[], Some(cas)) {
+        match store.set(&key, &released, Some(cas)) {
             Ok(()) => return lock.waiters,
             Err(SetError::CasMismatch) => continue, // a waiter joined meanwhile
             Err(SetError::Failed) => return lock.waiters,
@@ -159,6 +190,23 @@ fn encode(lock: &Lock) -> Vec<u8> {
     out
 }
 
+fn encode_answered(key_hash: &KeyHash, at_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(41);
+    out.push(ANSWERED_VERSION);
+    out.extend_from_slice(key_hash);
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out
+}
+
+/// When a lookup of `key_hash` ended with a verdict, if the slot says so.
+fn answered_at(bytes: &[u8], key_hash: &KeyHash) -> Option<u64> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != ANSWERED_VERSION || rest.len() != 40 || rest.get(..32)? != key_hash {
+        return None;
+    }
+    Some(u64::from_le_bytes(rest.get(32..)?.try_into().ok()?))
+}
+
 fn decode(bytes: &[u8]) -> Option<Lock> {
     let (&version, rest) = bytes.split_first()?;
     if version != FORMAT_VERSION || rest.len() < 44 || (rest.len() - 44) % 4 != 0 {
@@ -193,34 +241,40 @@ mod tests {
     #[test]
     fn one_owner_and_the_others_wait_then_are_woken() {
         let s = store();
-        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
         assert_eq!(
-            acquire(&s, &KEY, 2, 1001, 500),
+            acquire(&s, &KEY, 2, 1001, 500, true),
             Acquired::Waiting { deadline_ms: 1500 }
         );
         assert_eq!(
-            acquire(&s, &KEY, 3, 1002, 500),
+            acquire(&s, &KEY, 3, 1002, 500, true),
             Acquired::Waiting { deadline_ms: 1500 }
         );
         assert_eq!(
-            acquire(&s, &KEY, 3, 1003, 500),
+            acquire(&s, &KEY, 3, 1003, 500, true),
             Acquired::Waiting { deadline_ms: 1500 }
         );
-        assert_eq!(release(&s, &KEY, 1), vec![2, 3]);
+        assert_eq!(release(&s, &KEY, 1, Ended::Failed, 1004), vec![2, 3]);
         assert_eq!(
-            acquire(&s, &KEY, 2, 1004, 500),
+            acquire(&s, &KEY, 2, 1004, 500, true),
             Acquired::Owner,
-            "released: free again"
+            "released after a failure: free again"
         );
     }
 
     #[test]
     fn an_expired_lock_is_taken_over_and_its_old_owner_wakes_nobody() {
         let s = store();
-        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
-        assert_eq!(acquire(&s, &KEY, 2, 1500, 500), Acquired::Owner);
-        assert_eq!(release(&s, &KEY, 1), Vec::<u32>::new());
-        assert_eq!(release(&s, &KEY, 2), Vec::<u32>::new());
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
+        assert_eq!(acquire(&s, &KEY, 2, 1500, 500, true), Acquired::Owner);
+        assert_eq!(
+            release(&s, &KEY, 1, Ended::Answered, 1600),
+            Vec::<u32>::new()
+        );
+        assert_eq!(
+            release(&s, &KEY, 2, Ended::Answered, 1600),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]
@@ -239,26 +293,64 @@ mod tests {
                 })
                 .find(|x| slot_key(x) == target)
         };
-        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
         if let Some(other) = other {
-            assert_eq!(acquire(&s, &other, 2, 1000, 500), Acquired::Bypass);
+            assert_eq!(acquire(&s, &other, 2, 1000, 500, true), Acquired::Bypass);
         }
     }
 
     #[test]
     fn a_waiter_joining_during_release_is_not_lost() {
         let s = store();
-        assert_eq!(acquire(&s, &KEY, 1, 1000, 500), Acquired::Owner);
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
         let joined = std::cell::Cell::new(false);
         *s.interleave.borrow_mut() = Some(Box::new(move |s: &FakeStore| {
             if !joined.replace(true) {
                 assert_eq!(
-                    acquire(s, &KEY, 9, 1001, 500),
+                    acquire(s, &KEY, 9, 1001, 500, true),
                     Acquired::Waiting { deadline_ms: 1500 }
                 );
             }
         }));
-        assert_eq!(release(&s, &KEY, 1), vec![9]);
+        assert_eq!(release(&s, &KEY, 1, Ended::Answered, 1002), vec![9]);
+    }
+
+    #[test]
+    fn a_lock_released_with_a_verdict_sends_latecomers_to_the_cache_for_a_moment() {
+        let s = store();
+        assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
+        assert_eq!(
+            release(&s, &KEY, 1, Ended::Answered, 1100),
+            Vec::<u32>::new()
+        );
+        assert_eq!(acquire(&s, &KEY, 2, 1100, 500, true), Acquired::Answered);
+        assert_eq!(
+            acquire(&s, &KEY, 2, 1100 + ANSWERED_FOR_MS - 1, 500, true),
+            Acquired::Answered
+        );
+        assert_eq!(
+            acquire(&s, &KEY, 2, 1100 + ANSWERED_FOR_MS, 500, true),
+            Acquired::Owner,
+            "later, a lookup is a new one (the entry may have expired)"
+        );
+        assert_eq!(
+            release(&s, &KEY, 2, Ended::Answered, 5000),
+            Vec::<u32>::new()
+        );
+        assert_eq!(
+            acquire(&s, &KEY, 3, 5000, 500, false),
+            Acquired::Owner,
+            "not trusted: the verdict was not in the cache after all"
+        );
+    }
+
+    #[test]
+    fn an_answered_slot_names_its_key_and_is_not_a_held_lock() {
+        let mut other = KEY;
+        other[31] ^= 1;
+        assert_eq!(answered_at(&encode_answered(&KEY, 7), &other), None);
+        assert_eq!(answered_at(&encode_answered(&KEY, 7), &KEY), Some(7));
+        assert_eq!(decode(&encode_answered(&KEY, 7)), None, "not a held lock");
     }
 
     #[test]

@@ -198,6 +198,16 @@ def test_without_stale_if_error_a_failing_key_service_closes_the_gate():
         assert code_of(get(s, "no-stale")) == "key_service_unavailable"
 
 
+def test_with_ttls_of_zero_every_request_asks_the_key_service_and_is_answered():
+    """Nothing is remembered, even moments after the previous answer for the same key
+    (when the lookup lock still says "answered": the cache is checked, then asked anyway)."""
+    config = {"key_service": SERVICE, "cache": {"ttl_s": 0, "negative_ttl_s": 0}}
+    with Stack(config, keys={key_hash("zero-ttl-found"): RECORD}, concurrency=1) as s:
+        assert [get(s, "zero-ttl-found").status for _ in range(3)] == [200] * 3
+        assert [code_of(get(s, "zero-ttl-unknown")) for _ in range(3)] == ["api_key_invalid"] * 3
+        assert (lookups_of(s, "zero-ttl-found"), lookups_of(s, "zero-ttl-unknown")) == (3, 3)
+
+
 def test_a_small_cache_still_serves_valid_keys_after_a_flood_of_unknown_ones():
     config = {"key_service": SERVICE, "cache": {"max_entries": 4}}
     with Stack(config, concurrency=1) as s:

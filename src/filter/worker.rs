@@ -426,12 +426,28 @@ impl Worker {
         let Some(config) = self.config() else {
             return;
         };
-        if self.answer_from_cache(&key_hash, &config) {
-            return;
-        }
         let me = self.queue.get().unwrap_or_default();
         let hold_ms = config.key_service.timeout_ms + LOCK_MARGIN_MS;
-        match lookup_lock::acquire(&HostStore, &key_hash, me, host::now_ms(), hold_ms) {
+        let acquire = |trust_recent_answer| {
+            let now_ms = host::now_ms();
+            lookup_lock::acquire(
+                &HostStore,
+                &key_hash,
+                me,
+                now_ms,
+                hold_ms,
+                trust_recent_answer,
+            )
+        };
+        let mut acquired = acquire(true);
+        if acquired == Acquired::Answered {
+            if self.answer_from_cache(&key_hash, &config) {
+                return;
+            }
+            // The verdict is not in the cache after all (a TTL of 0, or evicted already).
+            acquired = acquire(false);
+        }
+        match acquired {
             Acquired::Owner => {
                 if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
                     lookup.holds_lock = true;
@@ -439,7 +455,7 @@ impl Worker {
                 }
                 self.send_callout(key_hash);
             }
-            Acquired::Bypass => self.send_callout(key_hash),
+            Acquired::Bypass | Acquired::Answered => self.send_callout(key_hash),
             Acquired::Waiting { deadline_ms } => {
                 if let Some(lookup) = self.lookups.borrow_mut().get_mut(&key_hash) {
                     lookup.peer_deadline_ms = Some(deadline_ms);
@@ -589,7 +605,7 @@ impl Worker {
             Resolution::Failed => Ended::Failed,
         };
         let message = Message::Woken(ended, *key_hash).encode();
-        for waiter in lookup_lock::release(&HostStore, key_hash, me) {
+        for waiter in lookup_lock::release(&HostStore, key_hash, me, ended, host::now_ms()) {
             let _ = hostcalls::enqueue_shared_queue(waiter, Some(&message));
         }
     }
