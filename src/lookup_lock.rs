@@ -15,10 +15,10 @@ use crate::key_hash::KeyHash;
 use crate::shared_store::{SetError, SharedStore};
 use crate::slots::Table;
 
-/// First byte of a held lock.
+/// First byte of a held lock (the version of its format).
 const FORMAT_VERSION: u8 = 1;
 /// First byte of a lock released with a verdict: the key hash and when.
-const ANSWERED_VERSION: u8 = 2;
+const ANSWERED_TAG: u8 = 2;
 /// How long a released lock says "answered": far longer than a request waits between
 /// missing the cache and asking, far shorter than any cache TTL worth having.
 const ANSWERED_FOR_MS: u64 = 1_000;
@@ -192,7 +192,7 @@ fn encode(lock: &Lock) -> Vec<u8> {
 
 fn encode_answered(key_hash: &KeyHash, at_ms: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(41);
-    out.push(ANSWERED_VERSION);
+    out.push(ANSWERED_TAG);
     out.extend_from_slice(key_hash);
     out.extend_from_slice(&at_ms.to_le_bytes());
     out
@@ -201,7 +201,7 @@ fn encode_answered(key_hash: &KeyHash, at_ms: u64) -> Vec<u8> {
 /// When a lookup of `key_hash` ended with a verdict, if the slot says so.
 fn answered_at(bytes: &[u8], key_hash: &KeyHash) -> Option<u64> {
     let (&version, rest) = bytes.split_first()?;
-    if version != ANSWERED_VERSION || rest.len() != 40 || rest.get(..32)? != key_hash {
+    if version != ANSWERED_TAG || rest.len() != 40 || rest.get(..32)? != key_hash {
         return None;
     }
     Some(u64::from_le_bytes(rest.get(32..)?.try_into().ok()?))
