@@ -92,10 +92,24 @@ const continued = new Set();
 const counts = new Map();
 let counting = false;
 
-const mapOf = (type) => type === REQUEST_HEADERS && serializedRequest.delete(current) ? mapOf(type)
-  : type === CALLOUT_RESPONSE_HEADERS ? calloutResponse.headers
-  : ((maps.get(current) ?? maps.set(current, new Map()).get(current)).get(type)
-     ?? maps.get(current).set(type, []).get(type));
+/** The header map `type` of the current context (or of the callout's answer). */
+function mapOf(type) {
+  if (type === CALLOUT_RESPONSE_HEADERS) return calloutResponse.headers;
+  const ofContext = maps.get(current) ?? maps.set(current, new Map()).get(current);
+  return ofContext.get(type) ?? ofContext.set(type, []).get(type);
+}
+
+/** The map `type`, about to change: the request's headers as first serialized no longer hold. */
+function changing(type) {
+  if (type === REQUEST_HEADERS) serializedRequest.delete(current);
+  return mapOf(type);
+}
+
+function removeAll(map, name) {
+  const kept = map.filter(([n]) => n !== name);
+  map.length = 0;
+  map.push(...kept);
+}
 
 const host = {
   proxy_log: (level, ptr, len) => { if (level >= 3) console.error(`filter log: ${text(ptr, len)}`); return OK; },
@@ -121,19 +135,16 @@ const host = {
     const found = mapOf(type).find(([n]) => n === text(np, nl));
     return found ? giveBack(Buffer.from(found[1], "latin1"), ptrAt, sizeAt) : NOT_FOUND;
   },
-  proxy_add_header_map_value: (type, np, nl, vp, vl) => { mapOf(type).push([text(np, nl), text(vp, vl)]); return OK; },
+  proxy_add_header_map_value: (type, np, nl, vp, vl) => {
+    changing(type).push([text(np, nl), text(vp, vl)]); return OK;
+  },
   proxy_replace_header_map_value: (type, np, nl, vp, vl) => {
-    const map = mapOf(type), name = text(np, nl);
-    const kept = map.filter(([n]) => n !== name);
-    map.length = 0; map.push(...kept, [name, text(vp, vl)]);
+    const map = changing(type), name = text(np, nl);
+    removeAll(map, name);
+    map.push([name, text(vp, vl)]);
     return OK;
   },
-  proxy_remove_header_map_value: (type, np, nl) => {
-    const map = mapOf(type), name = text(np, nl);
-    const kept = map.filter(([n]) => n !== name);
-    map.length = 0; map.push(...kept);
-    return OK;
-  },
+  proxy_remove_header_map_value: (type, np, nl) => { removeAll(changing(type), text(np, nl)); return OK; },
   proxy_get_property: () => NOT_FOUND,
   proxy_set_property: () => OK,
   proxy_get_shared_data: (kp, kl, ptrAt, sizeAt, casAt) => {
