@@ -4,6 +4,7 @@
 //! refilling `requests` tokens per `period_s` seconds gains exactly `requests` units per
 //! millisecond: no rounding, however often it is updated.
 use crate::config::BucketSpec;
+use crate::decimal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bucket {
@@ -34,7 +35,12 @@ pub fn ratelimit_policy(spec: BucketSpec) -> String {
 impl Take {
     /// The IETF `RateLimit` field for a response after this take.
     pub fn ratelimit(&self) -> String {
-        format!("\"apikey\";r={};t={}", self.remaining, self.full_in_s)
+        let mut field = String::with_capacity(48);
+        field.push_str("\"apikey\";r=");
+        decimal::push(&mut field, self.remaining);
+        field.push_str(";t=");
+        decimal::push(&mut field, self.full_in_s);
+        field
     }
 }
 

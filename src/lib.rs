@@ -19,6 +19,7 @@ pub mod cache_entry;
 pub mod callout;
 pub mod client_address;
 pub mod config;
+pub mod decimal;
 pub mod denial;
 pub mod extract;
 pub mod header_map;

@@ -7,12 +7,16 @@
 //! `ttl_s` and a revocation is still seen within `ttl_s`. (A copy may outlive its
 //! node-wide entry when another key takes that slot; never past `ttl_s`.) Unknown keys
 //! are never copied: a flood of random keys cannot push out the keys that are in use.
+//!
+//! Copies are found by a `CopyId` of the raw key rather than its SHA-256, which was a
+//! third of a cached request's own code: a hit needs no SHA-256 at all.
 use crate::bucket::ratelimit_policy;
 use crate::cache_entry::is_within;
 use crate::config::BucketSpec;
 use crate::key_hash::KeyHash;
 use crate::rate_limit;
 use crate::record::{KeyRecord, RecordLimit};
+use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 
 /// At most this many copies per worker, however large `cache.max_entries` is.
@@ -61,7 +65,15 @@ impl KnownKey {
     }
 }
 
+/// A raw key as this worker's copies know it: 128 bits of SipHash under a secret drawn
+/// when the cache is made. Without the secret nobody can make two keys share an id, and
+/// by chance two keys share one with odds of 2^-128. It says no more about the key than
+/// the SHA-256 that shared data already holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CopyId([u64; 2]);
+
 struct Copy {
+    id: CopyId,
     key_hash: KeyHash,
     stored_at_ms: u64,
     known: Rc<KnownKey>,
@@ -70,6 +82,7 @@ struct Copy {
 /// Direct-mapped: a key has one place, and a newer copy takes it from whoever held it.
 pub struct LocalCache {
     places: Vec<Option<Box<Copy>>>,
+    secret: RandomState,
 }
 
 impl LocalCache {
@@ -78,27 +91,33 @@ impl LocalCache {
         let capacity = max_entries.clamp(1, MAX_CAPACITY) as usize;
         LocalCache {
             places: (0..capacity).map(|_| None).collect(),
+            secret: RandomState::new(),
         }
     }
 
-    /// The key's copy, if the node-wide entry it was stored as (at `stored_at_ms`) is
-    /// still within `ttl_s`.
-    pub fn get(&self, key_hash: &KeyHash, now_ms: u64, ttl_s: u64) -> Option<Rc<KnownKey>> {
-        let copy = self.places.get(self.place_of(key_hash))?.as_ref()?;
-        (&copy.key_hash == key_hash && is_within(copy.stored_at_ms, now_ms, ttl_s))
-            .then(|| copy.known.clone())
+    pub fn id_of(&self, raw_key: &[u8]) -> CopyId {
+        CopyId([1u8, 2].map(|half| self.secret.hash_one((half, raw_key))))
+    }
+
+    /// The key's hash and copy, if the node-wide entry it was stored as (at
+    /// `stored_at_ms`) is still within `ttl_s`.
+    pub fn get(&self, id: CopyId, now_ms: u64, ttl_s: u64) -> Option<(KeyHash, Rc<KnownKey>)> {
+        let copy = self.places.get(self.place_of(id))?.as_ref()?;
+        (copy.id == id && is_within(copy.stored_at_ms, now_ms, ttl_s))
+            .then(|| (copy.key_hash, copy.known.clone()))
     }
 
     /// Keeps a copy of a found entry the node-wide cache holds as stored at `stored_at_ms`.
-    pub fn put(&mut self, key_hash: KeyHash, stored_at_ms: u64, known: Rc<KnownKey>) {
+    pub fn put(&mut self, id: CopyId, key_hash: KeyHash, stored_at_ms: u64, known: Rc<KnownKey>) {
         let record = &known.record;
         let text = record.key_id.len() + record.owner.len() + 2 * known.scopes_header.len();
         if text > MAX_COPIED_TEXT_BYTES {
             return;
         }
-        let place = self.place_of(&key_hash);
+        let place = self.place_of(id);
         if let Some(slot) = self.places.get_mut(place) {
             *slot = Some(Box::new(Copy {
+                id,
                 key_hash,
                 stored_at_ms,
                 known,
@@ -106,17 +125,15 @@ impl LocalCache {
         }
     }
 
-    fn place_of(&self, key_hash: &KeyHash) -> usize {
-        // Bytes 8..16: the node-wide table places entries by bytes 0..8.
-        let mut bits = [0u8; 8];
-        bits.copy_from_slice(key_hash.get(8..16).unwrap_or(&[0; 8]));
-        (u64::from_le_bytes(bits) % self.places.len().max(1) as u64) as usize
+    fn place_of(&self, id: CopyId) -> usize {
+        (id.0[0] % self.places.len().max(1) as u64) as usize
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_hash::hash_key;
     use crate::record::RecordLimit;
 
     const CONFIGURED: BucketSpec = BucketSpec {
@@ -143,10 +160,15 @@ mod tests {
         ))
     }
 
-    fn hash(n: u8) -> KeyHash {
-        let mut h = [n; 32];
-        h[8..16].copy_from_slice(&u64::from(n).to_le_bytes());
-        h
+    fn put(cache: &mut LocalCache, raw_key: &str, stored_at_ms: u64, known: Rc<KnownKey>) {
+        let id = cache.id_of(raw_key.as_bytes());
+        cache.put(id, hash_key(raw_key.as_bytes()), stored_at_ms, known);
+    }
+
+    fn get(cache: &LocalCache, raw_key: &str, now_ms: u64, ttl_s: u64) -> Option<Rc<KnownKey>> {
+        let (key_hash, known) = cache.get(cache.id_of(raw_key.as_bytes()), now_ms, ttl_s)?;
+        assert_eq!(key_hash, hash_key(raw_key.as_bytes()));
+        Some(known)
     }
 
     #[test]
@@ -183,29 +205,39 @@ mod tests {
     #[test]
     fn a_copy_lives_exactly_as_long_as_the_node_wide_hit() {
         let mut cache = LocalCache::new(100);
-        cache.put(hash(1), 1_000, known("a"));
-        assert_eq!(cache.get(&hash(1), 1_000, 60), Some(known("a")));
-        assert_eq!(cache.get(&hash(1), 60_999, 60), Some(known("a")));
-        assert_eq!(cache.get(&hash(1), 61_000, 60), None);
-        assert_eq!(cache.get(&hash(1), 1_000, 0), None, "ttl 0 caches nothing");
+        put(&mut cache, "key-a", 1_000, known("a"));
+        assert_eq!(get(&cache, "key-a", 1_000, 60), Some(known("a")));
+        assert_eq!(get(&cache, "key-a", 60_999, 60), Some(known("a")));
+        assert_eq!(get(&cache, "key-a", 61_000, 60), None);
+        assert_eq!(get(&cache, "key-a", 1_000, 0), None, "ttl 0 caches nothing");
     }
 
     #[test]
     fn a_key_never_gets_another_keys_copy() {
         let mut cache = LocalCache::new(1);
-        cache.put(hash(1), 0, known("a"));
-        assert_eq!(cache.get(&hash(2), 0, 60), None);
-        cache.put(hash(2), 0, known("b"));
-        assert_eq!(cache.get(&hash(2), 0, 60), Some(known("b")));
-        assert_eq!(cache.get(&hash(1), 0, 60), None, "its place was taken");
+        put(&mut cache, "key-a", 0, known("a"));
+        assert_eq!(get(&cache, "key-b", 0, 60), None);
+        put(&mut cache, "key-b", 0, known("b"));
+        assert_eq!(get(&cache, "key-b", 0, 60), Some(known("b")));
+        assert_eq!(get(&cache, "key-a", 0, 60), None, "its place was taken");
+    }
+
+    #[test]
+    fn ids_are_the_same_for_a_key_and_secret_to_each_cache() {
+        let (cache, other) = (LocalCache::new(1), LocalCache::new(1));
+        assert_eq!(cache.id_of(b"key-a"), cache.id_of(b"key-a"));
+        assert_ne!(cache.id_of(b"key-a"), cache.id_of(b"key-b"));
+        assert_ne!(cache.id_of(b"key-a"), other.id_of(b"key-a"));
+        let CopyId([low, high]) = cache.id_of(b"key-a");
+        assert_ne!(low, high, "two independent halves");
     }
 
     #[test]
     fn a_refreshed_entry_replaces_the_copy() {
         let mut cache = LocalCache::new(100);
-        cache.put(hash(1), 0, known("a"));
-        cache.put(hash(1), 60_000, known("a2"));
-        assert_eq!(cache.get(&hash(1), 100_000, 60), Some(known("a2")));
+        put(&mut cache, "key-a", 0, known("a"));
+        put(&mut cache, "key-a", 60_000, known("a2"));
+        assert_eq!(get(&cache, "key-a", 100_000, 60), Some(known("a2")));
     }
 
     #[test]
@@ -213,8 +245,8 @@ mod tests {
         let mut cache = LocalCache::new(100);
         let mut big = record("big", RecordLimit::Default);
         big.scopes = (0..10).map(|i| format!("{i}").repeat(100)).collect();
-        cache.put(hash(1), 0, Rc::new(KnownKey::new(big, None)));
-        assert_eq!(cache.get(&hash(1), 0, 60), None);
+        put(&mut cache, "key-a", 0, Rc::new(KnownKey::new(big, None)));
+        assert_eq!(get(&cache, "key-a", 0, 60), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Everything the filter keeps per key or per client therefore lives in a fixed number
 //! of slots: memory stays bounded, and slots that must be updated with compare-and-swap
 //! are created once, before anyone contends for them.
+use crate::decimal;
 use crate::shared_store::SharedStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +53,9 @@ impl Table {
     }
 
     pub fn slot_key(&self, slot: u32) -> String {
-        // Made for every shared-data read and write: without the formatting machinery.
         let mut key = String::with_capacity(self.prefix.len() + 10);
         key.push_str(self.prefix);
-        let n = slot % self.slots;
-        for place in (0..=n.checked_ilog10().unwrap_or(0)).rev() {
-            key.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
-        }
+        decimal::push(&mut key, u64::from(slot % self.slots));
         key
     }
 

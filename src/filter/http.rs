@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::denial::Denial;
 use crate::extract::{extract, KeyOutcome};
 use crate::header_map;
-use crate::key_hash::{fingerprint, hash_key};
+use crate::key_hash::fingerprint;
 use crate::rules::matching_rule;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -77,19 +77,18 @@ impl Http {
                 return self.deny(&config, client.as_deref(), Denial::Malformed)
             }
         };
+        let now_ms = host::now_ms();
+        let (key_hash, cached) = self.worker.cache_lookup(&key, now_ms, &config);
+        host::set_log_fingerprint(fingerprint(&key_hash).as_str());
         let request = Request {
             client,
-            key_hash: hash_key(&key),
+            key_hash,
             rule: matching_rule(&config.rules, method, path),
             config: config.clone(),
-            now_ms: host::now_ms(),
+            now_ms,
         };
-        host::set_log_fingerprint(fingerprint(&request.key_hash).as_str());
         let metrics = &self.worker.metrics;
-        match self
-            .worker
-            .cache_lookup(&request.key_hash, request.now_ms, &config)
-        {
+        match cached {
             Cached::Hit(known) => {
                 metrics.count(metrics.cache_hit);
                 self.proceed(self.worker.finish(&request, Outcome::Known(&known)))

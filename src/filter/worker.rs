@@ -15,7 +15,7 @@ use crate::callout::{Answer, Failure};
 use crate::config::{BucketSpec, Config, FailureMode};
 use crate::denial::Denial;
 use crate::header_map;
-use crate::key_hash::{fingerprint, hash_hex, KeyHash};
+use crate::key_hash::{fingerprint, hash_hex, hash_key, KeyHash};
 use crate::local_cache::{KnownKey, LocalCache};
 use crate::lookup_lock::{self, Acquired, Ended, Message};
 use crate::rate_limit;
@@ -165,44 +165,39 @@ impl Worker {
         self.queue.get() == Some(queue_id)
     }
 
-    /// What the cache says about the key: this worker's copy if it has one, else the
-    /// node-wide entry.
-    pub fn cache_lookup(&self, key_hash: &KeyHash, now_ms: u64, config: &Config) -> Cached {
-        let copy = self
-            .known_keys
-            .borrow()
-            .get(key_hash, now_ms, config.cache.ttl_s);
-        if let Some(known) = copy {
-            return Cached::Hit(known);
+    /// What the cache says about `raw_key`, and its hash: this worker's copy if it has
+    /// one, else the node-wide entry (which then leaves a copy here).
+    pub fn cache_lookup(&self, raw_key: &[u8], now_ms: u64, config: &Config) -> (KeyHash, Cached) {
+        let copies = self.known_keys.borrow();
+        let id = copies.id_of(raw_key);
+        if let Some((key_hash, known)) = copies.get(id, now_ms, config.cache.ttl_s) {
+            return (key_hash, Cached::Hit(known));
         }
+        drop(copies);
+        let key_hash = hash_key(raw_key);
+        let cached = match self.node_wide_lookup(&key_hash, now_ms, config) {
+            Lookup::Hit {
+                record,
+                stored_at_ms,
+            } => {
+                let known = Rc::new(KnownKey::new(record, config.rate_limit));
+                self.known_keys
+                    .borrow_mut()
+                    .put(id, key_hash, stored_at_ms, known.clone());
+                Cached::Hit(known)
+            }
+            Lookup::NegativeHit => Cached::NegativeHit,
+            Lookup::Miss { stale } => Cached::Miss { stale },
+        };
+        (key_hash, cached)
+    }
+
+    fn node_wide_lookup(&self, key_hash: &KeyHash, now_ms: u64, config: &Config) -> Lookup {
         let table = Table::cache(config.cache.max_entries);
         let entry = cache_entry::find(key_hash, table.slots, |slot| {
             host::shared_get(&table.slot_key(slot))
         });
-        match cache_entry::lookup(entry, now_ms, &config.cache) {
-            Lookup::Hit {
-                record,
-                stored_at_ms,
-            } => Cached::Hit(self.remember(*key_hash, stored_at_ms, record, config)),
-            Lookup::NegativeHit => Cached::NegativeHit,
-            Lookup::Miss { stale } => Cached::Miss { stale },
-        }
-    }
-
-    /// Keeps this worker's copy of a found key the node-wide cache holds as stored at
-    /// `stored_at_ms`.
-    fn remember(
-        &self,
-        key_hash: KeyHash,
-        stored_at_ms: u64,
-        record: KeyRecord,
-        config: &Config,
-    ) -> Rc<KnownKey> {
-        let known = Rc::new(KnownKey::new(record, config.rate_limit));
-        self.known_keys
-            .borrow_mut()
-            .put(key_hash, stored_at_ms, known.clone());
-        known
+        cache_entry::lookup(entry, now_ms, &config.cache)
     }
 
     /// Applies what is known about the key to the current request.
@@ -469,10 +464,14 @@ impl Worker {
 
     /// Answers the key's waiters from the cache if it holds a verdict now.
     fn answer_from_cache(&self, key_hash: &KeyHash, config: &Config) -> bool {
-        let resolution = match self.cache_lookup(key_hash, host::now_ms(), config) {
-            Cached::Hit(known) => Resolution::Known(known),
-            Cached::NegativeHit => Resolution::Unknown,
-            Cached::Miss { .. } => return false,
+        // No copy is left here: the raw key it would be found by is not at hand. The
+        // next request for the key leaves one.
+        let resolution = match self.node_wide_lookup(key_hash, host::now_ms(), config) {
+            Lookup::Hit { record, .. } => {
+                Resolution::Known(Rc::new(KnownKey::new(record, config.rate_limit)))
+            }
+            Lookup::NegativeHit => Resolution::Unknown,
+            Lookup::Miss { .. } => return false,
         };
         self.answer_waiters(*key_hash, &resolution);
         true
@@ -624,8 +623,8 @@ impl Worker {
         let (verdict, resolution) = match answer {
             Answer::Found(record) => {
                 self.metrics.count(self.metrics.key_service_found);
-                let known = self.remember(*key_hash, now, record.clone(), config);
-                (Verdict::Found(record), Resolution::Known(known))
+                let known = KnownKey::new(record.clone(), config.rate_limit);
+                (Verdict::Found(record), Resolution::Known(Rc::new(known)))
             }
             Answer::NotFound => {
                 self.metrics.count(self.metrics.key_service_not_found);
