@@ -5,6 +5,11 @@
 //! the key's own slot, else the least valuable one; an unknown key never displaces a
 //! found key that may still be used, so a flood of random keys cannot strip valid keys
 //! of their cache (and of stale-if-error while the key service is down).
+//!
+//! An empty slot is the least valuable, and the first one is taken; slots are never
+//! emptied again. So no key's entry lies past an empty slot of its probes, and reading
+//! stops there: a key that is not cached costs one read in a table with room to spare,
+//! not `PROBES`.
 use crate::config::{BucketSpec, CacheConfig};
 use crate::key_hash::{slot_of, KeyHash};
 use crate::record::{KeyRecord, RecordLimit};
@@ -50,14 +55,16 @@ pub fn probe_slots(key_hash: &KeyHash, slots: u32) -> impl Iterator<Item = u32> 
     (0..PROBES.min(slots)).map(move |i| (home + i) % slots)
 }
 
-/// The key's own entry: reads its probe slots through `read` until it is found.
+/// The key's own entry: reads its probe slots through `read` until it is found, or
+/// until an empty slot (`None`) says it is not there.
 pub fn find(
     key_hash: &KeyHash,
     slots: u32,
-    mut read: impl FnMut(u32) -> Option<Vec<u8>>,
+    read: impl FnMut(u32) -> Option<Vec<u8>>,
 ) -> Option<CacheEntry> {
     probe_slots(key_hash, slots)
-        .filter_map(|slot| read(slot).as_deref().and_then(decode))
+        .map_while(read)
+        .filter_map(|bytes| decode(&bytes))
         .find(|entry| &entry.key_hash == key_hash)
 }
 
@@ -73,7 +80,8 @@ pub fn placement(
 ) -> Option<u32> {
     let mut best: Option<(u8, u64, u32)> = None;
     for slot in probe_slots(&entry.key_hash, slots) {
-        let held = read(slot).as_deref().and_then(decode);
+        let bytes = read(slot);
+        let held = bytes.as_deref().and_then(decode);
         let (value, stored_at) = match &held {
             Some(h) if h.key_hash == entry.key_hash => return Some(slot),
             Some(h) => (worth(h, now_ms, cache), h.stored_at_ms),
@@ -81,6 +89,9 @@ pub fn placement(
         };
         if best.is_none_or(|(v, at, _)| (value, stored_at) < (v, at)) {
             best = Some((value, stored_at, slot));
+        }
+        if bytes.is_none() {
+            break; // nothing past an empty slot, the key's own entry neither
         }
     }
     let (value, _, slot) = best?;
@@ -483,15 +494,74 @@ mod tests {
 
     #[test]
     fn find_reads_probe_slots_until_the_keys_own_entry() {
-        let mine = entry(9, 5, Verdict::NotFound);
+        let (mine, other) = (
+            entry(9, 5, Verdict::NotFound),
+            entry(1, 5, Verdict::NotFound),
+        );
         let home = probe_slots(&[9; 32], 100).next().unwrap();
         let mut reads = Vec::new();
         let found = find(&[9; 32], 100, |slot| {
             reads.push(slot);
-            (slot == (home + 1) % 100).then(|| encode(&mine))
+            Some(encode(if slot == home { &other } else { &mine }))
         });
         assert_eq!(found, Some(mine));
         assert_eq!(reads, vec![home, (home + 1) % 100]);
+    }
+
+    #[test]
+    fn reading_stops_at_an_empty_slot() {
+        let home = probe_slots(&[9; 32], 100).next().unwrap();
+        let other = entry(1, 5, Verdict::NotFound);
+        let table = |slot| (slot == home).then(|| encode(&other));
+        let mut reads = 0;
+        let found = find(&[9; 32], 100, |slot| {
+            reads += 1;
+            table(slot)
+        });
+        assert_eq!(
+            (found, reads),
+            (None, 2),
+            "the home slot, then the empty one"
+        );
+
+        let mut reads = 0;
+        let new = entry(9, 5, Verdict::NotFound);
+        let place = placement(
+            &new,
+            100,
+            |slot| {
+                reads += 1;
+                table(slot)
+            },
+            5,
+            &cfg(),
+        );
+        assert_eq!((place, reads), (Some((home + 1) % 100), 2));
+    }
+
+    proptest! {
+        /// Whatever entries go in, in whatever order, each can be found where placement
+        /// put it: stopping at an empty slot never loses one.
+        #[test]
+        fn every_placed_entry_is_found(keys in proptest::collection::vec(0u8..12, 1..40)) {
+            let mut table: Vec<Option<Vec<u8>>> = vec![None; 8];
+            let mut placed = std::collections::HashMap::new();
+            for (at, key) in keys.into_iter().enumerate() {
+                let mut new = entry(key, at as u64, Verdict::NotFound);
+                new.key_hash[0] = key.wrapping_mul(37); // spread the home slots
+                let read = |slot: u32| table[slot as usize].clone();
+                if let Some(slot) = placement(&new, 8, read, at as u64, &cfg()) {
+                    table[slot as usize] = Some(encode(&new));
+                    placed.insert(new.key_hash, slot);
+                }
+            }
+            for (key_hash, slot) in placed {
+                if table[slot as usize].as_deref().and_then(decode).is_some_and(|e| e.key_hash == key_hash) {
+                    let found = find(&key_hash, 8, |slot| table[slot as usize].clone());
+                    prop_assert_eq!(found.map(|e| e.key_hash), Some(key_hash));
+                }
+            }
+        }
     }
 
     proptest! {

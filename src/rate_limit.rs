@@ -6,7 +6,9 @@
 //! (`slots::create_slots`) and are only ever updated with the CAS they were read with. A key's
 //! bucket sits in the first of `PROBES` slots from its home slot that is its own, free,
 //! or holds a full bucket (a full bucket carries no information, so reusing its slot
-//! loses nothing).
+//! loses nothing). A slot is empty only until its first bucket, so no key's bucket lies
+//! past an empty slot, and reading stops there: a new key costs one read in a table with
+//! room to spare.
 use crate::bucket::{Bucket, Take};
 use crate::config::BucketSpec;
 use crate::key_hash::hash_key;
@@ -98,6 +100,10 @@ fn choose_slot(
         };
         if probe == 0 {
             home_cas = cas;
+        }
+        if value.is_empty() {
+            let (key, cas) = free.unwrap_or((key, cas));
+            return (key, cas, Bucket::full(spec, now_ms));
         }
         match decode(&value) {
             Some(state) if state.owner == owner => {
@@ -243,6 +249,36 @@ mod tests {
             assert!(take(&s, key, spec(1), 64, 0).unwrap().allowed, "{key}");
             assert!(!take(&s, key, spec(1), 64, 0).unwrap().allowed, "{key}");
         }
+    }
+
+    #[test]
+    fn reading_stops_at_the_first_empty_slot() {
+        let s = store(4);
+        let table = Table::keys(4);
+        let home = |key: &str| table.home_of(owner_id(key));
+        // Keys sharing one home slot, in a table their probes cover whole.
+        let keys: Vec<String> = (0..100)
+            .map(|i| format!("k{i}"))
+            .filter(|k| home(k) == home("k0"))
+            .take(3)
+            .collect();
+        let reads_to_take = |key: &str| {
+            s.reads.set(0);
+            assert!(take(&s, key, spec(2), 4, 0).unwrap().allowed, "{key}");
+            s.reads.get()
+        };
+        assert_eq!(reads_to_take(&keys[0]), 1, "an empty table: the home slot");
+        assert_eq!(
+            reads_to_take(&keys[1]),
+            2,
+            "the first key's, then an empty one"
+        );
+        assert_eq!(reads_to_take(&keys[2]), 3);
+        assert_eq!(reads_to_take(&keys[1]), 2, "its own bucket, second");
+        assert!(
+            !take(&s, &keys[1], spec(2), 4, 0).unwrap().allowed,
+            "burst 2, exact"
+        );
     }
 
     #[test]

@@ -32,10 +32,12 @@ pub mod fake {
         pub next_cas: Cell<u32>,
         pub interleave: RefCell<Option<OtherWorker>>,
         pub mismatches: Cell<u32>,
+        pub reads: Cell<u32>,
     }
 
     impl SharedStore for FakeStore {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.reads.set(self.reads.get() + 1);
             self.data.borrow().get(key).cloned()
         }
 
