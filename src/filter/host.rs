@@ -110,17 +110,21 @@ pub fn header_bytes(map: MapType) -> Vec<u8> {
     }
 }
 
-pub fn set_request_header(name: &str, value: &[u8]) {
+/// `proxy_replace_header_map_value` or `proxy_add_header_map_value`.
+type HeaderWrite = unsafe extern "C" fn(MapType, *const u8, usize, *const u8, usize) -> Status;
+
+fn write_header(write: HeaderWrite, map: MapType, name: &str, value: &[u8]) {
     // SAFETY (here and below): every pointer is valid for its size for the whole call.
-    let _ = unsafe {
-        abi::proxy_replace_header_map_value(
-            MapType::HttpRequestHeaders,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    };
+    let _ = unsafe { write(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+}
+
+pub fn set_request_header(name: &str, value: &[u8]) {
+    write_header(
+        abi::proxy_replace_header_map_value,
+        MapType::HttpRequestHeaders,
+        name,
+        value,
+    );
 }
 
 pub fn remove_request_header(name: &str) {
@@ -130,15 +134,12 @@ pub fn remove_request_header(name: &str) {
 }
 
 pub fn add_response_header(name: &str, value: &str) {
-    let _ = unsafe {
-        abi::proxy_add_header_map_value(
-            MapType::HttpResponseHeaders,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    };
+    write_header(
+        abi::proxy_add_header_map_value,
+        MapType::HttpResponseHeaders,
+        name,
+        value.as_bytes(),
+    );
 }
 
 pub fn increment_counter(metric_id: u32) {

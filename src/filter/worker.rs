@@ -180,7 +180,7 @@ impl Worker {
                 record,
                 stored_at_ms,
             } => {
-                let known = Rc::new(KnownKey::new(record, config.rate_limit));
+                let known = known_key(record, config);
                 self.known_keys
                     .borrow_mut()
                     .put(id, key_hash, stored_at_ms, known.clone());
@@ -467,9 +467,7 @@ impl Worker {
         // No copy is left here: the raw key it would be found by is not at hand. The
         // next request for the key leaves one.
         let resolution = match self.node_wide_lookup(key_hash, host::now_ms(), config) {
-            Lookup::Hit { record, .. } => {
-                Resolution::Known(Rc::new(KnownKey::new(record, config.rate_limit)))
-            }
+            Lookup::Hit { record, .. } => Resolution::Known(known_key(record, config)),
             Lookup::NegativeHit => Resolution::Unknown,
             Lookup::Miss { .. } => return false,
         };
@@ -623,8 +621,8 @@ impl Worker {
         let (verdict, resolution) = match answer {
             Answer::Found(record) => {
                 self.metrics.count(self.metrics.key_service_found);
-                let known = KnownKey::new(record.clone(), config.rate_limit);
-                (Verdict::Found(record), Resolution::Known(Rc::new(known)))
+                let known = known_key(record.clone(), config);
+                (Verdict::Found(record), Resolution::Known(known))
             }
             Answer::NotFound => {
                 self.metrics.count(self.metrics.key_service_not_found);
@@ -713,6 +711,10 @@ fn remove_if_any<T>(map: &RefCell<HashMap<u32, T>>, context_id: u32) -> Option<T
         return None;
     }
     map.remove(&context_id)
+}
+
+fn known_key(record: KeyRecord, config: &Config) -> Rc<KnownKey> {
+    Rc::new(KnownKey::new(record, config.rate_limit))
 }
 
 /// With `brute_force` on, where client budgets live and what each holds: `max_failures`
