@@ -29,7 +29,7 @@ def serve(handler, host, port, banner):
     picks a free one, so callers read it from this line)."""
     server = Server((host, port), handler)
     bound_host, bound_port = server.server_address[:2]
-    print(f"{banner.format(url=f'http://{bound_host}:{bound_port}')}", flush=True)
+    print(banner.format(url=f"http://{bound_host}:{bound_port}"), flush=True)
     try:
         server.serve_forever(poll_interval=0.05)
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@
 //
 //   node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]
 import fs from "node:fs";
-import { Session } from "node:inspector/promises";
+import { Session } from "node:inspector";
 import { randomFillSync } from "node:crypto";
 
 const args = process.argv.slice(2);
@@ -286,15 +286,19 @@ const measuredKey = (i) => COLD ? `bench-cold-${coldKeys++}` : keys[i % HOT_KEYS
 counting = true;
 if (request(measuredKey(0)) !== 200) throw new Error(`a ${kind} request was not answered 200`);
 counting = false;
+// node:inspector's callback API: its promise one (inspector/promises) needs Node 19, and
+// Debian 12's nodejs, which scripts/test installs, is Node 18.
 const session = new Session();
 session.connect();
-await session.post("Profiler.enable");
-await session.post("Profiler.setSamplingInterval", { interval: 50 });
-await session.post("Profiler.start");
+const post = (method, params = {}) => new Promise((resolve, reject) =>
+  session.post(method, params, (error, result) => (error ? reject(error) : resolve(result))));
+await post("Profiler.enable");
+await post("Profiler.setSamplingInterval", { interval: 50 });
+await post("Profiler.start");
 const started = process.hrtime.bigint();
 for (let i = 0; i < REQUESTS; i++) request(measuredKey(i));
 const perRequestNs = Number(process.hrtime.bigint() - started) / REQUESTS;
-const { profile } = await session.post("Profiler.stop");
+const { profile } = await post("Profiler.stop");
 
 const calls = [...counts].sort((a, b) => b[1] - a[1]);
 const sum = (list) => list.reduce((total, [, n]) => total + n, 0);

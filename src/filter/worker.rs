@@ -357,7 +357,7 @@ impl Worker {
     /// Parks the request (context `context_id`) until the key service answers for its
     /// key. Requests for a key already being looked up join that lookup.
     pub fn ask_key_service(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
-        let (key_hash, configured) = (request.key_hash, request.config.rate_limit);
+        let (key_hash, config) = (request.key_hash, request.config.clone());
         self.waiting.borrow_mut().insert(context_id, request);
         let mut lookups = self.lookups.borrow_mut();
         if let Some(lookup) = lookups.get_mut(&key_hash) {
@@ -369,7 +369,7 @@ impl Worker {
             PendingLookup {
                 waiters: vec![context_id],
                 // Worked out once per lookup: joiners' stale records are the same one.
-                stale: stale.map(|record| Rc::new(KnownKey::new(record, configured))),
+                stale: stale.map(|record| known_key(record, &config)),
                 sent_at_ms: None,
                 peer_deadline_ms: None,
                 holds_lock: false,
