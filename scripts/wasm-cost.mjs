@@ -212,10 +212,11 @@ const imports = {
   wasi_snapshot_preview1: wasi,
 };
 
-/** Calls `callback` as the host would for `context`, then delivers what it set off. */
+/** Calls `callback` as the host would for `context` (when the module exports it: a host
+ * skips the others), then delivers what it set off. */
 function call(context, callback, ...a) {
   current = context;
-  const result = exports[callback](context, ...a);
+  const result = exports[callback]?.(context, ...a) ?? 0;
   for (let token; (token = readyQueues.shift()) !== undefined;) {
     call(queues[token].owner, "proxy_on_queue_ready", token);
   }

@@ -1,8 +1,10 @@
 //! apikey-filter: API key authentication for Envoy as a proxy-wasm filter.
 //!
-//! Everything that decides lives in plain modules that know nothing of proxy-wasm and
-//! are unit-tested natively; `filter` is the thin layer that turns them into host calls
-//! and only exists in the wasm build.
+//! Every decision lives in plain modules that know nothing of proxy-wasm and are
+//! unit-tested natively, grouped by concern; `pipeline` puts them together behind small
+//! host ports (`pipeline::ports`), and `wasm` is the thin layer that turns those ports
+//! into proxy-wasm calls (it only exists in the wasm build). A second host needs only a
+//! second such layer.
 #![cfg_attr(
     not(test),
     deny(
@@ -13,26 +15,22 @@
     )
 )]
 
-pub mod authorize;
-pub mod bucket;
-pub mod cache_entry;
-pub mod callout;
-pub mod client_address;
+/// The plugin configuration and its JSON reading.
 pub mod config;
+/// Numbers written into per-request text without the formatting machinery.
 pub mod decimal;
-pub mod denial;
-pub mod extract;
-pub mod header_map;
-pub mod json_fields;
-pub mod key_hash;
-pub mod local_cache;
-pub mod lookup_lock;
-pub mod query;
-pub mod rate_limit;
-pub mod record;
-pub mod rules;
-pub mod shared_store;
-pub mod slots;
+/// One callout per key (or task) for the whole node: leases, waiters, takeover, ticks.
+pub mod flights;
+/// The key cache (node-wide entries and each worker's copies) and the key service's answers.
+pub mod keys;
+/// Token buckets: their arithmetic and the compare-and-swap slots they live in.
+pub mod limits;
+/// The request pipeline, the per-worker state, and the host ports they act through.
+pub mod pipeline;
+/// The request and its key: finding and stripping it, rules, refusals.
+pub mod request;
+/// Node-wide storage: the shared-data store trait and its fixed slot tables.
+pub mod storage;
 
 #[cfg(target_arch = "wasm32")]
-mod filter;
+mod wasm;

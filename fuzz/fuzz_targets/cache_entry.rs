@@ -1,10 +1,10 @@
-//! `cache_entry::decode` on arbitrary bytes: slots of shared data may hold anything (an
+//! `keys::entry::decode` on arbitrary bytes: slots of shared data may hold anything (an
 //! older layout, another VM's write, corruption). Whatever decodes must survive
-//! encode → decode unchanged, and `lookup` must never panic on it.
+//! encode → decode unchanged, and judging its trust must never panic on it.
 #![no_main]
 
-use apikey_filter::cache_entry::{decode, encode, find, lookup, Lookup, Verdict};
-use apikey_filter::config::CacheConfig;
+use apikey_filter::keys::cache::{Trust, TrustRules};
+use apikey_filter::keys::entry::{decode, encode, find, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,11 +18,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(encoded.len(), data.len());
     assert_eq!(encode(&decode(&encoded).unwrap()), encoded);
 
-    let cache = CacheConfig {
+    let rules = TrustRules {
         ttl_s: 60,
         negative_ttl_s: 10,
         stale_if_error_s: 300,
-        max_entries: 100,
+        refresh_ahead_pct: 20,
     };
     for now_ms in [
         0,
@@ -31,18 +31,15 @@ fuzz_target!(|data: &[u8]| {
         u64::MAX,
     ] {
         let in_slot = |key_hash| find(key_hash, 1, |_| Some(data.to_vec()));
-        let seen = lookup(in_slot(&entry.key_hash), now_ms, &cache);
-        match (&entry.verdict, &seen) {
-            (Verdict::Found(r), Lookup::Hit { record, .. }) => assert_eq!(r, record),
-            (Verdict::Found(r), Lookup::Miss { stale: Some(s) }) => assert_eq!(r, s),
-            (Verdict::NotFound, Lookup::NegativeHit) | (_, Lookup::Miss { stale: None }) => {}
-            (verdict, seen) => panic!("{verdict:?} looked up as {seen:?}"),
+        let found = in_slot(&entry.key_hash).expect("its own entry");
+        match (&entry.verdict, rules.judge(&found, now_ms)) {
+            (Verdict::Found(_), Trust::Fresh { .. } | Trust::Stale)
+            | (Verdict::NotFound, Trust::Negative)
+            | (_, Trust::Useless) => {}
+            (verdict, trust) => panic!("{verdict:?} judged {trust:?}"),
         }
         let mut other = entry.key_hash;
         other[0] ^= 1;
-        assert_eq!(
-            lookup(in_slot(&other), now_ms, &cache),
-            Lookup::Miss { stale: None }
-        );
+        assert_eq!(in_slot(&other), None);
     }
 });

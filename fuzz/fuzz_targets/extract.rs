@@ -3,9 +3,9 @@
 #![no_main]
 
 use apikey_filter::config::KeySource;
-use apikey_filter::extract::{extract, KeyOutcome, MAX_KEY_LEN};
-use apikey_filter::header_map::{self, Header};
-use apikey_filter::query::take_param;
+use apikey_filter::request::extract::{extract, KeyOutcome, MAX_KEY_LEN};
+use apikey_filter::request::header_map::{self, Header};
+use apikey_filter::request::query::take_param;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 

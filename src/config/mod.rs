@@ -1,7 +1,9 @@
 //! The plugin configuration (SPEC "Configuration"): parsed once per configuration push,
 //! with every default applied and every value checked, so the request path never
 //! re-validates anything.
-use crate::json_fields::{FieldError, FieldResult, Object};
+pub mod json_fields;
+
+use json_fields::{FieldError, FieldResult, Object};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -645,7 +647,7 @@ mod tests {
 
     /// The README's configuration table: (field, example JSON, row text).
     fn readme_rows() -> Vec<(String, String, String)> {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let section = readme
             .split("\n## Configuration\n")
             .nth(1)

@@ -1,7 +1,7 @@
 //! Scope rules: the first rule whose path prefix and method match says which scopes a
 //! request needs.
 use crate::config::Rule;
-use crate::query::split_path;
+use crate::request::query::split_path;
 
 /// Index of the rule that applies, if any. `path` is `:path` with or without its query,
 /// which is never part of the match.

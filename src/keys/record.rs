@@ -1,6 +1,6 @@
 //! The key service's answer for a found key (SPEC "Key service protocol").
+use crate::config::json_fields::{FieldError, FieldResult, Object};
 use crate::config::{parse_bucket, BucketSpec};
-use crate::json_fields::{FieldError, FieldResult, Object};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,11 +9,11 @@
 //! loses nothing). A slot is empty only until its first bucket, so no key's bucket lies
 //! past an empty slot, and reading stops there: a new key costs one read in a table with
 //! room to spare.
-use crate::bucket::{Bucket, Take};
 use crate::config::BucketSpec;
-use crate::key_hash::hash_key;
-use crate::shared_store::{SetError, SharedStore};
-use crate::slots::Table;
+use crate::keys::key_hash::hash_key;
+use crate::limits::bucket::{Bucket, Take};
+use crate::storage::shared_store::{SetError, SharedStore};
+use crate::storage::slots::Table;
 
 const FORMAT_VERSION: u8 = 1;
 
@@ -168,8 +168,8 @@ fn decode(bytes: &[u8]) -> Option<SlotState> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared_store::fake::FakeStore;
-    use crate::slots::create_slots;
+    use crate::storage::shared_store::fake::FakeStore;
+    use crate::storage::slots::create_slots;
     use std::cell::Cell;
 
     fn spec(burst: u32) -> BucketSpec {

@@ -1,5 +1,5 @@
-//! The node-wide key cache: entries in a compact binary form (no JSON on the hot path),
-//! the rules for when one may be trusted, and where one may be stored.
+//! The node-wide key cache's entries: a compact binary form (no JSON on the hot path),
+//! and where one may be stored. When an entry may be trusted is `keys::cache`'s to say.
 //!
 //! A key's entry sits in one of `PROBES` slots from its home slot. A new entry takes
 //! the key's own slot, else the least valuable one; an unknown key never displaces a
@@ -7,20 +7,24 @@
 //! of their cache (and of stale-if-error while the key service is down).
 //!
 //! An empty slot is the least valuable, and the first one is taken; slots are never
-//! emptied again. So no key's entry lies past an empty slot of its probes, and reading
-//! stops there: a key that is not cached costs one read in a table with room to spare,
-//! not `PROBES`.
-use crate::config::{BucketSpec, CacheConfig};
-use crate::key_hash::{slot_of, KeyHash};
-use crate::record::{KeyRecord, RecordLimit};
+//! emptied again: an entry that must be forgotten (the change feed) is overwritten by a
+//! `Forgotten` one, a tombstone that says nothing about the key but keeps its place. So
+//! no key's entry lies past an empty slot of its probes, and reading stops there: a key
+//! that is not cached costs one read in a table with room to spare, not `PROBES`.
+use crate::config::BucketSpec;
+use crate::keys::cache::{Failures, Trust, TrustRules};
+use crate::keys::key_hash::{slot_of, KeyHash};
+use crate::keys::record::{KeyRecord, RecordLimit};
 
 /// Bumped whenever the layout changes; older entries then read as misses.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Found(KeyRecord),
     NotFound,
+    /// Nothing usable: forgotten (a tombstone), or only the key's failures are known.
+    Forgotten,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,20 +33,19 @@ pub struct CacheEntry {
     pub key_hash: KeyHash,
     pub stored_at_ms: u64,
     pub verdict: Verdict,
+    /// The key service's failures for this key since its last answer.
+    pub failures: Failures,
 }
 
-/// What the cache says about a key right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    Hit {
-        record: KeyRecord,
-        stored_at_ms: u64,
-    },
-    NegativeHit,
-    /// Ask the key service. `stale` is a found record still usable if it fails.
-    Miss {
-        stale: Option<KeyRecord>,
-    },
+impl CacheEntry {
+    pub fn new(key_hash: KeyHash, stored_at_ms: u64, verdict: Verdict) -> CacheEntry {
+        CacheEntry {
+            key_hash,
+            stored_at_ms,
+            verdict,
+            failures: Failures::default(),
+        }
+    }
 }
 
 /// Slots a key's entry may sit in, from its home slot on.
@@ -70,13 +73,13 @@ pub fn find(
 
 /// Where `entry` should be stored: the slot of the key's own entry, else the least
 /// valuable of its probe slots. `None`: every probe slot holds a found key that may still
-/// be used, and `entry` is a not-found answer, which must not displace them.
+/// be used, and `entry` is not a found key, so must not displace them.
 pub fn placement(
     entry: &CacheEntry,
     slots: u32,
     mut read: impl FnMut(u32) -> Option<Vec<u8>>,
     now_ms: u64,
-    cache: &CacheConfig,
+    rules: &TrustRules,
 ) -> Option<u32> {
     let mut best: Option<(u8, u64, u32)> = None;
     for slot in probe_slots(&entry.key_hash, slots) {
@@ -84,7 +87,7 @@ pub fn placement(
         let held = bytes.as_deref().and_then(decode);
         let (value, stored_at) = match &held {
             Some(h) if h.key_hash == entry.key_hash => return Some(slot),
-            Some(h) => (worth(h, now_ms, cache), h.stored_at_ms),
+            Some(h) => (worth(h, now_ms, rules), h.stored_at_ms),
             None => (EMPTY, 0),
         };
         if best.is_none_or(|(v, at, _)| (value, stored_at) < (v, at)) {
@@ -96,7 +99,8 @@ pub fn placement(
     }
     let (value, _, slot) = best?;
     let displaces_usable_found = value == USABLE_FOUND;
-    (!(displaces_usable_found && entry.verdict == Verdict::NotFound)).then_some(slot)
+    let is_found = matches!(entry.verdict, Verdict::Found(_));
+    (!displaces_usable_found || is_found).then_some(slot)
 }
 
 /// What losing an entry costs, lowest first.
@@ -105,42 +109,12 @@ const USELESS: u8 = 1;
 const NEGATIVE: u8 = 2;
 const USABLE_FOUND: u8 = 3;
 
-fn worth(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> u8 {
-    match judge(entry, now_ms, cache) {
-        Lookup::Hit { .. } | Lookup::Miss { stale: Some(_) } => USABLE_FOUND,
-        Lookup::NegativeHit => NEGATIVE,
-        Lookup::Miss { stale: None } => USELESS,
+fn worth(entry: &CacheEntry, now_ms: u64, rules: &TrustRules) -> u8 {
+    match rules.judge(entry, now_ms) {
+        Trust::Fresh { .. } | Trust::Stale => USABLE_FOUND,
+        Trust::Negative => NEGATIVE,
+        Trust::Useless => USELESS,
     }
-}
-
-/// What the key's entry (from `find`) says now.
-pub fn lookup(entry: Option<CacheEntry>, now_ms: u64, cache: &CacheConfig) -> Lookup {
-    match entry {
-        Some(entry) => judge(&entry, now_ms, cache),
-        None => Lookup::Miss { stale: None },
-    }
-}
-
-fn judge(entry: &CacheEntry, now_ms: u64, cache: &CacheConfig) -> Lookup {
-    let within = |seconds: u64| is_within(entry.stored_at_ms, now_ms, seconds);
-    match &entry.verdict {
-        Verdict::Found(record) if within(cache.ttl_s) => Lookup::Hit {
-            record: record.clone(),
-            stored_at_ms: entry.stored_at_ms,
-        },
-        Verdict::Found(record) if within(cache.ttl_s.saturating_add(cache.stale_if_error_s)) => {
-            Lookup::Miss {
-                stale: Some(record.clone()),
-            }
-        }
-        Verdict::NotFound if within(cache.negative_ttl_s) => Lookup::NegativeHit,
-        _ => Lookup::Miss { stale: None },
-    }
-}
-
-/// Whether an entry stored at `stored_at_ms` is younger than `seconds` at `now_ms`.
-pub fn is_within(stored_at_ms: u64, now_ms: u64, seconds: u64) -> bool {
-    now_ms.saturating_sub(stored_at_ms) < seconds.saturating_mul(1000)
 }
 
 pub fn encode(entry: &CacheEntry) -> Vec<u8> {
@@ -148,8 +122,11 @@ pub fn encode(entry: &CacheEntry) -> Vec<u8> {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&entry.key_hash);
     out.extend_from_slice(&entry.stored_at_ms.to_le_bytes());
+    out.push(entry.failures.in_a_row);
+    out.extend_from_slice(&entry.failures.paused_until_ms.to_le_bytes());
     match &entry.verdict {
         Verdict::NotFound => out.push(0),
+        Verdict::Forgotten => out.push(2),
         Verdict::Found(record) => {
             out.push(1);
             out.push(u8::from(record.revoked));
@@ -190,8 +167,13 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
     }
     let key_hash: KeyHash = r.take(32)?.try_into().ok()?;
     let stored_at_ms = r.u64()?;
+    let failures = Failures {
+        in_a_row: r.u8()?,
+        paused_until_ms: r.u64()?,
+    };
     let verdict = match r.u8()? {
         0 => Verdict::NotFound,
+        2 => Verdict::Forgotten,
         1 => {
             let revoked = r.u8()? != 0;
             let expires_at = match r.u8()? {
@@ -225,6 +207,7 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
         key_hash,
         stored_at_ms,
         verdict,
+        failures,
     })
 }
 
@@ -281,36 +264,24 @@ mod tests {
         }
     }
 
-    fn cfg() -> CacheConfig {
-        CacheConfig {
+    fn cfg() -> TrustRules {
+        TrustRules {
             ttl_s: 60,
             negative_ttl_s: 10,
             stale_if_error_s: 300,
-            max_entries: 100,
+            refresh_ahead_pct: 0,
         }
     }
 
-    /// The lookup of a key in a one-slot cache holding `slot`.
-    fn at_slot(slot: Option<&[u8]>, key_hash: &KeyHash, now_ms: u64) -> Lookup {
-        lookup(
-            find(key_hash, 1, |_| slot.map(|s| s.to_vec())),
-            now_ms,
-            &cfg(),
-        )
-    }
-
     fn stored(verdict: Verdict) -> Vec<u8> {
-        encode(&CacheEntry {
-            key_hash: [7; 32],
-            stored_at_ms: 1_000_000,
-            verdict,
-        })
+        encode(&CacheEntry::new([7; 32], 1_000_000, verdict))
     }
 
     #[test]
     fn round_trips() {
         for verdict in [
             Verdict::NotFound,
+            Verdict::Forgotten,
             Verdict::Found(record()),
             Verdict::Found(KeyRecord {
                 rate_limit: RecordLimit::Unlimited,
@@ -323,66 +294,29 @@ mod tests {
                 ..record()
             }),
         ] {
-            let entry = CacheEntry {
-                key_hash: [3; 32],
-                stored_at_ms: 42,
-                verdict,
+            let mut entry = CacheEntry::new([3; 32], 42, verdict);
+            assert_eq!(decode(&encode(&entry)), Some(entry.clone()));
+            entry.failures = Failures {
+                in_a_row: 3,
+                paused_until_ms: 1234,
             };
             assert_eq!(decode(&encode(&entry)), Some(entry));
         }
     }
 
     #[test]
-    fn found_is_fresh_then_stale_then_gone() {
+    fn another_keys_entry_or_garbage_is_not_found() {
         let slot = stored(Verdict::Found(record()));
-        let at = |s: u64| at_slot(Some(&slot), &[7; 32], 1_000_000 + s * 1000);
-        assert_eq!(
-            at(59),
-            Lookup::Hit {
-                record: record(),
-                stored_at_ms: 1_000_000
-            }
-        );
-        assert_eq!(
-            at(60),
-            Lookup::Miss {
-                stale: Some(record())
-            }
-        );
-        assert_eq!(
-            at(359),
-            Lookup::Miss {
-                stale: Some(record())
-            }
-        );
-        assert_eq!(at(360), Lookup::Miss { stale: None });
-    }
-
-    #[test]
-    fn not_found_is_remembered_for_the_negative_ttl() {
-        let slot = stored(Verdict::NotFound);
-        assert_eq!(
-            at_slot(Some(&slot), &[7; 32], 1_009_999),
-            Lookup::NegativeHit
-        );
-        assert_eq!(
-            at_slot(Some(&slot), &[7; 32], 1_010_000),
-            Lookup::Miss { stale: None }
-        );
-    }
-
-    #[test]
-    fn another_keys_entry_or_garbage_is_a_miss() {
-        let slot = stored(Verdict::Found(record()));
-        assert_eq!(
-            at_slot(Some(&slot), &[8; 32], 1_000_000),
-            Lookup::Miss { stale: None }
-        );
-        assert_eq!(at_slot(None, &[7; 32], 0), Lookup::Miss { stale: None });
-        assert_eq!(
-            at_slot(Some(b""), &[7; 32], 0),
-            Lookup::Miss { stale: None }
-        );
+        let in_one_slot = |bytes: Option<&[u8]>, key_hash: &KeyHash| {
+            find(key_hash, 1, |_| bytes.map(<[u8]>::to_vec))
+        };
+        assert_eq!(in_one_slot(Some(&slot), &[8; 32]), None);
+        assert!(in_one_slot(Some(&slot), &[7; 32]).is_some());
+        assert_eq!(in_one_slot(None, &[7; 32]), None);
+        assert_eq!(in_one_slot(Some(b""), &[7; 32]), None);
+        let mut older = slot.clone();
+        older[0] = 1;
+        assert_eq!(decode(&older), None, "an older layout");
         let mut truncated = slot.clone();
         truncated.pop();
         assert_eq!(decode(&truncated), None);
@@ -391,24 +325,8 @@ mod tests {
         assert_eq!(decode(&longer), None);
     }
 
-    #[test]
-    fn a_clock_that_steps_back_keeps_the_entry_fresh() {
-        let slot = stored(Verdict::Found(record()));
-        assert_eq!(
-            at_slot(Some(&slot), &[7; 32], 0),
-            Lookup::Hit {
-                record: record(),
-                stored_at_ms: 1_000_000
-            }
-        );
-    }
-
     fn entry(key: u8, stored_at_ms: u64, verdict: Verdict) -> CacheEntry {
-        CacheEntry {
-            key_hash: [key; 32],
-            stored_at_ms,
-            verdict,
-        }
+        CacheEntry::new([key; 32], stored_at_ms, verdict)
     }
 
     /// A table of `PROBES` slots, every key's home among them.
@@ -484,6 +402,11 @@ mod tests {
         let stale = |k| Some(entry(k, now - 100_000, Verdict::Found(record())));
         let table = vec![stale(1), stale(2), stale(3), stale(4)];
         assert_eq!(placed(&table, &entry(9, now, Verdict::NotFound), now), None);
+        assert_eq!(
+            placed(&table, &entry(9, now, Verdict::Forgotten), now),
+            None,
+            "nor does a key whose failures are all that is known"
+        );
         let mut table = table;
         table[3] = Some(entry(4, 0, Verdict::NotFound));
         assert_eq!(
@@ -562,6 +485,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_tombstone_keeps_probing_intact_and_is_the_first_to_go() {
+        let now = 1_000_000;
+        let home = probe_slots(&[9; 32], PROBES).next().unwrap() as usize;
+        let mut table: Vec<Option<CacheEntry>> = (1..=4)
+            .map(|k| Some(entry(k, now, Verdict::NotFound)))
+            .collect();
+        table[home] = Some(entry(1, now, Verdict::Forgotten));
+        table[(home + 1) % 4] = Some(entry(9, now, Verdict::NotFound));
+        let found = find(&[9; 32], PROBES, |slot| {
+            table[slot as usize].as_ref().map(encode)
+        });
+        assert_eq!(
+            found.map(|e| e.key_hash),
+            Some([9; 32]),
+            "read past the tombstone"
+        );
+        assert_eq!(
+            placed(&table, &entry(9, now, Verdict::Found(record())), now),
+            Some(((home + 1) % 4) as u32),
+            "its own slot"
+        );
+        table[(home + 1) % 4] = Some(entry(2, now, Verdict::NotFound));
+        assert_eq!(
+            placed(&table, &entry(9, now, Verdict::NotFound), now),
+            Some(home as u32),
+            "the tombstone's slot before any negative entry"
+        );
     }
 
     proptest! {

@@ -1,8 +1,8 @@
 //! Finding the API key in a request, and everything that must be taken out of the
 //! request so the key goes no further.
 use crate::config::KeySource;
-use crate::header_map::Header;
-use crate::query;
+use crate::request::header_map::Header;
+use crate::request::query;
 
 /// Keys longer than this are refused without asking the key service: no real key is
 /// that long, and hashing and looking up megabytes of garbage helps nobody.

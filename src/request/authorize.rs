@@ -1,6 +1,6 @@
 //! Whether a known key may make this request (SPEC steps 5: revoked, expired, scopes).
-use crate::denial::Denial;
-use crate::record::KeyRecord;
+use crate::keys::record::KeyRecord;
+use crate::request::denial::Denial;
 
 pub fn authorize(record: &KeyRecord, now_s: i64, required_scopes: &[String]) -> Result<(), Denial> {
     if record.revoked {
@@ -18,7 +18,7 @@ pub fn authorize(record: &KeyRecord, now_s: i64, required_scopes: &[String]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RecordLimit;
+    use crate::keys::record::RecordLimit;
 
     fn record() -> KeyRecord {
         KeyRecord {

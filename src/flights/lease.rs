@@ -1,19 +1,22 @@
-//! One key service callout per key for the whole node.
+//! The node-wide lease of a flight: one callout per key (or task) for the whole node.
 //!
 //! Each worker thread runs its own VM, so without coordination every worker that sees a
-//! cold key asks the key service about it. The worker that takes a key's lock (a slot
-//! of `Table::lookup_locks`, compare-and-swap) sends the callout; the others add their
-//! wake-up queue to the lock and wait. When the answer lands, the owner caches it,
-//! releases the lock with the outcome, and wakes the waiters through their queues. A
-//! lock carries a deadline, so an owner that vanished (a crashed VM) stalls nobody:
+//! cold key asks the key service about it. The worker that takes a flight's lease (a slot
+//! of `Table::leases`, compare-and-swap) sends the callout; the others add their
+//! wake-up queue to the lease and wait. When the answer lands, the owner stores it,
+//! releases the lease with the outcome, and wakes the waiters through their queues. A
+//! lease carries a deadline, so an owner that vanished (a crashed VM) stalls nobody:
 //! after it, the next worker takes over.
 //!
-//! A lock released with a verdict says so for a moment, so that a worker whose request
+//! A lease released with a verdict says so for a moment, so that a worker whose request
 //! missed the cache just before the verdict landed reads the cache again instead of
 //! asking a second time, without every worker re-reading the cache before each lookup.
-use crate::key_hash::KeyHash;
-use crate::shared_store::{SetError, SharedStore};
-use crate::slots::Table;
+use crate::keys::key_hash::slot_of;
+use crate::storage::shared_store::{SetError, SharedStore};
+use crate::storage::slots::Table;
+
+/// What a lease is for, as 32 bytes (a key's hash, for its lookup).
+pub type LeaseId = [u8; 32];
 
 /// First byte of a held lock (the version of its format).
 const FORMAT_VERSION: u8 = 1;
@@ -51,35 +54,35 @@ pub enum Ended {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Lock {
-    key_hash: KeyHash,
+    id: LeaseId,
     owner: u32,
     deadline_ms: u64,
     waiters: Vec<u32>,
 }
 
-/// Takes the lock of `key_hash` for worker `me` (its queue id) until `now_ms + hold_ms`,
+/// Takes the lease of `id` for worker `me` (its queue id) until `now_ms + hold_ms`,
 /// or joins the worker that holds it. With `trust_recent_answer`, a lookup of the key
 /// that ended with a verdict moments ago is `Answered` instead.
 pub fn acquire(
     store: &impl SharedStore,
-    key_hash: &KeyHash,
+    id: &LeaseId,
     me: u32,
     now_ms: u64,
     hold_ms: u64,
     trust_recent_answer: bool,
 ) -> Acquired {
-    let key = slot_key(key_hash);
+    let key = slot_key(id);
     let recent = |at: u64| now_ms.saturating_sub(at) < ANSWERED_FOR_MS;
     for _ in 0..MAX_ATTEMPTS {
         let Some((value, cas)) = store.get(&key) else {
             return Acquired::Bypass; // slots not created yet: see `slots`
         };
-        if trust_recent_answer && answered_at(&value, key_hash).is_some_and(recent) {
+        if trust_recent_answer && answered_at(&value, id).is_some_and(recent) {
             return Acquired::Answered;
         }
         let (lock, outcome) = match decode(&value) {
             Some(held) if held.deadline_ms > now_ms && held.owner != me => {
-                if &held.key_hash != key_hash || held.waiters.len() >= MAX_WAITERS {
+                if &held.id != id || held.waiters.len() >= MAX_WAITERS {
                     return Acquired::Bypass;
                 }
                 let deadline_ms = held.deadline_ms;
@@ -92,7 +95,7 @@ pub fn acquire(
             // Free, released, expired, or (after a restart of this worker) its own.
             _ => (
                 Lock {
-                    key_hash: *key_hash,
+                    id: *id,
                     owner: me,
                     deadline_ms: now_ms.saturating_add(hold_ms),
                     waiters: Vec::new(),
@@ -109,27 +112,27 @@ pub fn acquire(
     Acquired::Bypass
 }
 
-/// Releases `me`'s lock of `key_hash` at `now_ms`, saying how the lookup `ended`, and
+/// Releases `me`'s lease of `id` at `now_ms`, saying how the lookup `ended`, and
 /// returns the queues of the workers to wake. Nothing to wake if the lock expired and
 /// another worker took it over meanwhile.
 pub fn release(
     store: &impl SharedStore,
-    key_hash: &KeyHash,
+    id: &LeaseId,
     me: u32,
     ended: Ended,
     now_ms: u64,
 ) -> Vec<u32> {
     let released = match ended {
-        Ended::Answered => encode_answered(key_hash, now_ms),
+        Ended::Answered => encode_answered(id, now_ms),
         // Nothing was cached: the next request asks again.
         Ended::Failed => Vec::new(),
     };
-    let key = slot_key(key_hash);
+    let key = slot_key(id);
     for _ in 0..MAX_ATTEMPTS {
         let Some((value, cas)) = store.get(&key) else {
             return Vec::new();
         };
-        let Some(lock) = decode(&value).filter(|l| &l.key_hash == key_hash && l.owner == me) else {
+        let Some(lock) = decode(&value).filter(|l| &l.id == id && l.owner == me) else {
             return Vec::new();
         };
         match store.set(&key, &released, Some(cas)) {
@@ -141,47 +144,15 @@ pub fn release(
     Vec::new()
 }
 
-/// What a worker's queue carries: a request of its own asking for a lookup, or another
-/// worker's news of a lookup it was waiting for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Message {
-    Ask(KeyHash),
-    Woken(Ended, KeyHash),
-}
-
-impl Message {
-    pub fn encode(&self) -> Vec<u8> {
-        let (kind, key_hash) = match self {
-            Message::Ask(h) => (0, h),
-            Message::Woken(Ended::Answered, h) => (1, h),
-            Message::Woken(Ended::Failed, h) => (2, h),
-        };
-        let mut out = vec![kind];
-        out.extend_from_slice(key_hash);
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<Message> {
-        let (&kind, hash) = bytes.split_first()?;
-        let hash: KeyHash = hash.try_into().ok()?;
-        match kind {
-            0 => Some(Message::Ask(hash)),
-            1 => Some(Message::Woken(Ended::Answered, hash)),
-            2 => Some(Message::Woken(Ended::Failed, hash)),
-            _ => None,
-        }
-    }
-}
-
-fn slot_key(key_hash: &KeyHash) -> String {
-    let table = Table::lookup_locks();
-    table.slot_key(crate::key_hash::slot_of(key_hash, table.slots))
+fn slot_key(id: &LeaseId) -> String {
+    let table = Table::leases();
+    table.slot_key(slot_of(id, table.slots))
 }
 
 fn encode(lock: &Lock) -> Vec<u8> {
     let mut out = Vec::with_capacity(45 + 4 * lock.waiters.len());
     out.push(FORMAT_VERSION);
-    out.extend_from_slice(&lock.key_hash);
+    out.extend_from_slice(&lock.id);
     out.extend_from_slice(&lock.owner.to_le_bytes());
     out.extend_from_slice(&lock.deadline_ms.to_le_bytes());
     for waiter in &lock.waiters {
@@ -190,18 +161,18 @@ fn encode(lock: &Lock) -> Vec<u8> {
     out
 }
 
-fn encode_answered(key_hash: &KeyHash, at_ms: u64) -> Vec<u8> {
+fn encode_answered(id: &LeaseId, at_ms: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(41);
     out.push(ANSWERED_TAG);
-    out.extend_from_slice(key_hash);
+    out.extend_from_slice(id);
     out.extend_from_slice(&at_ms.to_le_bytes());
     out
 }
 
-/// When a lookup of `key_hash` ended with a verdict, if the slot says so.
-fn answered_at(bytes: &[u8], key_hash: &KeyHash) -> Option<u64> {
+/// When a lookup of `id` ended with a verdict, if the slot says so.
+fn answered_at(bytes: &[u8], id: &LeaseId) -> Option<u64> {
     let (&version, rest) = bytes.split_first()?;
-    if version != ANSWERED_TAG || rest.len() != 40 || rest.get(..32)? != key_hash {
+    if version != ANSWERED_TAG || rest.len() != 40 || rest.get(..32)? != id {
         return None;
     }
     Some(u64::from_le_bytes(rest.get(32..)?.try_into().ok()?))
@@ -214,7 +185,7 @@ fn decode(bytes: &[u8]) -> Option<Lock> {
     }
     let (head, waiters) = rest.split_at(44);
     Some(Lock {
-        key_hash: head.get(..32)?.try_into().ok()?,
+        id: head.get(..32)?.try_into().ok()?,
         owner: u32::from_le_bytes(head.get(32..36)?.try_into().ok()?),
         deadline_ms: u64::from_le_bytes(head.get(36..44)?.try_into().ok()?),
         waiters: waiters
@@ -227,16 +198,16 @@ fn decode(bytes: &[u8]) -> Option<Lock> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared_store::fake::FakeStore;
-    use crate::slots::create_slots;
+    use crate::storage::shared_store::fake::FakeStore;
+    use crate::storage::slots::create_slots;
 
     fn store() -> FakeStore {
         let s = FakeStore::default();
-        create_slots(&s, Table::lookup_locks());
+        create_slots(&s, Table::leases());
         s
     }
 
-    const KEY: KeyHash = [5; 32];
+    const KEY: LeaseId = [5; 32];
 
     #[test]
     fn one_owner_and_the_others_wait_then_are_woken() {
@@ -278,25 +249,15 @@ mod tests {
     }
 
     #[test]
-    fn another_key_in_the_slot_means_asking_without_the_lock() {
+    fn another_id_in_the_slot_means_asking_without_the_lease() {
         let s = store();
-        let other = {
-            // A different hash with the same lock slot.
-            let mut h = KEY;
-            h[31] ^= 1;
-            let target = slot_key(&KEY);
-            (0u8..=255)
-                .map(|b| {
-                    let mut x = h;
-                    x[20] = b;
-                    x
-                })
-                .find(|x| slot_key(x) == target)
-        };
+        // Adding the slot count to the id's first eight bytes (little-endian) keeps its slot.
+        let mut other = KEY;
+        other[1] += (Table::leases().slots / 256) as u8;
+        assert_ne!(other, KEY);
+        assert_eq!(slot_key(&other), slot_key(&KEY));
         assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
-        if let Some(other) = other {
-            assert_eq!(acquire(&s, &other, 2, 1000, 500, true), Acquired::Bypass);
-        }
+        assert_eq!(acquire(&s, &other, 2, 1000, 500, true), Acquired::Bypass);
     }
 
     #[test]
@@ -351,19 +312,6 @@ mod tests {
         assert_eq!(answered_at(&encode_answered(&KEY, 7), &other), None);
         assert_eq!(answered_at(&encode_answered(&KEY, 7), &KEY), Some(7));
         assert_eq!(decode(&encode_answered(&KEY, 7)), None, "not a held lock");
-    }
-
-    #[test]
-    fn messages_round_trip() {
-        for message in [
-            Message::Ask(KEY),
-            Message::Woken(Ended::Answered, KEY),
-            Message::Woken(Ended::Failed, KEY),
-        ] {
-            assert_eq!(Message::decode(&message.encode()), Some(message));
-        }
-        assert_eq!(Message::decode(&KEY), None);
-        assert_eq!(Message::decode(&[9; 33]), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! of slots: memory stays bounded, and slots that must be updated with compare-and-swap
 //! are created once, before anyone contends for them.
 use crate::decimal;
-use crate::shared_store::SharedStore;
+use crate::storage::shared_store::SharedStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Table {
@@ -14,9 +14,9 @@ pub struct Table {
     pub slots: u32,
 }
 
-/// Lookup locks are held only for a callout's duration: a few thousand slots serve any
-/// burst of distinct cold keys (two keys sharing a slot just skip the lock).
-const LOOKUP_LOCK_SLOTS: u32 = 4096;
+/// Leases are held only for a callout's duration: a few thousand slots serve any burst
+/// of distinct cold keys (two keys sharing a slot just skip the lease).
+const LEASE_SLOTS: u32 = 4096;
 
 impl Table {
     /// The key cache (written without CAS, so never pre-created).
@@ -35,9 +35,10 @@ impl Table {
         Table::new("apikey_filter/v1/failures/", slots)
     }
 
-    /// Who is asking the key service about a key right now (one callout per node).
-    pub fn lookup_locks() -> Table {
-        Table::new("apikey_filter/v1/lookup-lock/", LOOKUP_LOCK_SLOTS)
+    /// Who is making a flight's callout right now (one callout per node). The prefix
+    /// predates flights other than key lookups; the format is unchanged.
+    pub fn leases() -> Table {
+        Table::new("apikey_filter/v1/lookup-lock/", LEASE_SLOTS)
     }
 
     fn new(prefix: &'static str, slots: u32) -> Table {

@@ -1,0 +1,3 @@
+pub mod coordinator;
+pub mod lease;
+pub mod scheduler;

@@ -1,0 +1,174 @@
+//! Reading the key service's answer. Only a 200 with a valid record and a 404 are
+//! verdicts; everything else is a failure and is never cached.
+use crate::keys::record::{parse_record, KeyRecord};
+
+/// Larger answers are not records; they are refused rather than copied in.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Found(KeyRecord),
+    NotFound,
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Envoy refused to send it (e.g. the cluster does not exist).
+    NotSent,
+    /// No response at all: connection refused or reset.
+    Reset,
+    /// Envoy answers a timed-out callout with a 504 of its own.
+    Timeout,
+    Status(u16),
+    BadRecord(String),
+}
+
+/// A failure's class, for stats (`key_service.error.<kind>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    NotSent,
+    Reset,
+    Timeout,
+    Status,
+    BadRecord,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 5] = [
+        FailureKind::NotSent,
+        FailureKind::Reset,
+        FailureKind::Timeout,
+        FailureKind::Status,
+        FailureKind::BadRecord,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::NotSent => "not_sent",
+            FailureKind::Reset => "reset",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Status => "status",
+            FailureKind::BadRecord => "bad_record",
+        }
+    }
+}
+
+impl Failure {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Failure::NotSent => FailureKind::NotSent,
+            Failure::Reset => FailureKind::Reset,
+            Failure::Timeout => FailureKind::Timeout,
+            Failure::Status(_) => FailureKind::Status,
+            Failure::BadRecord(_) => FailureKind::BadRecord,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Failure::NotSent => "could not be sent (does the cluster exist?)".into(),
+            Failure::Reset => "no response (connection refused or reset)".into(),
+            Failure::Timeout => "timed out (504)".into(),
+            Failure::Status(s) => format!("answered HTTP {s}"),
+            Failure::BadRecord(why) => format!("answered 200 with a bad record: {why}"),
+        }
+    }
+}
+
+/// How Envoy's own 503 begins when it could not reach the key service at all.
+const ENVOY_UNREACHABLE: [&[u8]; 2] = [b"upstream connect error", b"no healthy upstream"];
+
+/// `status` is the callout response's `:status` value, `None` when it had no headers.
+/// `body` is `None` when it was longer than `MAX_ANSWER_BYTES` and so not read.
+pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
+    let Some(status) = status else {
+        return Answer::Failed(Failure::Reset);
+    };
+    let code = std::str::from_utf8(status)
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    let Some(body) = body else {
+        let why = format!("an answer of more than {MAX_ANSWER_BYTES} bytes");
+        return Answer::Failed(match code {
+            Some(200) => Failure::BadRecord(why),
+            Some(other) => Failure::Status(other),
+            None => Failure::Reset,
+        });
+    };
+    match code {
+        Some(200) => match parse_record(body) {
+            Ok(record) => Answer::Found(record),
+            Err(e) => Answer::Failed(Failure::BadRecord(e.to_string())),
+        },
+        Some(404) => Answer::NotFound,
+        Some(504) => Answer::Failed(Failure::Timeout),
+        // Envoy answers a refused or reset connection with a 503 of its own.
+        Some(503) if ENVOY_UNREACHABLE.iter().any(|p| body.starts_with(p)) => {
+            Answer::Failed(Failure::Reset)
+        }
+        Some(other) => Answer::Failed(Failure::Status(other)),
+        None => Answer::Failed(Failure::Reset),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        assert!(
+            matches!(classify(Some(b"200"), Some(br#"{"key_id":"k"}"#)), Answer::Found(r) if r.key_id == "k")
+        );
+        assert_eq!(classify(Some(b"404"), Some(b"whatever")), Answer::NotFound);
+    }
+
+    #[test]
+    fn failures() {
+        assert_eq!(classify(None, Some(b"")), Answer::Failed(Failure::Reset));
+        assert_eq!(
+            classify(Some(b"504"), Some(b"upstream request timeout")),
+            Answer::Failed(Failure::Timeout)
+        );
+        assert_eq!(
+            classify(Some(b"503"), Some(b"upstream connect error or disconnect")),
+            Answer::Failed(Failure::Reset)
+        );
+        assert_eq!(
+            classify(Some(b"500"), Some(b"")),
+            Answer::Failed(Failure::Status(500))
+        );
+        assert_eq!(
+            classify(Some(b"401"), Some(b"")),
+            Answer::Failed(Failure::Status(401))
+        );
+        assert_eq!(
+            classify(Some(b"x"), Some(b"")),
+            Answer::Failed(Failure::Reset)
+        );
+        assert!(matches!(
+            classify(Some(b"200"), Some(b"{\"key_id\": ")),
+            Answer::Failed(Failure::BadRecord(_))
+        ));
+    }
+
+    #[test]
+    fn an_answer_too_large_to_read_is_a_failure_never_a_verdict() {
+        assert!(matches!(
+            classify(Some(b"200"), None),
+            Answer::Failed(Failure::BadRecord(why)) if why.contains("65536")
+        ));
+        assert_eq!(
+            classify(Some(b"404"), None),
+            Answer::Failed(Failure::Status(404))
+        );
+    }
+
+    #[test]
+    fn every_kind_has_its_own_name() {
+        let names: std::collections::HashSet<_> =
+            FailureKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), FailureKind::ALL.len());
+    }
+}

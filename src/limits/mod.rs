@@ -1,0 +1,2 @@
+pub mod bucket;
+pub mod buckets;

@@ -1,0 +1,293 @@
+//! A host for native tests: shared data with Envoy's CAS rules (shared by every worker
+//! made on it), a clock the test moves, callouts the test answers, queues the test
+//! delivers, stats by name, and requests that record what was done to them.
+use super::ports::{
+    Callout, Callouts, Clock, Host, LogField, RequestIo, SetError, SharedStore, Stats, Wake,
+};
+use super::stats::{counter_names, Counter, Histogram};
+use crate::storage::shared_store::fake::FakeStore;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+/// What the node's workers share: shared data, the clock, the queues.
+#[derive(Default)]
+pub struct Node {
+    pub store: FakeStore,
+    pub now_ms: Cell<u64>,
+    pub queues: RefCell<HashMap<u32, VecDeque<Vec<u8>>>>,
+    next_token: Cell<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentCallout {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout_ms: u64,
+}
+
+impl SentCallout {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What was done to one request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestLog {
+    pub client_address: Option<Vec<u8>>,
+    pub removed: Vec<String>,
+    pub set: Vec<(String, Vec<u8>)>,
+    pub response_headers: Vec<(String, String)>,
+    pub log_fields: Vec<(LogField, String)>,
+    pub reply: Option<Reply>,
+    pub resumed: bool,
+    /// Its client went away.
+    pub gone: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `code` of the spec's JSON error body.
+    pub fn code(&self) -> String {
+        let body: serde_json::Value = serde_json::from_str(&self.body).unwrap();
+        body["error"]["code"].as_str().unwrap().to_string()
+    }
+}
+
+impl RequestLog {
+    pub fn header_set(&self, name: &str) -> Option<String> {
+        self.set
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+pub type Requests = Rc<RefCell<HashMap<u32, RequestLog>>>;
+
+/// One worker's host.
+pub struct FakeHost {
+    pub node: Rc<Node>,
+    pub refuse_callouts: Cell<bool>,
+    pub callouts: RefCell<Vec<SentCallout>>,
+    /// The answer being delivered: `:status` (None: a reset) and body.
+    pub answer: RefCell<(Option<Vec<u8>>, Vec<u8>)>,
+    pub tick_ms: Cell<u64>,
+    counters: RefCell<Vec<u64>>,
+    pub histograms: RefCell<Vec<(Histogram, u64)>>,
+    pub requests: Requests,
+    /// How many times the worker went back to its own context.
+    pub unparked: Cell<u32>,
+}
+
+impl FakeHost {
+    pub fn new(node: Rc<Node>) -> FakeHost {
+        FakeHost {
+            node,
+            refuse_callouts: Cell::new(false),
+            callouts: RefCell::default(),
+            answer: RefCell::new((None, Vec::new())),
+            tick_ms: Cell::new(0),
+            counters: RefCell::new(vec![0; counter_names().len()]),
+            histograms: RefCell::default(),
+            requests: Requests::default(),
+            unparked: Cell::new(0),
+        }
+    }
+
+    /// Stats that are not zero, by name.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        counter_names()
+            .into_iter()
+            .zip(self.counters.borrow().iter().copied())
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.stats().get(name).copied().unwrap_or(0)
+    }
+
+    /// The request `context_id`, as a `RequestIo` recording into `requests`.
+    pub fn request(&self, context_id: u32) -> FakeRequest {
+        self.requests.borrow_mut().entry(context_id).or_default();
+        FakeRequest {
+            id: context_id,
+            requests: self.requests.clone(),
+        }
+    }
+
+    pub fn log_of(&self, context_id: u32) -> RequestLog {
+        self.requests
+            .borrow()
+            .get(&context_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Clock for FakeHost {
+    fn now_ms(&self) -> u64 {
+        self.node.now_ms.get()
+    }
+}
+
+impl SharedStore for FakeHost {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.node.store.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        self.node.store.set(key, value, cas)
+    }
+}
+
+impl Callouts for FakeHost {
+    fn send_callout(&self, callout: &Callout) -> Option<u32> {
+        if self.refuse_callouts.get() {
+            return None;
+        }
+        let token = self.node.next_token.get() + 1;
+        self.node.next_token.set(token);
+        self.callouts.borrow_mut().push(SentCallout {
+            token,
+            cluster: callout.cluster.to_string(),
+            headers: callout
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            timeout_ms: callout.timeout_ms,
+        });
+        Some(token)
+    }
+
+    fn callout_status(&self) -> Option<Vec<u8>> {
+        self.answer.borrow().0.clone()
+    }
+
+    fn callout_body(&self, size: usize) -> Vec<u8> {
+        let body = &self.answer.borrow().1;
+        body[..size.min(body.len())].to_vec()
+    }
+}
+
+impl Wake for FakeHost {
+    fn wake(&self, queue: u32, message: &[u8]) -> bool {
+        self.node
+            .queues
+            .borrow_mut()
+            .entry(queue)
+            .or_default()
+            .push_back(message.to_vec());
+        true
+    }
+
+    fn set_tick_ms(&self, period_ms: u64) {
+        self.tick_ms.set(period_ms);
+    }
+}
+
+impl Stats for FakeHost {
+    fn count(&self, counter: Counter) {
+        self.counters.borrow_mut()[counter.index()] += 1;
+    }
+
+    fn record(&self, histogram: Histogram, value: u64) {
+        self.histograms.borrow_mut().push((histogram, value));
+    }
+}
+
+impl Host for FakeHost {
+    type Parked = FakeRequest;
+
+    fn parked(&self, context_id: u32) -> Option<FakeRequest> {
+        let gone = self
+            .requests
+            .borrow()
+            .get(&context_id)
+            .is_none_or(|r| r.gone);
+        (!gone).then(|| self.request(context_id))
+    }
+
+    fn unpark(&self) {
+        self.unparked.set(self.unparked.get() + 1);
+    }
+}
+
+pub struct FakeRequest {
+    id: u32,
+    requests: Requests,
+}
+
+impl FakeRequest {
+    fn log(&self, change: impl FnOnce(&mut RequestLog)) {
+        change(self.requests.borrow_mut().entry(self.id).or_default());
+    }
+}
+
+impl RequestIo for FakeRequest {
+    fn client_address(&mut self) -> Option<Vec<u8>> {
+        self.requests
+            .borrow()
+            .get(&self.id)
+            .and_then(|r| r.client_address.clone())
+    }
+
+    fn remove_header(&mut self, name: &str) {
+        self.log(|r| r.removed.push(name.to_string()));
+    }
+
+    fn set_header(&mut self, name: &str, value: &[u8]) {
+        self.log(|r| r.set.push((name.to_string(), value.to_vec())));
+    }
+
+    fn add_response_header(&mut self, name: &str, value: &str) {
+        self.log(|r| {
+            r.response_headers
+                .push((name.to_string(), value.to_string()))
+        });
+    }
+
+    fn set_log_field(&mut self, field: LogField, value: &str) {
+        self.log(|r| r.log_fields.push((field, value.to_string())));
+    }
+
+    fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]) {
+        let reply = Reply {
+            status,
+            body: body.to_string(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        };
+        self.log(|r| {
+            assert!(r.reply.is_none(), "one reply per request");
+            r.reply = Some(reply);
+        });
+    }
+
+    fn resume(&mut self) {
+        self.log(|r| r.resumed = true);
+    }
+}

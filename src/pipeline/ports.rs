@@ -1,0 +1,86 @@
+//! What the pipeline needs from the host, as small traits. The wasm layer implements
+//! them with proxy-wasm calls; the tests with a fake host; a dynamic module would with
+//! its own ABI. Each port answers a refusal with a value, never a panic.
+use super::stats::{Counter, Histogram};
+pub use crate::storage::shared_store::{SetError, SharedStore};
+
+/// The host's wall clock.
+pub trait Clock {
+    /// Milliseconds since the Unix epoch (0 if the host refuses).
+    fn now_ms(&self) -> u64;
+}
+
+/// An HTTP callout the host sends on the worker's behalf (`GET`, no body).
+pub struct Callout<'a> {
+    pub cluster: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub timeout_ms: u64,
+}
+
+pub trait Callouts {
+    /// Sends `callout`; its answer comes back with the token returned. `None`: the host
+    /// refused to send it (e.g. the cluster does not exist).
+    fn send_callout(&self, callout: &Callout) -> Option<u32>;
+    /// The `:status` of the answer being delivered; `None` when it had no headers (a
+    /// reset).
+    fn callout_status(&self) -> Option<Vec<u8>>;
+    /// The first `size` bytes of the body of the answer being delivered.
+    fn callout_body(&self, size: usize) -> Vec<u8>;
+}
+
+/// Waking a worker: this one's own root context, or another worker, through its queue;
+/// and this worker's periodic tick.
+pub trait Wake {
+    /// Queues `message` for the worker that owns `queue`; false if the host refused.
+    fn wake(&self, queue: u32, message: &[u8]) -> bool;
+    /// Calls `on_tick` every `period_ms`; 0 stops the tick.
+    fn set_tick_ms(&self, period_ms: u64);
+}
+
+pub trait Stats {
+    fn count(&self, counter: Counter);
+    fn record(&self, histogram: Histogram, value: u64);
+}
+
+/// Access-log fields the filter sets in the request's filter state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogField {
+    Fingerprint,
+    KeyId,
+    Owner,
+}
+
+impl LogField {
+    /// The filter-state name (the access log reads `wasm.<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LogField::Fingerprint => "apikey_filter.fingerprint",
+            LogField::KeyId => "apikey_filter.key_id",
+            LogField::Owner => "apikey_filter.owner",
+        }
+    }
+}
+
+/// One request: what it carries beyond its headers, header edits and replies.
+pub trait RequestIo {
+    /// Envoy's downstream remote address (`source.address`, `ip:port`).
+    fn client_address(&mut self) -> Option<Vec<u8>>;
+    fn remove_header(&mut self, name: &str);
+    fn set_header(&mut self, name: &str, value: &[u8]);
+    fn add_response_header(&mut self, name: &str, value: &str);
+    fn set_log_field(&mut self, field: LogField, value: &str);
+    /// Answers the request here with a local reply.
+    fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]);
+    /// Lets a paused request go on upstream.
+    fn resume(&mut self);
+}
+
+/// Everything a worker acts through.
+pub trait Host: Clock + SharedStore + Callouts + Wake + Stats {
+    /// A request parked on a lookup, acted on from outside its own callbacks.
+    type Parked: RequestIo;
+    /// Request `context_id` to act on; `None` when it is gone (its client went away).
+    fn parked(&self, context_id: u32) -> Option<Self::Parked>;
+    /// Done acting on parked requests: back to the worker's own context.
+    fn unpark(&self);
+}

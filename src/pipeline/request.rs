@@ -1,0 +1,260 @@
+//! A request's way through the checks, in the spec's order, once its key is read: the
+//! brute-force budget, the key's verdict, revoked / expired / scopes, the bucket, and the
+//! identity headers. Each step acts on the request through `RequestIo` and counts through
+//! `Stats`, so that every row of the status table is tested natively.
+use super::ports::{Clock, LogField, RequestIo, SharedStore, Stats};
+use super::stats::Counter;
+use super::warnings::Warnings;
+use crate::config::{BucketSpec, Config, FailureMode};
+use crate::keys::key_hash::{fingerprint, KeyHash};
+use crate::keys::known_key::KnownKey;
+use crate::limits::bucket::Take;
+use crate::limits::buckets::{self, Unavailable};
+use crate::request::authorize::authorize;
+use crate::request::denial::Denial;
+use crate::request::rules::required_scopes;
+use crate::storage::slots::Table;
+use std::rc::Rc;
+
+/// A request whose key has been read: all a verdict needs.
+pub struct Request {
+    pub config: Rc<Config>,
+    /// Set when `brute_force` is on: whose failures this request's would count against.
+    pub client: Option<String>,
+    pub key_hash: KeyHash,
+    /// Index of the scope rule that applies.
+    pub rule: Option<usize>,
+    /// When the verdict is made: one reading of the clock serves the whole request.
+    pub now_ms: u64,
+}
+
+/// What is known about a request's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    Known(&'a KnownKey),
+    Deny(Denial),
+    /// The key service failed and `failure_mode` is open.
+    ForwardAnonymous,
+}
+
+/// What became of a request once its key is known.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// It goes on upstream; its response gets these RateLimit fields if it took a token.
+    Forward(Option<RateHeaders>),
+    /// It has been answered here.
+    Answered,
+}
+
+/// The RateLimit fields of a response to a request that took a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateHeaders {
+    policy: Rc<str>,
+    state: String,
+}
+
+impl RateHeaders {
+    pub fn fields(&self) -> [(&'static str, &str); 2] {
+        [
+            ("ratelimit-policy", &self.policy),
+            ("ratelimit", &self.state),
+        ]
+    }
+}
+
+/// What a request gets when the key service failed for it: a stale record if there is
+/// one, else what `failure_mode` says.
+pub fn on_key_service_failure<'a>(
+    stats: &impl Stats,
+    config: &Config,
+    stale: Option<&'a KnownKey>,
+) -> Outcome<'a> {
+    if let Some(known) = stale {
+        stats.count(Counter::CacheStale);
+        return Outcome::Known(known);
+    }
+    match config.failure_mode {
+        FailureMode::Closed => Outcome::Deny(Denial::KeyServiceUnavailable),
+        FailureMode::Open => Outcome::ForwardAnonymous,
+    }
+}
+
+/// Applies what is known about the key to the request.
+pub fn finish<H: Clock + SharedStore + Stats>(
+    host: &H,
+    warnings: &Warnings,
+    io: &mut impl RequestIo,
+    request: &Request,
+    outcome: Outcome,
+) -> Handled {
+    let config = &request.config;
+    let known = match outcome {
+        Outcome::Known(known) => known,
+        Outcome::Deny(denial) => {
+            deny(host, io, config, request.client.as_deref(), denial);
+            return Handled::Answered;
+        }
+        Outcome::ForwardAnonymous => {
+            log::debug!(
+                "key {}: key service failing, forwarded without identity (failure_mode open)",
+                fingerprint(&request.key_hash)
+            );
+            host.count(Counter::FailureOpen);
+            host.count(Counter::Allowed);
+            return Handled::Forward(None);
+        }
+    };
+    let record = &known.record;
+    io.set_log_field(LogField::KeyId, &record.key_id);
+    io.set_log_field(LogField::Owner, &record.owner);
+    let scopes = required_scopes(&config.rules, request.rule);
+    if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes) {
+        deny(host, io, config, request.client.as_deref(), denial);
+        return Handled::Answered;
+    }
+    let rate_headers = match &known.limit {
+        None => None,
+        Some(limit) => {
+            let table = Table::keys(config.cache.max_entries);
+            let take = buckets::take_token(host, table, limit.owner, limit.spec, request.now_ms)
+                .unwrap_or_else(|why| unavailable(host, warnings, request, why));
+            let headers = RateHeaders {
+                policy: limit.policy_header.clone(),
+                state: take.ratelimit(),
+            };
+            if !take.allowed {
+                let retry_after = take.retry_after_s.to_string();
+                let [policy, state] = headers.fields();
+                let extra = [("retry-after", retry_after.as_str()), policy, state];
+                refuse(host, io, config, Denial::RateLimited, &extra);
+                return Handled::Answered;
+            }
+            Some(headers)
+        }
+    };
+    log::debug!(
+        "key {} ({}): allowed",
+        fingerprint(&request.key_hash),
+        record.key_id
+    );
+    let names = &config.identity_headers;
+    for (name, value) in [
+        (&names.key_id, record.key_id.as_str()),
+        (&names.owner, record.owner.as_str()),
+        (&names.scopes, known.scopes_header.as_str()),
+    ] {
+        if !value.is_empty() {
+            io.set_header(name, value.as_bytes());
+        }
+    }
+    host.count(Counter::Allowed);
+    Handled::Forward(rate_headers)
+}
+
+/// The bucket could not be read or written: fail closed, since the limit is a promise
+/// to the upstream, never to be exceeded.
+fn unavailable(
+    host: &(impl Clock + Stats),
+    warnings: &Warnings,
+    request: &Request,
+    why: Unavailable,
+) -> Take {
+    host.count(Counter::RateLimitUnavailable);
+    warnings.warn(host.now_ms(), || {
+        format!(
+            "rate limit for key {} unavailable ({})",
+            fingerprint(&request.key_hash),
+            match why {
+                Unavailable::Contention => "contention",
+                Unavailable::StoreFailed => "shared data refused the write",
+            }
+        )
+    });
+    Take {
+        allowed: false,
+        remaining: 0,
+        retry_after_s: 1,
+        full_in_s: 1,
+    }
+}
+
+/// Answers the request with `denial`, charging a failed attempt to the client's
+/// `brute_force` budget when it is one.
+pub fn deny<H: Clock + SharedStore + Stats>(
+    host: &H,
+    io: &mut impl RequestIo,
+    config: &Config,
+    client: Option<&str>,
+    denial: Denial,
+) {
+    if let (Some((table, budget)), Some(client), true) =
+        (failure_budget(config), client, denial.is_failed_attempt())
+    {
+        let owner = buckets::owner_id(client);
+        let _ = buckets::take_token(host, table, owner, budget, host.now_ms());
+    }
+    refuse(host, io, config, denial, &[]);
+}
+
+/// Whether `client` has spent its `brute_force` budget; if so, the request has been
+/// answered with a 429.
+pub fn refuse_if_budget_spent<H: Clock + SharedStore + Stats>(
+    host: &H,
+    io: &mut impl RequestIo,
+    config: &Config,
+    client: Option<&str>,
+) -> bool {
+    let (Some((table, budget)), Some(client)) = (failure_budget(config), client) else {
+        return false;
+    };
+    let owner = buckets::owner_id(client);
+    let budget = buckets::peek(host, table, owner, budget, host.now_ms());
+    if budget.allowed {
+        return false;
+    }
+    let retry_after = budget.retry_after_s.to_string();
+    let extra = [("retry-after", retry_after.as_str())];
+    refuse(host, io, config, Denial::TooManyFailedAttempts, &extra);
+    true
+}
+
+/// Sends the spec's JSON error, and counts it.
+pub fn refuse(
+    stats: &impl Stats,
+    io: &mut impl RequestIo,
+    config: &Config,
+    denial: Denial,
+    extra: &[(&str, &str)],
+) {
+    log::debug!("request denied: {}", denial.code());
+    stats.count(Counter::Denied(denial));
+    reply(io, &config.www_authenticate, denial, extra);
+}
+
+/// The spec's JSON error as a local reply, with `WWW-Authenticate` on every 401.
+pub fn reply(
+    io: &mut impl RequestIo,
+    www_authenticate: &str,
+    denial: Denial,
+    extra: &[(&str, &str)],
+) {
+    let mut headers = Vec::with_capacity(2 + extra.len());
+    headers.push(("content-type", "application/json"));
+    if denial.status() == 401 {
+        headers.push(("www-authenticate", www_authenticate));
+    }
+    headers.extend_from_slice(extra);
+    io.reply(denial.status(), &denial.body(), &headers);
+}
+
+/// With `brute_force` on, where client budgets live and what each holds: `max_failures`
+/// per `period_s`, all of them available at once.
+fn failure_budget(config: &Config) -> Option<(Table, BucketSpec)> {
+    let limit = config.brute_force?;
+    let budget = BucketSpec {
+        requests: limit.max_failures,
+        period_s: limit.period_s,
+        burst: limit.max_failures,
+    };
+    Some((Table::client_addresses(config.cache.max_entries), budget))
+}

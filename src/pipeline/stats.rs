@@ -1,0 +1,157 @@
+//! The filter's stats (SPEC "Observability"): one name per counter, in one list that the
+//! host defines at start-up and the README's table is checked against.
+use crate::keys::answer::FailureKind;
+use crate::request::denial::{Denial, CODES};
+
+/// Every stat name starts with this (Envoy shows them as `wasmcustom.apikey_filter.*`).
+pub const PREFIX: &str = "apikey_filter.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Allowed,
+    Denied(Denial),
+    CacheHit,
+    CacheMiss,
+    CacheNegativeHit,
+    CacheStale,
+    KeyServiceFound,
+    KeyServiceNotFound,
+    /// Every failed lookup; each is also counted by its kind.
+    KeyServiceError,
+    KeyServiceErrorKind(FailureKind),
+    /// Lookups that waited for another worker's callout instead of making their own.
+    KeyServiceJoined,
+    RateLimitUnavailable,
+    FailureOpen,
+}
+
+/// The counters that are not one per denial code or failure kind, in index order after
+/// `allowed` and the `denied.<code>` ones.
+const PLAIN: [(Counter, &str); 10] = [
+    (Counter::CacheHit, "cache.hit"),
+    (Counter::CacheMiss, "cache.miss"),
+    (Counter::CacheNegativeHit, "cache.negative_hit"),
+    (Counter::CacheStale, "cache.stale"),
+    (Counter::KeyServiceFound, "key_service.found"),
+    (Counter::KeyServiceNotFound, "key_service.not_found"),
+    (Counter::KeyServiceError, "key_service.error"),
+    (Counter::KeyServiceJoined, "key_service.joined"),
+    (Counter::RateLimitUnavailable, "rate_limit.unavailable"),
+    (Counter::FailureOpen, "failure_open"),
+];
+
+const DENIED_FROM: usize = 1;
+const PLAIN_FROM: usize = DENIED_FROM + CODES.len();
+const KINDS_FROM: usize = PLAIN_FROM + PLAIN.len();
+/// How many counters there are.
+pub const COUNTERS: usize = KINDS_FROM + FailureKind::ALL.len();
+
+impl Counter {
+    /// Its position in `counter_names()`.
+    pub fn index(self) -> usize {
+        match self {
+            Counter::Allowed => 0,
+            Counter::Denied(denial) => DENIED_FROM + denial.code_index(),
+            Counter::KeyServiceErrorKind(kind) => KINDS_FROM + kind as usize,
+            plain => {
+                PLAIN_FROM
+                    + PLAIN
+                        .iter()
+                        .position(|(c, _)| *c == plain)
+                        .unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// Every counter's name without the prefix, in index order.
+pub fn counter_names() -> Vec<String> {
+    let mut names = vec!["allowed".to_string()];
+    names.extend(CODES.iter().map(|code| format!("denied.{code}")));
+    names.extend(PLAIN.iter().map(|(_, name)| name.to_string()));
+    names.extend(
+        FailureKind::ALL
+            .iter()
+            .map(|kind| format!("key_service.error.{}", kind.name())),
+    );
+    names
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Histogram {
+    KeyServiceLatencyMs,
+}
+
+impl Histogram {
+    pub const ALL: [Histogram; 1] = [Histogram::KeyServiceLatencyMs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Histogram::KeyServiceLatencyMs => "key_service.latency_ms",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_counter_has_its_own_name_at_its_index() {
+        let names = counter_names();
+        assert_eq!(names.len(), COUNTERS);
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), COUNTERS);
+        let check = |counter: Counter, name: &str| assert_eq!(names[counter.index()], name);
+        check(Counter::Allowed, "allowed");
+        check(Counter::Denied(Denial::Missing), "denied.api_key_missing");
+        check(Counter::Denied(Denial::Malformed), "denied.api_key_invalid");
+        check(
+            Counter::Denied(Denial::KeyServiceUnavailable),
+            "denied.key_service_unavailable",
+        );
+        for (counter, name) in PLAIN {
+            check(counter, name);
+        }
+        for kind in FailureKind::ALL {
+            check(
+                Counter::KeyServiceErrorKind(kind),
+                &format!("key_service.error.{}", kind.name()),
+            );
+        }
+    }
+
+    /// The README's Observability table names, in its first column, every stat the
+    /// filter defines and no other (`denied.<code>` standing for one per code).
+    #[test]
+    fn the_readme_lists_exactly_the_stats_defined() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("\n## Observability")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has an Observability section");
+        let listed: BTreeSet<String> = section
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .flat_map(|row| {
+                let first_cell = row.split('|').nth(1).unwrap_or_default().to_string();
+                let names: Vec<String> = first_cell
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect();
+                names
+            })
+            .collect();
+        let mut defined: BTreeSet<String> = counter_names()
+            .into_iter()
+            .filter(|name| !name.starts_with("denied."))
+            .collect();
+        defined.insert("denied.<code>".to_string());
+        defined.extend(Histogram::ALL.iter().map(|h| h.name().to_string()));
+        assert_eq!(listed, defined);
+    }
+}

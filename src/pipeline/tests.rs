@@ -1,0 +1,598 @@
+//! The whole pipeline against a fake host: every row of the status table, the identity
+//! and RateLimit headers, the key service's failures, and one callout per key for the
+//! node, natively.
+use super::fake::{FakeHost, Node, Reply};
+use super::worker::{Flow, Worker};
+use crate::keys::key_hash::{hash_hex, hash_key};
+use crate::request::header_map::Header;
+use std::rc::Rc;
+
+const BASE: &str = r#""key_service": {"cluster": "keys", "timeout_ms": 500}"#;
+
+fn config(extra: &str) -> String {
+    if extra.is_empty() {
+        format!("{{{BASE}}}")
+    } else {
+        format!("{{{BASE}, {extra}}}")
+    }
+}
+
+struct Test {
+    node: Rc<Node>,
+    next_context: std::cell::Cell<u32>,
+}
+
+impl Test {
+    fn new() -> Test {
+        let node = Rc::new(Node::default());
+        node.now_ms.set(1_700_000_000_000);
+        Test {
+            node,
+            next_context: std::cell::Cell::new(100),
+        }
+    }
+
+    /// A configured worker whose queue is `queue`.
+    fn worker(&self, queue: u32, config: &str) -> Worker<FakeHost> {
+        let worker = Worker::new(FakeHost::new(self.node.clone()));
+        worker.set_queue(queue);
+        assert!(worker.configure(config.as_bytes()), "{config}");
+        worker
+    }
+
+    fn advance(&self, ms: u64) {
+        self.node.now_ms.set(self.node.now_ms.get() + ms);
+    }
+
+    /// Sends a request with `headers` (plus `:method` and `:path`) to `worker`: its context
+    /// id and what the headers phase decided.
+    fn send(
+        &self,
+        worker: &Worker<FakeHost>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u32, Flow) {
+        let context_id = self.next_context.get();
+        self.next_context.set(context_id + 1);
+        let mut all: Vec<Header> =
+            vec![(b":method", method.as_bytes()), (b":path", path.as_bytes())];
+        all.extend(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let mut io = worker.host().request(context_id);
+        let flow = worker.on_request(context_id, &mut io, &all);
+        (context_id, flow)
+    }
+
+    fn get(&self, worker: &Worker<FakeHost>, key: &str) -> (u32, Flow) {
+        self.send(worker, "GET", "/", &[("x-api-key", key)])
+    }
+
+    /// Delivers the messages queued for `worker`.
+    fn deliver(&self, worker: &Worker<FakeHost>) {
+        let queue = worker.queue().unwrap();
+        loop {
+            let message = self
+                .node
+                .queues
+                .borrow_mut()
+                .get_mut(&queue)
+                .and_then(|q| q.pop_front());
+            match message {
+                Some(message) => worker.on_message(&message),
+                None => break,
+            }
+        }
+    }
+
+    /// Answers `worker`'s latest callout with `status` (None: a reset) and `body`.
+    fn answer(&self, worker: &Worker<FakeHost>, status: Option<&str>, body: &str) {
+        let token = worker
+            .host()
+            .callouts
+            .borrow()
+            .last()
+            .expect("a callout")
+            .token;
+        *worker.host().answer.borrow_mut() = (
+            status.map(|s| s.as_bytes().to_vec()),
+            body.as_bytes().to_vec(),
+        );
+        worker.on_callout_answer(token, body.len());
+    }
+
+    /// A request for `key` through a cold cache, answered by the key service with `status`
+    /// and `body`: the request's reply, if it got one.
+    fn cold(
+        &self,
+        worker: &Worker<FakeHost>,
+        key: &str,
+        status: &str,
+        body: &str,
+    ) -> (u32, Option<Reply>) {
+        let (context_id, flow) = self.get(worker, key);
+        assert_eq!(flow, Flow::Pause);
+        self.deliver(worker);
+        self.answer(worker, Some(status), body);
+        (context_id, worker.host().log_of(context_id).reply)
+    }
+}
+
+fn reply_of(worker: &Worker<FakeHost>, context_id: u32) -> Reply {
+    worker.host().log_of(context_id).reply.expect("a reply")
+}
+
+fn assert_denied(reply: &Reply, status: u32, code: &str) {
+    assert_eq!(
+        (reply.status, reply.code().as_str()),
+        (status, code),
+        "{reply:?}"
+    );
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(
+        reply.header("www-authenticate").is_some(),
+        status == 401,
+        "{reply:?}"
+    );
+}
+
+const ALICE: &str = r#"{"key_id": "k_alice", "owner": "acme", "scopes": ["orders:read"]}"#;
+
+#[test]
+fn a_missing_key_is_401_without_a_lookup() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (id, flow) = t.send(&w, "GET", "/", &[]);
+    assert_eq!(flow, Flow::Pause);
+    assert_denied(&reply_of(&w, id), 401, "api_key_missing");
+    assert_eq!(w.host().stat("denied.api_key_missing"), 1);
+    assert!(w.host().callouts.borrow().is_empty());
+}
+
+#[test]
+fn a_repeated_key_is_401_duplicate() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (id, _) = t.send(&w, "GET", "/", &[("x-api-key", "a"), ("x-api-key", "b")]);
+    assert_denied(&reply_of(&w, id), 401, "api_key_duplicate");
+}
+
+#[test]
+fn a_malformed_key_is_401_invalid_without_a_lookup() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let long = "k".repeat(1025);
+    for key in [long.as_str(), "has\u{7f}del"] {
+        let (id, _) = t.get(&w, key);
+        assert_denied(&reply_of(&w, id), 401, "api_key_invalid");
+    }
+    t.deliver(&w);
+    assert!(w.host().callouts.borrow().is_empty());
+}
+
+#[test]
+fn a_found_key_is_forwarded_with_its_identity_and_only_the_hash_leaves() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(r#""key_sources": [{"header": "x-api-key"}, {"query": "api_key"}]"#),
+    );
+    let (id, flow) = t.send(
+        &w,
+        "GET",
+        "/orders?api_key=sk-1&x=1",
+        &[("x-api-key-id", "forged"), ("x-api-key-owner", "forged")],
+    );
+    assert_eq!(flow, Flow::Pause);
+    t.deliver(&w);
+    let callout = w.host().callouts.borrow()[0].clone();
+    assert_eq!(callout.cluster, "keys");
+    assert_eq!(
+        callout.header(":path"),
+        Some(format!("/v1/keys/{}", hash_hex(&hash_key(b"sk-1"))).as_str())
+    );
+    assert!(callout
+        .headers
+        .iter()
+        .all(|(n, v)| !n.contains("sk-1") && !v.contains("sk-1")));
+    t.answer(&w, Some("200"), ALICE);
+    let log = w.host().log_of(id);
+    assert!(log.reply.is_none() && log.resumed, "{log:?}");
+    assert_eq!(log.removed, vec!["x-api-key-id", "x-api-key-owner"]);
+    assert_eq!(log.header_set(":path").as_deref(), Some("/orders?x=1"));
+    assert_eq!(log.header_set("x-api-key-id").as_deref(), Some("k_alice"));
+    assert_eq!(log.header_set("x-api-key-owner").as_deref(), Some("acme"));
+    assert_eq!(
+        log.header_set("x-api-key-scopes").as_deref(),
+        Some("orders:read")
+    );
+
+    // The second request is a cache hit, forwarded at once, with its RateLimit fields.
+    let (id, flow) = t.get(&w, "sk-1");
+    let Flow::Forward(Some(rate_headers)) = flow else {
+        panic!("{flow:?}")
+    };
+    assert_eq!(
+        rate_headers.fields(),
+        [
+            ("ratelimit-policy", "\"apikey\";q=100;w=60"),
+            ("ratelimit", "\"apikey\";r=98;t=2")
+        ]
+    );
+    w.on_response(id, Some(rate_headers), &mut w.host().request(id));
+    assert_eq!(w.host().log_of(id).response_headers.len(), 2);
+    assert_eq!(w.host().callouts.borrow().len(), 1);
+    let stats = w.host().stats();
+    assert_eq!(
+        (
+            stats["allowed"],
+            stats["cache.miss"],
+            stats["cache.hit"],
+            stats["key_service.found"]
+        ),
+        (2, 1, 1, 1)
+    );
+}
+
+#[test]
+fn an_empty_identity_value_is_left_out() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (id, _) = t.cold(&w, "sk-2", "200", r#"{"key_id": "k_2"}"#);
+    let log = w.host().log_of(id);
+    assert_eq!(log.header_set("x-api-key-id").as_deref(), Some("k_2"));
+    assert_eq!(log.header_set("x-api-key-owner"), None);
+    assert_eq!(log.header_set("x-api-key-scopes"), None);
+}
+
+#[test]
+fn an_unknown_key_is_401_and_remembered() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (_, reply) = t.cold(&w, "nope", "404", "");
+    assert_denied(&reply.unwrap(), 401, "api_key_invalid");
+    let (id, _) = t.get(&w, "nope");
+    assert_denied(&reply_of(&w, id), 401, "api_key_invalid");
+    assert_eq!(w.host().callouts.borrow().len(), 1);
+    assert_eq!(w.host().stat("cache.negative_hit"), 1);
+    assert_eq!(w.host().stat("denied.api_key_invalid"), 2);
+}
+
+#[test]
+fn revoked_and_expired_keys_are_401() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (_, reply) = t.cold(&w, "rev", "200", r#"{"key_id": "k", "revoked": true}"#);
+    assert_denied(&reply.unwrap(), 401, "api_key_revoked");
+    let past = t.node.now_ms.get() / 1000 - 1;
+    let (_, reply) = t.cold(
+        &w,
+        "exp",
+        "200",
+        &format!(r#"{{"key_id": "k", "expires_at": {past}}}"#),
+    );
+    assert_denied(&reply.unwrap(), 401, "api_key_expired");
+}
+
+#[test]
+fn a_key_lacking_a_scope_a_rule_demands_is_403() {
+    let t = Test::new();
+    let rules =
+        r#""rules": [{"path_prefix": "/orders", "methods": ["POST"], "scopes": ["orders:write"]}]"#;
+    let w = t.worker(1, &config(rules));
+    t.cold(&w, "sk", "200", ALICE);
+    let (id, flow) = t.send(&w, "POST", "/orders/1", &[("x-api-key", "sk")]);
+    assert_eq!(flow, Flow::Pause);
+    assert_denied(&reply_of(&w, id), 403, "permission_denied");
+    let (_, flow) = t.send(&w, "GET", "/orders/1", &[("x-api-key", "sk")]);
+    assert!(matches!(flow, Flow::Forward(_)), "no rule for GET");
+}
+
+#[test]
+fn an_empty_bucket_is_429_with_retry_after_and_ratelimit_fields() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let limited =
+        r#"{"key_id": "k_lim", "rate_limit": {"requests": 1, "period_s": 60, "burst": 1}}"#;
+    let (id, reply) = t.cold(&w, "lim", "200", limited);
+    assert!(reply.is_none() && w.host().log_of(id).resumed);
+    let (id, _) = t.get(&w, "lim");
+    let reply = reply_of(&w, id);
+    assert_denied(&reply, 429, "rate_limit_exceeded");
+    assert_eq!(reply.header("retry-after"), Some("60"));
+    assert_eq!(
+        reply.header("ratelimit-policy"),
+        Some("\"apikey\";q=1;w=60")
+    );
+    assert_eq!(reply.header("ratelimit"), Some("\"apikey\";r=0;t=60"));
+}
+
+#[test]
+fn a_contended_bucket_fails_closed() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    t.cold(&w, "sk", "200", ALICE);
+    // Another worker rewrites every slot before each of this one's writes.
+    *t.node.store.interleave.borrow_mut() = Some(Box::new(
+        |s: &crate::storage::shared_store::fake::FakeStore| {
+            let keys: Vec<String> = s
+                .data
+                .borrow()
+                .keys()
+                .filter(|k| k.contains("/bucket/"))
+                .cloned()
+                .collect();
+            for key in keys {
+                s.next_cas.set(s.next_cas.get() + 1);
+                let value = s.data.borrow()[&key].0.clone();
+                s.data.borrow_mut().insert(key, (value, s.next_cas.get()));
+            }
+        },
+    ));
+    let (id, _) = t.get(&w, "sk");
+    assert_denied(&reply_of(&w, id), 429, "rate_limit_exceeded");
+    assert_eq!(w.host().stat("rate_limit.unavailable"), 1);
+}
+
+#[test]
+fn a_client_that_spent_its_failure_budget_is_429_before_any_lookup() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(r#""brute_force": {"max_failures": 2, "period_s": 60}"#),
+    );
+    let from = |id: u32| {
+        w.host()
+            .requests
+            .borrow_mut()
+            .entry(id)
+            .or_default()
+            .client_address = Some(b"203.0.113.9:4711".to_vec());
+    };
+    for _ in 0..2 {
+        from(t.next_context.get());
+        let (id, _) = t.send(&w, "GET", "/", &[("x-api-key", "a"), ("x-api-key", "b")]);
+        assert_denied(&reply_of(&w, id), 401, "api_key_duplicate");
+    }
+    from(t.next_context.get());
+    let (id, _) = t.get(&w, "any");
+    let reply = reply_of(&w, id);
+    assert_denied(&reply, 429, "too_many_failed_attempts");
+    assert_eq!(reply.header("retry-after"), Some("30"));
+    t.deliver(&w);
+    assert!(w.host().callouts.borrow().is_empty());
+    // Another address has its own budget.
+    w.host()
+        .requests
+        .borrow_mut()
+        .entry(t.next_context.get())
+        .or_default()
+        .client_address = Some(b"[2001:db8::1]:80".to_vec());
+    let (_, flow) = t.get(&w, "any");
+    assert_eq!(flow, Flow::Pause);
+    assert!(
+        w.host().log_of(t.next_context.get() - 1).reply.is_none(),
+        "looked up, not refused"
+    );
+}
+
+#[test]
+fn a_failing_key_service_is_503_closed_and_forwards_anonymously_open() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (_, reply) = t.cold(&w, "sk", "500", "");
+    assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
+    assert_eq!(
+        (
+            w.host().stat("key_service.error"),
+            w.host().stat("key_service.error.status")
+        ),
+        (1, 1)
+    );
+
+    let open = t.worker(2, &config(r#""failure_mode": "open""#));
+    let (id, reply) = t.cold(&open, "sk2", "500", "");
+    assert!(reply.is_none());
+    let log = open.host().log_of(id);
+    assert!(
+        log.resumed && log.header_set("x-api-key-id").is_none(),
+        "{log:?}"
+    );
+    assert_eq!(
+        (
+            open.host().stat("failure_open"),
+            open.host().stat("allowed")
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+fn a_stale_entry_serves_while_the_key_service_fails() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(r#""cache": {"ttl_s": 60, "stale_if_error_s": 300}"#),
+    );
+    t.cold(&w, "sk", "200", ALICE);
+    t.advance(61_000);
+    let (id, reply) = t.cold(&w, "sk", "504", "upstream request timeout");
+    assert!(reply.is_none());
+    assert_eq!(
+        w.host().log_of(id).header_set("x-api-key-id").as_deref(),
+        Some("k_alice")
+    );
+    assert_eq!(
+        (
+            w.host().stat("cache.stale"),
+            w.host().stat("key_service.error.timeout")
+        ),
+        (1, 1)
+    );
+    t.advance(300_000);
+    let (_, reply) = t.cold(&w, "sk", "504", "");
+    assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
+}
+
+#[test]
+fn a_callout_the_host_refuses_to_send_is_counted_and_answered() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    w.host().refuse_callouts.set(true);
+    let (id, _) = t.get(&w, "sk");
+    t.deliver(&w);
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    assert_eq!(
+        (
+            w.host().stat("key_service.error"),
+            w.host().stat("key_service.error.not_sent")
+        ),
+        (1, 1)
+    );
+    assert!(
+        w.host().histograms.borrow().is_empty(),
+        "no latency for a callout never sent"
+    );
+}
+
+#[test]
+fn an_answer_over_64_kib_is_a_failure_and_is_not_read() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let huge = format!(r#"{{"key_id": "k", "pad": "{}"}}"#, "x".repeat(64 * 1024));
+    let (_, reply) = t.cold(&w, "sk", "200", &huge);
+    assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.bad_record"), 1);
+}
+
+#[test]
+fn a_reset_is_a_failure_never_a_verdict() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (id, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause);
+    t.deliver(&w);
+    t.answer(&w, None, "");
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.reset"), 1);
+    let (_, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause, "asked again: nothing was cached");
+}
+
+#[test]
+fn without_a_configuration_a_request_is_refused_not_forwarded() {
+    let t = Test::new();
+    let w = Worker::new(FakeHost::new(t.node.clone()));
+    let (id, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause);
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+}
+
+#[test]
+fn a_refused_configuration_leaves_the_worker_unconfigured() {
+    let t = Test::new();
+    let w = Worker::new(FakeHost::new(t.node.clone()));
+    assert!(!w.configure(br#"{"key_service": {"cluster": "k"}, "nope": 1}"#));
+    assert!(!w.configure(b""));
+    let (id, _) = t.get(&w, "sk");
+    assert_eq!(reply_of(&w, id).status, 503);
+}
+
+#[test]
+fn requests_together_share_one_callout_on_one_worker_even_if_the_first_goes_away() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (first, _) = t.get(&w, "sk");
+    let (second, _) = t.get(&w, "sk");
+    w.host().requests.borrow_mut().get_mut(&first).unwrap().gone = true;
+    w.forget(first);
+    t.deliver(&w);
+    assert_eq!(w.host().callouts.borrow().len(), 1);
+    t.answer(&w, Some("200"), ALICE);
+    assert!(w.host().log_of(second).resumed);
+    assert!(!w.host().log_of(first).resumed);
+    assert_eq!(w.host().unparked.get(), 1, "back to its own context after");
+}
+
+#[test]
+fn workers_of_a_node_share_one_callout_per_key() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &config("")), t.worker(2, &config("")));
+    let (on_a, _) = t.get(&a, "sk");
+    let (on_b, _) = t.get(&b, "sk");
+    t.deliver(&a);
+    t.deliver(&b);
+    assert_eq!(
+        (
+            a.host().callouts.borrow().len(),
+            b.host().callouts.borrow().len()
+        ),
+        (1, 0)
+    );
+    assert_eq!(b.host().stat("key_service.joined"), 1);
+    assert!(
+        b.host().tick_ms.get() > 0,
+        "b ticks to take over if a goes silent"
+    );
+    t.answer(&a, Some("200"), ALICE);
+    t.deliver(&b);
+    assert!(a.host().log_of(on_a).resumed && b.host().log_of(on_b).resumed);
+    assert_eq!(
+        b.host().log_of(on_b).header_set("x-api-key-id").as_deref(),
+        Some("k_alice")
+    );
+    assert_eq!(b.host().stat("key_service.found"), 0, "b asked nobody");
+    t.advance(2_000);
+    b.on_tick();
+    assert_eq!(b.host().tick_ms.get(), 0, "nothing pending: no tick");
+}
+
+#[test]
+fn a_worker_whose_peer_went_silent_takes_the_lookup_over() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &config("")), t.worker(2, &config("")));
+    t.get(&a, "sk");
+    t.deliver(&a);
+    let (on_b, _) = t.get(&b, "sk");
+    t.deliver(&b);
+    // a never answers. Its lease holds for the timeout (500 ms) plus a margin (1 s).
+    t.advance(1_499);
+    b.on_tick();
+    assert!(b.host().callouts.borrow().is_empty());
+    t.advance(1);
+    b.on_tick();
+    assert_eq!(b.host().callouts.borrow().len(), 1, "taken over");
+    t.answer(&b, Some("404"), "");
+    assert_denied(&reply_of(&b, on_b), 401, "api_key_invalid");
+}
+
+#[test]
+fn a_peers_failure_answers_the_waiting_requests_at_once() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &config("")), t.worker(2, &config("")));
+    t.get(&a, "sk");
+    t.deliver(&a);
+    let (on_b, _) = t.get(&b, "sk");
+    t.deliver(&b);
+    t.answer(&a, Some("500"), "");
+    t.deliver(&b);
+    assert_denied(&reply_of(&b, on_b), 503, "key_service_unavailable");
+    assert_eq!(
+        b.host().stat("key_service.error"),
+        0,
+        "counted once, by the worker that asked"
+    );
+}
+
+#[test]
+fn callout_latency_is_recorded() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    t.get(&w, "sk");
+    t.deliver(&w);
+    t.advance(42);
+    t.answer(&w, Some("200"), ALICE);
+    assert_eq!(
+        w.host().histograms.borrow().as_slice(),
+        &[(super::stats::Histogram::KeyServiceLatencyMs, 42)]
+    );
+}

@@ -1,0 +1,530 @@
+//! What one worker (one Envoy worker thread: one wasm VM) keeps between its callbacks:
+//! the configuration, the key cache, the requests parked on the key service and the
+//! flights they wait for. The host layer calls in on each event; everything the worker
+//! does goes out through the host ports.
+//!
+//! Callouts are made by the worker's own context (the root context in proxy-wasm), never
+//! by a request: Envoy cancels a callout when the request that made it ends, and routes
+//! the answer to the context that made it. Owned by the worker, one callout serves every
+//! request waiting on a key even after the client that caused it has gone.
+use super::ports::{Callout, Host, LogField, RequestIo};
+use super::request::{
+    deny, finish, on_key_service_failure, refuse_if_budget_spent, reply, Handled, Outcome,
+    RateHeaders, Request,
+};
+use super::stats::{Counter, Histogram};
+use super::warnings::Warnings;
+use crate::config::Config;
+use crate::flights::coordinator::{FlightKey, Flights, Message, Start};
+use crate::flights::lease::Ended;
+use crate::flights::scheduler::Scheduler;
+use crate::keys::answer::{classify, Answer, Failure, MAX_ANSWER_BYTES};
+use crate::keys::cache::{Cached, KeyCache};
+use crate::keys::entry::Verdict;
+use crate::keys::key_hash::{fingerprint, hash_hex, hash_key};
+use crate::keys::known_key::KnownKey;
+use crate::keys::record::KeyRecord;
+use crate::request::client_address::without_port;
+use crate::request::denial::Denial;
+use crate::request::extract::{extract, KeyOutcome};
+use crate::request::header_map::{self, Header};
+use crate::request::rules::matching_rule;
+use crate::storage::slots::{create_slots, Table};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A lease outlives its callout's timeout by this much before others take over.
+const LEASE_MARGIN_MS: u64 = 1_000;
+/// Where the digest of the configuration last announced in the log is kept.
+const ANNOUNCED_KEY: &str = "apikey_filter/v1/announced-config";
+
+/// What the request headers phase decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// The request goes on upstream now; its response gets these RateLimit fields.
+    Forward(Option<RateHeaders>),
+    /// It was answered here, or waits for the key service.
+    Pause,
+}
+
+/// How a key lookup ended, for the requests parked on it.
+enum Resolution {
+    Known(Rc<KnownKey>),
+    Unknown,
+    Failed,
+}
+
+/// What a key lookup keeps while it flies: a found key past its TTL, usable if the key
+/// service fails (worked out once per lookup, not per parked request).
+struct Lookup {
+    stale: Option<Rc<KnownKey>>,
+}
+
+pub struct Worker<H: Host> {
+    host: H,
+    config: RefCell<Option<Rc<Config>>>,
+    cache: RefCell<Option<KeyCache>>,
+    /// This worker's queue: how it is woken, and its name in leases.
+    queue: Cell<Option<u32>>,
+    flights: RefCell<Flights<Lookup>>,
+    /// Requests parked on a lookup, by context id.
+    waiting: RefCell<HashMap<u32, Request>>,
+    /// RateLimit fields for the responses of requests that took a token after waiting
+    /// on the key service (the others keep theirs: see `Flow`).
+    rate_headers: RefCell<HashMap<u32, RateHeaders>>,
+    warnings: Warnings,
+    scheduler: RefCell<Scheduler>,
+}
+
+impl<H: Host> Worker<H> {
+    pub fn new(host: H) -> Worker<H> {
+        Worker {
+            host,
+            config: RefCell::new(None),
+            cache: RefCell::new(None),
+            queue: Cell::new(None),
+            flights: RefCell::default(),
+            waiting: RefCell::default(),
+            rate_headers: RefCell::default(),
+            warnings: Warnings::default(),
+            scheduler: RefCell::default(),
+        }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    pub fn queue(&self) -> Option<u32> {
+        self.queue.get()
+    }
+
+    pub fn set_queue(&self, queue: u32) {
+        self.queue.set(Some(queue));
+    }
+
+    fn config(&self) -> Option<Rc<Config>> {
+        self.config.borrow().clone()
+    }
+
+    /// Takes a configuration (every VM runs this, on every push). False: refused, with
+    /// one log line naming the field and the reason.
+    pub fn configure(&self, raw: &[u8]) -> bool {
+        let config = match Config::parse(raw) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("apikey-filter configuration refused: {e}");
+                return false;
+            }
+        };
+        // Creating slots keeps those that exist: running buckets and leases survive.
+        create_slots(&self.host, Table::keys(config.cache.max_entries));
+        create_slots(&self.host, Table::leases());
+        if config.brute_force.is_some() {
+            create_slots(
+                &self.host,
+                Table::client_addresses(config.cache.max_entries),
+            );
+        }
+        self.announce(raw, &config);
+        // Copies carry what the old configuration made of them (its default rate limit).
+        *self.cache.borrow_mut() = Some(KeyCache::new(&config));
+        *self.config.borrow_mut() = Some(Rc::new(config));
+        true
+    }
+
+    /// Logs the effective configuration at info level once per node and configuration
+    /// (every VM runs `configure`; one line is enough), at debug level in the others.
+    fn announce(&self, raw: &[u8], config: &Config) {
+        let digest = hash_key(raw);
+        let line = format!(
+            "apikey-filter {} configured: {}",
+            env!("CARGO_PKG_VERSION"),
+            config.summary()
+        );
+        if self
+            .host
+            .get(ANNOUNCED_KEY)
+            .is_some_and(|(value, _)| value == digest)
+        {
+            log::debug!("{line}");
+        } else {
+            let _ = self.host.set(ANNOUNCED_KEY, &digest, None);
+            log::info!("{line}");
+        }
+    }
+
+    /// The request headers phase of request `context_id`, whose header map is `headers`.
+    pub fn on_request(&self, context_id: u32, io: &mut impl RequestIo, headers: &[Header]) -> Flow {
+        let Some(config) = self.config() else {
+            // No configuration, no way to check a key: refused like any failure to.
+            let denial = Denial::KeyServiceUnavailable;
+            self.host.count(Counter::Denied(denial));
+            reply(io, "", denial, &[]);
+            return Flow::Pause;
+        };
+        let pseudo = |name| header_map::first(headers, name).unwrap_or_default();
+        let (method, path) = (pseudo(":method"), pseudo(":path"));
+
+        // Strip first, decide after: a denied request's key reaches no access log either.
+        let extraction = extract(&config.key_sources, headers, path);
+        for name in &extraction.remove_headers {
+            io.remove_header(name);
+        }
+        let names = &config.identity_headers;
+        for name in [&names.key_id, &names.owner, &names.scopes] {
+            if header_map::first(headers, name).is_some() {
+                io.remove_header(name);
+            }
+        }
+        if let Some(rewritten) = &extraction.rewritten_path {
+            io.set_header(":path", rewritten);
+        }
+
+        let client = config
+            .brute_force
+            .and_then(|_| io.client_address())
+            .and_then(|address| without_port(&address));
+        let client = client.as_deref();
+        if refuse_if_budget_spent(&self.host, io, &config, client) {
+            return Flow::Pause;
+        }
+        let key = match extraction.outcome {
+            KeyOutcome::Key(key) => key,
+            KeyOutcome::Missing => return self.deny(io, &config, client, Denial::Missing),
+            KeyOutcome::Duplicate => return self.deny(io, &config, client, Denial::Duplicate),
+            KeyOutcome::Malformed => return self.deny(io, &config, client, Denial::Malformed),
+        };
+        let now_ms = self.host.now_ms();
+        let Some((key_hash, cached)) = self
+            .cache
+            .borrow_mut()
+            .as_mut()
+            .map(|cache| cache.lookup(&self.host, &key, now_ms))
+        else {
+            return self.deny(io, &config, client, Denial::KeyServiceUnavailable);
+        };
+        io.set_log_field(LogField::Fingerprint, fingerprint(&key_hash).as_str());
+        let request = Request {
+            client: client.map(str::to_string),
+            key_hash,
+            rule: matching_rule(&config.rules, method, path),
+            config,
+            now_ms,
+        };
+        let handled = match cached {
+            Cached::Hit(known) => {
+                self.host.count(Counter::CacheHit);
+                finish(
+                    &self.host,
+                    &self.warnings,
+                    io,
+                    &request,
+                    Outcome::Known(&known),
+                )
+            }
+            Cached::NegativeHit => {
+                self.host.count(Counter::CacheNegativeHit);
+                let outcome = Outcome::Deny(Denial::Invalid);
+                finish(&self.host, &self.warnings, io, &request, outcome)
+            }
+            Cached::Miss { stale } => {
+                self.host.count(Counter::CacheMiss);
+                self.park(context_id, request, stale);
+                return Flow::Pause;
+            }
+        };
+        match handled {
+            Handled::Forward(rate_headers) => Flow::Forward(rate_headers),
+            Handled::Answered => Flow::Pause,
+        }
+    }
+
+    fn deny(
+        &self,
+        io: &mut impl RequestIo,
+        config: &Config,
+        client: Option<&str>,
+        denial: Denial,
+    ) -> Flow {
+        deny(&self.host, io, config, client, denial);
+        Flow::Pause
+    }
+
+    /// The response headers phase: the RateLimit fields of a request that took a token,
+    /// `own` when it did so at once, else as kept for it after it waited.
+    pub fn on_response(&self, context_id: u32, own: Option<RateHeaders>, io: &mut impl RequestIo) {
+        let rate_headers = own.or_else(|| remove_if_any(&self.rate_headers, context_id));
+        for (name, value) in rate_headers.iter().flat_map(RateHeaders::fields) {
+            io.add_response_header(name, value);
+        }
+    }
+
+    /// A request that ended (its client went away, or it is done).
+    pub fn forget(&self, context_id: u32) {
+        remove_if_any(&self.waiting, context_id);
+        remove_if_any(&self.rate_headers, context_id);
+    }
+
+    /// Parks request `context_id` until the key service answers for its key. Requests
+    /// for a key already being looked up join that lookup.
+    fn park(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
+        let key = FlightKey::Lookup(request.key_hash);
+        self.waiting.borrow_mut().insert(context_id, request);
+        let new = self
+            .flights
+            .borrow_mut()
+            .join(key, Some(context_id), || Lookup {
+                stale: stale.and_then(|record| {
+                    self.cache
+                        .borrow()
+                        .as_ref()
+                        .map(|cache| cache.known_key(record))
+                }),
+            });
+        if !new {
+            return;
+        }
+        // A request cannot own the callout (see the module comment): the worker's own
+        // context is woken through its queue to send it.
+        let ask = Message::Ask(key).encode();
+        let woken = self.queue.get().is_some_and(|q| self.host.wake(q, &ask));
+        if !woken {
+            self.warnings.warn(self.host.now_ms(), || {
+                "cannot reach the worker's own context to ask the key service".into()
+            });
+            self.land(key, Resolution::Failed);
+        }
+    }
+
+    /// A message on this worker's queue: from its own requests (start a flight) or from
+    /// another worker (a flight this one waited for has landed).
+    pub fn on_message(&self, bytes: &[u8]) {
+        match Message::decode(bytes) {
+            Some(Message::Ask(key)) => self.start(key, true),
+            Some(Message::Woken(ended, key)) => self.on_peer_landed(ended, key),
+            None => {}
+        }
+    }
+
+    /// Starts `key`'s queued flight: asks the key service unless another worker of the
+    /// node already is, or has just put the answer in the cache.
+    fn start(&self, key: FlightKey, trust_recent_answer: bool) {
+        let Some(config) = self.config() else {
+            return;
+        };
+        let me = self.queue.get().unwrap_or_default();
+        let hold_ms = config.key_service.timeout_ms + LEASE_MARGIN_MS;
+        let now_ms = self.host.now_ms();
+        let start = self.flights.borrow_mut().start(
+            &self.host,
+            key,
+            me,
+            now_ms,
+            hold_ms,
+            trust_recent_answer,
+        );
+        match start {
+            Start::Send => self.send_callout(key, &config),
+            Start::Wait => {
+                self.host.count(Counter::KeyServiceJoined);
+                self.reschedule(now_ms);
+            }
+            // The verdict is not in the cache after all (a TTL of 0, or evicted already).
+            Start::AlreadyAnswered if !self.answer_from_cache(key) => self.start(key, false),
+            Start::AlreadyAnswered | Start::Nothing => {}
+        }
+    }
+
+    /// Lands `key`'s flight from the cache if it holds a verdict now.
+    fn answer_from_cache(&self, key: FlightKey) -> bool {
+        let FlightKey::Lookup(key_hash) = key;
+        let now_ms = self.host.now_ms();
+        let cached = match self.cache.borrow().as_ref() {
+            Some(cache) => cache.node_wide(&self.host, &key_hash, now_ms),
+            None => return false,
+        };
+        let resolution = match cached {
+            Cached::Hit(known) => Resolution::Known(known),
+            Cached::NegativeHit => Resolution::Unknown,
+            Cached::Miss { .. } => return false,
+        };
+        self.land(key, resolution);
+        true
+    }
+
+    fn on_peer_landed(&self, ended: Ended, key: FlightKey) {
+        if !self.flights.borrow().is_waiting_on_peer(&key) {
+            return;
+        }
+        match ended {
+            Ended::Failed => self.land(key, Resolution::Failed),
+            Ended::Answered if !self.answer_from_cache(key) => {
+                // The verdict may already be gone (a tiny cache, or ttl 0): ask again.
+                self.flights.borrow_mut().requeue(key);
+                self.start(key, false);
+            }
+            Ended::Answered => {}
+        }
+    }
+
+    /// The periodic tick: takes over flights whose owner in another worker went silent.
+    pub fn on_tick(&self) {
+        let now_ms = self.host.now_ms();
+        let overdue = self.flights.borrow_mut().take_over_overdue(now_ms);
+        for key in overdue {
+            self.start(key, true);
+        }
+        self.reschedule(self.host.now_ms());
+    }
+
+    fn reschedule(&self, now_ms: u64) {
+        let next = self.flights.borrow().next_deadline_ms();
+        if let Some(period_ms) = self.scheduler.borrow_mut().plan(now_ms, next) {
+            self.host.set_tick_ms(period_ms);
+        }
+    }
+
+    fn send_callout(&self, key: FlightKey, config: &Config) {
+        let FlightKey::Lookup(key_hash) = key;
+        let service = &config.key_service;
+        let path = service.path_for(&hash_hex(&key_hash));
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", &path),
+            (":authority", &service.authority),
+        ];
+        headers.extend(
+            service
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+        let callout = Callout {
+            cluster: &service.cluster,
+            headers,
+            timeout_ms: service.timeout_ms,
+        };
+        match self.host.send_callout(&callout) {
+            Some(token) => self.flights.borrow_mut().sent(key, token),
+            None => self.on_answer(key, Answer::Failed(Failure::NotSent)),
+        }
+    }
+
+    /// The answer to callout `token` is being delivered, with a body of `body_size`.
+    pub fn on_callout_answer(&self, token: u32, body_size: usize) {
+        let Some(key) = self.flights.borrow_mut().answered(token) else {
+            return;
+        };
+        let status = self.host.callout_status();
+        let body = (body_size <= MAX_ANSWER_BYTES).then(|| self.host.callout_body(body_size));
+        self.on_answer(key, classify(status.as_deref(), body.as_deref()));
+    }
+
+    /// Counts the key service's answer, puts its verdict in the cache, and lands the
+    /// flight.
+    fn on_answer(&self, key: FlightKey, answer: Answer) {
+        let FlightKey::Lookup(key_hash) = key;
+        let now_ms = self.host.now_ms();
+        if answer != Answer::Failed(Failure::NotSent) {
+            let sent_at_ms = self.flights.borrow().get(&key).and_then(|f| f.sent_at_ms());
+            if let Some(sent_at_ms) = sent_at_ms {
+                let latency_ms = now_ms.saturating_sub(sent_at_ms);
+                self.host.record(Histogram::KeyServiceLatencyMs, latency_ms);
+            }
+        }
+        let resolution = match self.cache.borrow().as_ref() {
+            None => Resolution::Failed,
+            Some(cache) => match answer {
+                Answer::Found(record) => {
+                    self.host.count(Counter::KeyServiceFound);
+                    let known = cache.known_key(record.clone());
+                    cache.store_verdict(&self.host, &key_hash, Verdict::Found(record), now_ms);
+                    Resolution::Known(known)
+                }
+                Answer::NotFound => {
+                    self.host.count(Counter::KeyServiceNotFound);
+                    cache.store_verdict(&self.host, &key_hash, Verdict::NotFound, now_ms);
+                    Resolution::Unknown
+                }
+                Answer::Failed(failure) => {
+                    self.host.count(Counter::KeyServiceError);
+                    self.host
+                        .count(Counter::KeyServiceErrorKind(failure.kind()));
+                    self.warnings.warn(now_ms, || {
+                        format!(
+                            "key service lookup for key {} failed: {}",
+                            fingerprint(&key_hash),
+                            failure.describe()
+                        )
+                    });
+                    cache.record_failure(&self.host, &key_hash, now_ms);
+                    Resolution::Failed
+                }
+            },
+        };
+        self.land(key, resolution);
+    }
+
+    /// Ends `key`'s flight: releases its lease and wakes the workers that waited for it,
+    /// then answers every request parked on it.
+    fn land(&self, key: FlightKey, resolution: Resolution) {
+        let ended = match resolution {
+            Resolution::Known(_) | Resolution::Unknown => Ended::Answered,
+            Resolution::Failed => Ended::Failed,
+        };
+        let me = self.queue.get().unwrap_or_default();
+        let now_ms = self.host.now_ms();
+        let landed = self
+            .flights
+            .borrow_mut()
+            .land(&self.host, key, me, ended, now_ms);
+        let Some((flight, peers)) = landed else {
+            return;
+        };
+        let woken = Message::Woken(ended, key).encode();
+        for peer in peers {
+            let _ = self.host.wake(peer, &woken);
+        }
+        if flight.parked.is_empty() {
+            return;
+        }
+        for context_id in flight.parked {
+            let Some(mut request) = self.waiting.borrow_mut().remove(&context_id) else {
+                continue; // its client went away
+            };
+            let Some(mut io) = self.host.parked(context_id) else {
+                continue;
+            };
+            request.now_ms = now_ms;
+            let stale = flight.payload.stale.as_deref();
+            let outcome = match &resolution {
+                Resolution::Known(known) => Outcome::Known(known),
+                Resolution::Unknown => Outcome::Deny(Denial::Invalid),
+                Resolution::Failed => on_key_service_failure(&self.host, &request.config, stale),
+            };
+            if let Handled::Forward(rate_headers) =
+                finish(&self.host, &self.warnings, &mut io, &request, outcome)
+            {
+                if let Some(rate_headers) = rate_headers {
+                    self.rate_headers
+                        .borrow_mut()
+                        .insert(context_id, rate_headers);
+                }
+                io.resume();
+            }
+        }
+        self.host.unpark();
+    }
+}
+
+/// Every request ends with these lookups, often in empty maps (they hold only requests
+/// waiting on the key service, or between their token and their response): skip the hashing.
+fn remove_if_any<T>(map: &RefCell<HashMap<u32, T>>, context_id: u32) -> Option<T> {
+    let mut map = map.borrow_mut();
+    if map.is_empty() {
+        return None;
+    }
+    map.remove(&context_id)
+}

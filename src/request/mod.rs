@@ -1,0 +1,7 @@
+pub mod authorize;
+pub mod client_address;
+pub mod denial;
+pub mod extract;
+pub mod header_map;
+pub mod query;
+pub mod rules;

@@ -1,0 +1,2 @@
+pub mod shared_store;
+pub mod slots;
