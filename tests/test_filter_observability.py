@@ -18,10 +18,12 @@ def fingerprint(raw):
     return key_hash(raw)[:12]
 
 
+CONFIG = {"key_service": SERVICE, "rules": [{"path_prefix": "/admin", "scopes": ["admin"]}]}
+
+
 @pytest.fixture(scope="module")
 def stack():
-    config = {"key_service": SERVICE, "rules": [{"path_prefix": "/admin", "scopes": ["admin"]}]}
-    with Stack(config, keys=KEYS, concurrency=2) as s:
+    with Stack(CONFIG, keys=KEYS, concurrency=2) as s:
         yield s
 
 
@@ -34,7 +36,13 @@ def send(stack, key=None, path="/"):
     return stack.request("GET", path, headers=[("x-api-key", key)] if key else [])
 
 
-def test_stats_count_a_known_mix_of_requests_exactly(stack):
+def test_stats_count_a_known_mix_of_requests_exactly():
+    # An Envoy of its own: what other tests send cannot show in the counts.
+    with Stack(CONFIG, keys=KEYS, concurrency=2) as stack:
+        count_a_known_mix_of_requests(stack)
+
+
+def count_a_known_mix_of_requests(stack):
     for _ in range(3):
         assert send(stack, "obs-valid-6d1c").status == 200
     assert send(stack, "obs-valid-6d1c", "/admin").status == 403
@@ -97,6 +105,18 @@ def test_the_configuration_is_logged_once_and_failures_are_warned_sparingly():
         assert fingerprint("obs-outage-0") in log or fingerprint("obs-outage-1") in log
         assert "answered HTTP 500" in warnings[0]
         assert not any(f"obs-outage-{i}" in log for i in range(5))
+
+
+def test_a_callout_envoy_refuses_to_send_is_counted_and_answered():
+    # A cluster Envoy does not have: the callout is never sent.
+    with Stack({"key_service": {"cluster": "no_such_cluster"}}, keys=KEYS, concurrency=1) as s:
+        r = send(s, "obs-valid-6d1c")
+        assert r.status == 503 and r.json()["error"]["code"] == "key_service_unavailable"
+        stats = filter_stats(s)
+        assert stats.get("key_service.error") == 1, stats
+        assert stats.get("key_service.error.not_sent") == 1, stats
+        assert s.keyservice.lookups()["total"] == 0
+        s.wait_for("envoy", "could not be sent (does the cluster exist?)")
 
 
 def test_callout_latency_is_recorded_in_the_histogram():

@@ -142,8 +142,7 @@ def test_a_key_given_twice_in_one_source_is_401_duplicate(stack, headers, path):
 
 def test_bearer_header_sent_twice_is_401_duplicate(stack):
     """Envoy folds a repeated `authorization` (one of its inline headers) into one value,
-    "Bearer req-dup-b1,Bearer req-dup-b2", before the filter sees it. (Before e9662ec the
-    filter read that as one malformed key: 401 api_key_invalid.)"""
+    "Bearer req-dup-b1,Bearer req-dup-b2", before the filter sees it: still two keys."""
     add_key(stack, "req-dup-b1", "k_dup_b1")
     r = stack.request("GET", "/dup-bearer", headers=[("authorization", "Bearer req-dup-b1"),
                                                      ("authorization", "Bearer req-dup-b2")])
@@ -151,9 +150,8 @@ def test_bearer_header_sent_twice_is_401_duplicate(stack):
 
 
 def test_a_bearer_key_after_another_schemes_authorization_line_does_not_leak(stack):
-    """Envoy folds the two `authorization` lines into "Basic cmVxOmxlYWs=,Bearer zqSECRET-...".
-    (Before e9662ec the filter saw the scheme "Basic", found no key and left the header as
-    it was: the raw Bearer key reached the upstream and the access log.)"""
+    """Envoy folds the two `authorization` lines into "Basic cmVxOmxlYWs=,Bearer zqSECRET-...":
+    the Bearer part is a key, and is stripped like any other."""
     add_key(stack, "req-fold-winner", "k_fold")
     secret = "zqSECRET-fold-91d0c4"
     stack.upstream.clear()
@@ -167,11 +165,10 @@ def test_a_bearer_key_after_another_schemes_authorization_line_does_not_leak(sta
 
 
 def test_a_bearer_key_holding_a_comma_is_read_whole(stack):
-    # FILTER BUG (reported): since e9662ec the filter splits every `authorization` value at
-    # commas (to see Envoy's folded repeats), so "Bearer req-comma,1" is read as the key
-    # "req-comma": the request is authenticated as that other key (k_prefix here; a 401
-    # api_key_invalid when no such key exists). A comma is visible ASCII, so "req-comma,1"
-    # is a key, and it is read whole from x-api-key and from the query.
+    # The filter splits a folded `authorization` value at commas to see repeats, but only
+    # where another credential starts: "Bearer req-comma,1" is the key "req-comma,1", not
+    # "req-comma" (here another key's, k_prefix). A comma is visible ASCII, so it is read
+    # whole from every source.
     add_key(stack, "req-comma,1", "k_comma")
     add_key(stack, "req-comma", "k_prefix")
     for headers, path in (([("x-api-key", "req-comma,1")], "/comma"), ([], "/comma?api_key=req-comma,1"),
