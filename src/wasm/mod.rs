@@ -8,8 +8,9 @@
 mod abi;
 mod host;
 
-use crate::pipeline::request::RateHeaders;
+use crate::pipeline::request::{reply, RateHeaders};
 use crate::pipeline::worker::{Flow, Worker};
+use crate::request::denial::Denial;
 use crate::request::header_map;
 use host::{WasmHost, WasmRequest};
 use std::cell::RefCell;
@@ -203,7 +204,9 @@ pub extern "C" fn proxy_on_http_call_response(
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _end: bool) -> u32 {
     let Some(worker) = stream_worker(context_id) else {
-        return ACTION_CONTINUE;
+        // No worker for its filter: a key that cannot be checked is not forwarded.
+        reply(&mut WasmRequest, "", Denial::KeyServiceUnavailable, &[]);
+        return ACTION_PAUSE;
     };
     let serialized = abi::header_map(abi::REQUEST_HEADERS);
     let headers = header_map::parse(&serialized);
