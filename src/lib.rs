@@ -34,3 +34,13 @@ pub mod storage;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;
+
+/// A `## heading` section of the README, for the tests that hold it to the code.
+#[cfg(test)]
+pub fn readme_section(heading: &str) -> &'static str {
+    include_str!("../README.md")
+        .split(&format!("\n## {heading}\n"))
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .unwrap_or_else(|| panic!("README has a {heading} section"))
+}

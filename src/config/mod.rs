@@ -647,13 +647,7 @@ mod tests {
 
     /// The README's configuration table: (field, example JSON, row text).
     fn readme_rows() -> Vec<(String, String, String)> {
-        let readme = include_str!("../../README.md");
-        let section = readme
-            .split("\n## Configuration\n")
-            .nth(1)
-            .and_then(|rest| rest.split("\n## ").next())
-            .expect("README has a Configuration section");
-        section
+        crate::readme_section("Configuration")
             .lines()
             .filter(|line| line.starts_with("| `"))
             .map(|line| {

@@ -126,13 +126,7 @@ mod tests {
     /// filter defines and no other (`denied.<code>` standing for one per code).
     #[test]
     fn the_readme_lists_exactly_the_stats_defined() {
-        let readme = include_str!("../../README.md");
-        let section = readme
-            .split("\n## Observability")
-            .nth(1)
-            .and_then(|rest| rest.split("\n## ").next())
-            .expect("README has an Observability section");
-        let listed: BTreeSet<String> = section
+        let listed: BTreeSet<String> = crate::readme_section("Observability")
             .lines()
             .filter(|line| line.starts_with("| `"))
             .flat_map(|row| {

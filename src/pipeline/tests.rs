@@ -100,6 +100,18 @@ impl Test {
         worker.on_callout_answer(token, body.len());
     }
 
+    /// Two workers of one node, each with a request for the cold key "sk": `a` asks the
+    /// key service, `b` waits for it. `b`'s request's context id.
+    fn a_asks_and_b_waits(&self) -> (Worker<FakeHost>, Worker<FakeHost>, u32) {
+        let (a, b) = (self.worker(1, &config("")), self.worker(2, &config("")));
+        self.get(&a, "sk");
+        self.deliver(&a);
+        let (on_b, _) = self.get(&b, "sk");
+        self.deliver(&b);
+        assert_eq!(b.host().stat("key_service.joined"), 1);
+        (a, b, on_b)
+    }
+
     /// A request for `key` through a cold cache, answered by the key service with `status`
     /// and `body`: the request's reply, if it got one.
     fn cold(
@@ -549,12 +561,8 @@ fn workers_of_a_node_share_one_callout_per_key() {
 #[test]
 fn a_worker_whose_peer_went_silent_takes_the_lookup_over() {
     let t = Test::new();
-    let (a, b) = (t.worker(1, &config("")), t.worker(2, &config("")));
-    t.get(&a, "sk");
-    t.deliver(&a);
-    let (on_b, _) = t.get(&b, "sk");
-    t.deliver(&b);
-    // a never answers. Its lease holds for the timeout (500 ms) plus a margin (1 s).
+    let (_gone, b, on_b) = t.a_asks_and_b_waits();
+    // a (gone) never answers. Its lease holds for the timeout (500 ms) plus a margin (1 s).
     t.advance(1_499);
     b.on_tick();
     assert!(b.host().callouts.borrow().is_empty());
@@ -568,11 +576,7 @@ fn a_worker_whose_peer_went_silent_takes_the_lookup_over() {
 #[test]
 fn a_peers_failure_answers_the_waiting_requests_at_once() {
     let t = Test::new();
-    let (a, b) = (t.worker(1, &config("")), t.worker(2, &config("")));
-    t.get(&a, "sk");
-    t.deliver(&a);
-    let (on_b, _) = t.get(&b, "sk");
-    t.deliver(&b);
+    let (a, b, on_b) = t.a_asks_and_b_waits();
     t.answer(&a, Some("500"), "");
     t.deliver(&b);
     assert_denied(&reply_of(&b, on_b), 503, "key_service_unavailable");
