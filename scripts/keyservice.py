@@ -2,11 +2,24 @@
 """Reference key service for apikey-filter (SPEC "Key service protocol"), for tests and the demo.
 
     python3 scripts/keyservice.py --port 8081 [--host 127.0.0.1] [--keys FILE] [--save]
+                                  [--changes-path /v1/key-changes] [--changes-kept 10000]
 
 Keys file: {"keys": {"<lowercase sha256 hex of the raw key>": {record}}}. It holds hashes
 only: this service never sees a raw key, and neither does anything it stores or prints.
 
-Protocol:  GET /v1/keys/<hash>  ->  200 record JSON | 404 {"error": "not_found"}
+Protocol:
+    GET /v1/keys/<hash>             ->  200 record JSON | 404 {"error": "not_found"}
+    GET /v1/key-changes             ->  200 {"cursor": c, "key_hashes": []}: where the feed stands now
+    GET /v1/key-changes?after=<c>   ->  200 {"cursor": c2, "key_hashes": [h, ...]}
+             every key hash the admin API changed (upsert, revoke, expire, delete) after c, each
+             once, in the order of its latest change; c2 is the cursor to send next
+                                    ->  410 {"error": "cursor_gone"}: c is older than the last
+             --changes-kept changes, from the future, or not one of this run's (a restart loses
+             the log, so earlier cursors must not get a plausible but incomplete answer); the
+             client starts again without after.
+    The feed is served at --changes-path (default /v1/key-changes). Cursors are opaque to
+    clients; here "c-<this run's id>-<sequence number>". Hashes that are not 64 lowercase hex
+    (the admin API takes any string) stay out of the feed: no client could look them up.
 
 Admin API (JSON in and out), used by tests to change keys and to make the service misbehave:
     POST   /admin/keys                 {"key_hash": h, "record": {...}}  upsert, record kept as given
@@ -21,11 +34,23 @@ Admin API (JSON in and out), used by tests to change keys and to make the servic
              close      close the connection without any response
              malformed  200 with the body `{"key_id": ` (not JSON)
              delay_ms   (default 0) delays every lookup answer, in any mode
-    GET    /admin/lookups              {"total": N, "by_hash": {h: n}, "recent": [{"path", "headers"}]}
-    POST   /admin/reset                zero the counters and recent lookups, mode back to normal
+    POST   /admin/changes-mode         {"mode": M, "status": S, "delay_ms": D}  the same for feed polls
+             normal     answer from the change log (the default)
+             status     answer every poll with status S (default 500) and a small JSON body
+             gone       answer every poll 410, whatever the cursor
+             hang       never answer: block until the feed mode changes or 60 s pass
+             malformed  200 with the body `{"cursor": ` (not JSON)
+             bad_hashes 200 with {"cursor": "c-bad", "key_hashes": ["not-a-hash"]}
+             huge       200 with a valid {"cursor": "c-huge", "key_hashes": [...]} just over 1 MiB
+             delay_ms   (default 0) delays every poll answer, in any mode
+    GET    /admin/lookups              {"total": N, "by_hash": {h: n}, "recent": [{"path", "headers"}],
+                                        "changes": {"total": N, "recent": [{"path", "headers"}]}}
+             feed polls are counted under "changes" only, never as lookups
+    POST   /admin/reset                zero the counters and recent lookups and polls, both modes back
+                                       to normal (the change log is kept: cursors stay valid)
     GET    /healthz                    200
 
-Lookups are counted in every mode, so a test can count callouts even while they fail.
+Lookups and polls are counted in every mode, so a test can count callouts even while they fail.
 --save writes admin changes back to the keys file, so a restarted service keeps them.
 --port 0 picks a free port; the start line on stdout names the one bound.
 """
@@ -33,33 +58,84 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs
 
 from threaded_server import serve  # scripts/ is on sys.path: it holds this script
 
 MODES = ("normal", "status", "hang", "close", "malformed")
+CHANGES_MODES = ("normal", "status", "gone", "hang", "malformed", "bad_hashes", "huge")
 HANG_MAX_S = 60
 RECENT_MAX = 200
+KEY_HASH = re.compile(r"[0-9a-f]{64}")
+# "huge": each hash costs 68 bytes in json.dumps' list ('"<64 hex>", '); one more than fits
+# in 1 MiB puts the body just over it, so a client's cap of 1 MiB or less trips.
+HUGE_HASHES = (1 << 20) // 68 + 1
 
 
 class State:
     """Everything the handlers share, behind one lock."""
 
-    def __init__(self, keys, keys_file=None, save=False):
+    def __init__(self, keys, keys_file=None, save=False, changes_kept=10000):
         self.lock = threading.Lock()
-        self.mode_changed = threading.Condition(self.lock)  # wakes hung lookups
+        self.mode_changed = threading.Condition(self.lock)  # wakes hung lookups and polls
         self.keys = keys
         self.keys_file = keys_file if save else None
-        self.mode = {"mode": "normal", "status": 500, "delay_ms": 0}
+        # The change log: (seq, hash) for the last changes_kept admin changes. Entries leave
+        # only from the left, so the kept ones are always seq - len + 1 .. seq.
+        self.seq = 0
+        self.changes = collections.deque(maxlen=changes_kept)
+        # In every cursor: a restarted service (same port, same keys file) has lost the log,
+        # so its predecessor's cursors must get 410.
+        self.run_id = f"{time.time_ns():x}"
+        with self.lock:
+            self.reset_modes()
         self.reset_counters()
+
+    def reset_modes(self):
+        """Both modes back to normal. Lock held."""
+        self.mode = {"mode": "normal", "status": 500, "delay_ms": 0}
+        self.changes_mode = {"mode": "normal", "status": 500, "delay_ms": 0}
+        self.mode_changed.notify_all()  # a hung request answers in the new mode
 
     def reset_counters(self):
         self.total = 0
         self.by_hash = collections.Counter()
         self.recent = collections.deque(maxlen=RECENT_MAX)
+        self.polls = 0
+        self.recent_polls = collections.deque(maxlen=RECENT_MAX)
+
+    def changed(self, key_hash):
+        """Log an admin change to key_hash for the feed. Lock held."""
+        if KEY_HASH.fullmatch(key_hash):
+            self.seq += 1
+            self.changes.append((self.seq, key_hash))
+
+    def cursor(self):
+        return f"c-{self.run_id}-{self.seq}"
+
+    def changes_after(self, cursor):
+        """The hashes changed after `cursor`, each once in the order of its latest change, or
+        None if the log cannot tell (too old, from the future, not ours). Lock held."""
+        prefix = f"c-{self.run_id}-"
+        after = cursor[len(prefix):] if cursor.startswith(prefix) else ""
+        if not (after.isascii() and after.isdigit()) or str(int(after)) != after:
+            return None
+        after = int(after)
+        # A cursor one below the oldest kept entry still lists everything since: that is
+        # the oldest one the log can answer.
+        if not self.seq - len(self.changes) <= after <= self.seq:
+            return None
+        latest = {}
+        for seq, h in self.changes:
+            if seq > after:
+                latest.pop(h, None)  # re-inserted: dicts keep insertion order
+                latest[h] = seq
+        return list(latest)
 
     def save(self):
         """Write the keys back (atomically: a reader never sees half a file). Lock held."""
@@ -74,6 +150,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: Envoy pools its connections to us
     server_version = "keyservice"
     state: State  # set on the class by main()
+    changes_path = "/v1/key-changes"  # --changes-path
 
     def log_message(self, format, *args):  # noqa: A002 - quiet: benchmarks go through here
         pass
@@ -113,8 +190,10 @@ class Handler(BaseHTTPRequestHandler):
         self.route("PUT")
 
     def route(self, method):
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         parts = [p for p in path.split("/") if p]
+        if path == self.changes_path and method == "GET":
+            return self.poll_changes(query)
         if parts[:2] == ["v1", "keys"] and len(parts) == 3 and method == "GET":
             return self.lookup(parts[2])
         body = self.read_json() if method in ("POST", "PUT") else {}
@@ -126,6 +205,25 @@ class Handler(BaseHTTPRequestHandler):
             return self.admin(method, parts[1:], body)
         self.send(404, {"error": "no_such_endpoint"})
 
+    def seen(self):
+        return {"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]}
+
+    def await_mode(self, mode, which):
+        """Delay as `mode` says, then, while it is hang, block until State.<which> changes
+        or HANG_MAX_S pass. Returns the mode to answer in: "close" if still hung."""
+        st = self.state
+        if mode["delay_ms"]:
+            time.sleep(mode["delay_ms"] / 1000)
+        if mode["mode"] == "hang":
+            deadline = time.monotonic() + HANG_MAX_S
+            with st.lock:
+                while getattr(st, which)["mode"] == "hang" and time.monotonic() < deadline:
+                    st.mode_changed.wait(deadline - time.monotonic())
+                mode = dict(getattr(st, which))
+            if mode["mode"] == "hang":  # 60 s passed: give up without an answer
+                mode["mode"] = "close"
+        return mode
+
     # -- the protocol ---------------------------------------------------------------------
 
     def lookup(self, key_hash):
@@ -133,18 +231,9 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.total += 1
             st.by_hash[key_hash] += 1
-            st.recent.append({"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]})
+            st.recent.append(self.seen())
             mode = dict(st.mode)
-        if mode["delay_ms"]:
-            time.sleep(mode["delay_ms"] / 1000)
-        if mode["mode"] == "hang":
-            deadline = time.monotonic() + HANG_MAX_S
-            with st.lock:
-                while st.mode["mode"] == "hang" and time.monotonic() < deadline:
-                    st.mode_changed.wait(deadline - time.monotonic())
-                mode = dict(st.mode)
-            if mode["mode"] == "hang":  # 60 s passed: give up without an answer
-                mode["mode"] = "close"
+        mode = self.await_mode(mode, "mode")
         if mode["mode"] == "status":
             return self.send(mode["status"], {"error": "injected", "status": mode["status"]})
         if mode["mode"] == "close":
@@ -158,6 +247,40 @@ class Handler(BaseHTTPRequestHandler):
         if body is None:
             return self.send(404, {"error": "not_found"})
         self.send(200, body)
+
+    def poll_changes(self, query):
+        st = self.state
+        with st.lock:
+            st.polls += 1
+            st.recent_polls.append(self.seen())
+            mode = dict(st.changes_mode)
+        mode = self.await_mode(mode, "changes_mode")
+        if mode["mode"] == "status":
+            return self.send(mode["status"], {"error": "injected", "status": mode["status"]})
+        if mode["mode"] == "gone":
+            return self.send(410, {"error": "cursor_gone"})
+        if mode["mode"] == "close":  # hung for HANG_MAX_S
+            self.close_connection = True
+            return
+        if mode["mode"] == "malformed":
+            return self.send(200, b'{"cursor": ')
+        if mode["mode"] == "bad_hashes":
+            return self.send(200, {"cursor": "c-bad", "key_hashes": ["not-a-hash"]})
+        if mode["mode"] == "huge":
+            return self.send(200, {"cursor": "c-huge", "key_hashes": [f"{i:064x}" for i in range(HUGE_HASHES)]})
+        # keep_blank_values: "?after=" is a cursor (a foreign one), not a first poll.
+        after = parse_qs(query, keep_blank_values=True).get("after")
+        with st.lock:
+            if after is None:  # a first poll: where the feed stands now
+                hashes = []
+            elif len(after) == 1:
+                hashes = st.changes_after(after[0])
+            else:  # which one would the client mean?
+                hashes = None
+            answer = {"cursor": st.cursor(), "key_hashes": hashes}
+        if hashes is None:
+            return self.send(410, {"error": "cursor_gone"})
+        self.send(200, answer)
 
     # -- the admin API --------------------------------------------------------------------
 
@@ -175,6 +298,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send(400, {"error": 'want {"key_hash": str, "record": {...}}'})
             with st.lock:
                 st.keys[h] = record
+                st.changed(h)
                 st.save()
             return self.send(200, {"key_hash": h, "record": record})
         if len(parts) in (2, 3) and parts[0] == "keys":
@@ -182,30 +306,31 @@ class Handler(BaseHTTPRequestHandler):
             with st.lock:
                 status, answer = self.change_key(h, method, action)
             return self.send(status, answer)
-        if parts == ["mode"] and method == "POST":
+        if parts in (["mode"], ["changes-mode"]) and method == "POST":
+            modes, which = (MODES, "mode") if parts == ["mode"] else (CHANGES_MODES, "changes_mode")
             mode = body.get("mode", "normal")
             status = body.get("status")
             delay = body.get("delay_ms")
-            if mode not in MODES:
-                return self.send(400, {"error": f"mode must be one of {', '.join(MODES)}"})
+            if mode not in modes:
+                return self.send(400, {"error": f"mode must be one of {', '.join(modes)}"})
             status = 500 if status is None else status
             delay = 0 if delay is None else delay
             if not (isinstance(status, int) and 100 <= status <= 599 and isinstance(delay, (int, float)) and delay >= 0):
                 return self.send(400, {"error": "status must be 100..599, delay_ms >= 0"})
             with st.lock:
-                st.mode = {"mode": mode, "status": status, "delay_ms": delay}
+                setattr(st, which, {"mode": mode, "status": status, "delay_ms": delay})
                 st.mode_changed.notify_all()
             return self.send(200, {"mode": mode, "status": status, "delay_ms": delay})
         if parts == ["lookups"] and method == "GET":
             with st.lock:
-                seen = {"total": st.total, "by_hash": dict(st.by_hash), "recent": list(st.recent)}
+                seen = {"total": st.total, "by_hash": dict(st.by_hash), "recent": list(st.recent),
+                        "changes": {"total": st.polls, "recent": list(st.recent_polls)}}
                 seen = json.dumps(seen).encode()
             return self.send(200, seen)
         if parts == ["reset"] and method == "POST":
             with st.lock:
                 st.reset_counters()
-                st.mode = {"mode": "normal", "status": 500, "delay_ms": 0}
-                st.mode_changed.notify_all()
+                st.reset_modes()
             return self.send(200, {"ok": True})
         self.send(404, {"error": "no_such_endpoint"})
 
@@ -222,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
             st.keys[h]["expires_at"] = int(time.time()) - 1
         else:
             return 404, {"error": "no_such_endpoint"}
+        st.changed(h)
         st.save()
         return 200, ({"deleted": h} if method == "DELETE" else {"key_hash": h, "record": dict(st.keys[h])})
 
@@ -242,9 +368,16 @@ def main(argv=None):
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--keys", help='JSON file {"keys": {sha256hex: record}}')
     ap.add_argument("--save", action="store_true", help="write admin changes back to --keys")
+    ap.add_argument("--changes-path", default="/v1/key-changes", help="where to serve the change feed")
+    ap.add_argument("--changes-kept", type=int, default=10000, help="changes the feed keeps (older cursors get 410)")
     args = ap.parse_args(argv)
+    if not args.changes_path.startswith("/") or "?" in args.changes_path:
+        ap.error("--changes-path must be a path: /..., without a query")
+    if args.changes_kept < 1:
+        ap.error("--changes-kept must be at least 1")
 
-    Handler.state = State(load_keys(args.keys), args.keys, args.save)
+    Handler.changes_path = args.changes_path
+    Handler.state = State(load_keys(args.keys), args.keys, args.save, args.changes_kept)
     serve(Handler, args.host, args.port, f"keyservice listening on {{url}} ({len(Handler.state.keys)} keys)")
 
 

@@ -2,8 +2,10 @@
 If these lie, every integration test built on them lies too."""
 import http.client
 import json
+import re
 import socket
 import time
+from urllib.parse import quote
 
 import pytest
 
@@ -11,16 +13,24 @@ from harness import KeyServiceClient, UpstreamClient, _Connection, http_request,
 
 ALICE = key_hash("k-alice")
 BOB = key_hash("k-bob")
+CAROL = key_hash("k-carol")
+CHANGES = "/v1/key-changes"
+
+
+def start_key_service(tmp_path, name, extra=()):
+    """A key service with alice (from its keys file, written back on changes): (process, client)."""
+    keys = tmp_path / f"{name}.json"
+    keys.write_text(json.dumps({"keys": {ALICE: {"key_id": "k_1", "owner": "acme", "scopes": ["a", "b"]}}}))
+    proc, port = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / f"{name}.log",
+                                     ["--keys", keys, "--save", *extra])
+    client = KeyServiceClient(port)
+    client.keys_path = keys
+    return proc, client
 
 
 @pytest.fixture
 def ks(tmp_path):
-    """A key service with alice (from its keys file, written back on changes) and its client."""
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": {ALICE: {"key_id": "k_1", "owner": "acme", "scopes": ["a", "b"]}}}))
-    proc, port = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / "ks.log", ["--keys", keys, "--save"])
-    client = KeyServiceClient(port)
-    client.keys_path = keys
+    proc, client = start_key_service(tmp_path, "ks")
     yield client
     proc.stop()
 
@@ -34,6 +44,22 @@ def up(tmp_path):
 
 def lookup(ks, h, timeout=5, headers=()):
     return http_request(ks.port, "GET", f"/v1/keys/{h}", headers, timeout=timeout)
+
+
+def poll(ks, after=None, timeout=5, path=CHANGES):
+    """One poll of the change feed, `after` URL-encoded as the filter sends it."""
+    return http_request(ks.port, "GET", path if after is None else f"{path}?after={quote(after, safe='')}",
+                        timeout=timeout)
+
+
+def changes_since(ks, after):
+    r = poll(ks, after)
+    assert r.status == 200, r
+    return r.json()["key_hashes"]
+
+
+def set_changes_mode(ks, mode, status=None, delay_ms=None):
+    return ks.call("POST", "/admin/changes-mode", {"mode": mode, "status": status, "delay_ms": delay_ms})
 
 
 def test_key_hash_is_lowercase_sha256_hex():
@@ -126,7 +152,7 @@ def test_reset_zeroes_counters_and_mode_but_keeps_keys(ks):
     lookup(ks, ALICE)
     ks.set_mode("status", status=503)
     ks.reset()
-    assert ks.lookups() == {"total": 0, "by_hash": {}, "recent": []}
+    assert ks.lookups() == {"total": 0, "by_hash": {}, "recent": [], "changes": {"total": 0, "recent": []}}
     assert lookup(ks, ALICE).status == 200
 
 
@@ -183,6 +209,175 @@ def test_delay_applies_in_any_mode(ks):
     t = time.monotonic()
     assert lookup(ks, ALICE).status == 502
     assert time.monotonic() - t >= 0.15
+
+
+# -- key service: change feed ---------------------------------------------------------------
+
+
+def test_feed_first_poll_tells_where_it_stands(ks):
+    r = poll(ks)
+    assert r.status == 200 and r.header("content-type") == "application/json"
+    answer = r.json()
+    assert answer["key_hashes"] == []
+    assert re.fullmatch(r"[\x21-\x7e]{1,256}", answer["cursor"])  # visible ASCII, 1..256 bytes
+
+
+def test_feed_lists_each_changed_key_once_in_the_order_of_its_latest_change(ks):
+    ks.add_key(BOB, {"key_id": "k_2"})
+    start = poll(ks).json()["cursor"]
+    ks.revoke(ALICE)
+    ks.add_key(CAROL, {"key_id": "k_3"})  # a new key
+    ks.expire(ALICE)  # alice again: listed once, where her latest change puts her
+    ks.delete(BOB)
+    http_request(ks.port, "POST", f"/admin/keys/{BOB}/revoke")  # 404: changes nothing
+    answer = poll(ks, start).json()
+    assert answer["key_hashes"] == [CAROL, ALICE, BOB]
+    assert answer["cursor"] != start and re.fullmatch(r"[\x21-\x7e]{1,256}", answer["cursor"])
+
+    assert changes_since(ks, answer["cursor"]) == []
+    ks.add_key("not-a-sha256", {"key_id": "k_4"})  # no client could look it up
+    assert changes_since(ks, answer["cursor"]) == []
+    assert changes_since(ks, start) == [CAROL, ALICE, BOB]  # a cursor can be polled again
+
+
+def test_feed_answers_410_to_a_cursor_it_cannot_answer(ks, tmp_path):
+    foreign = poll(ks).json()["cursor"]
+    proc, small = start_key_service(tmp_path, "small", ["--changes-kept", "3"])
+    try:
+        c0 = poll(small).json()["cursor"]
+        small.revoke(ALICE)
+        c1 = poll(small).json()["cursor"]
+        small.add_key(BOB, {"key_id": "k_2"})
+        small.add_key(CAROL, {"key_id": "k_3"})
+        assert changes_since(small, c0) == [ALICE, BOB, CAROL]  # 3 changes kept: c0 still answered
+        small.delete(BOB)
+        assert poll(small, c0).status == 410  # its first change is no longer kept
+        assert changes_since(small, c1) == [CAROL, BOB]
+
+        # Not ours: garbage, empty, another run's (a restart loses the log), from the future.
+        for cursor in ("garbage", "", "c-1", foreign, c1 + "0", "c-\u00e9"):
+            r = poll(small, cursor)
+            assert (r.status, r.json()) == (410, {"error": "cursor_gone"}), cursor
+        assert http_request(small.port, "GET", f"{CHANGES}?after={quote(c1)}&after={quote(c1)}").status == 410
+
+        # The client then starts again without after.
+        again = poll(small).json()
+        small.revoke(CAROL)
+        assert again["key_hashes"] == [] and changes_since(small, again["cursor"]) == [CAROL]
+    finally:
+        proc.stop()
+
+
+def test_feed_polls_are_counted_apart_from_lookups(ks):
+    cursor = poll(ks).json()["cursor"]
+    poll(ks, cursor)
+    lookup(ks, ALICE)
+    seen = ks.lookups()
+    assert (seen["total"], seen["by_hash"], len(seen["recent"])) == (1, {ALICE: 1}, 1)
+    assert seen["changes"]["total"] == 2
+    paths = [x["path"] for x in seen["changes"]["recent"]]
+    assert paths == [CHANGES, f"{CHANGES}?after={quote(cursor, safe='')}"]
+    assert ["Host", f"127.0.0.1:{ks.port}"] in seen["changes"]["recent"][0]["headers"]
+    for _ in range(205):
+        poll(ks)
+    seen = ks.lookups()
+    assert seen["total"] == 1 and seen["changes"]["total"] == 207 and len(seen["changes"]["recent"]) == 200
+
+
+def test_feed_served_at_changes_path(tmp_path):
+    proc, other = start_key_service(tmp_path, "other", ["--changes-path", "/feed/keys"])
+    try:
+        cursor = poll(other, path="/feed/keys").json()["cursor"]
+        other.revoke(ALICE)
+        r = poll(other, cursor, path="/feed/keys")
+        assert r.status == 200 and r.json()["key_hashes"] == [ALICE]
+        assert poll(other).status == 404
+        assert other.lookups()["changes"]["total"] == 2
+    finally:
+        proc.stop()
+
+
+def test_feed_modes_misbehave_as_told_and_are_counted(ks):
+    cursor = poll(ks).json()["cursor"]
+    set_changes_mode(ks, "status", status=503)
+    r = poll(ks, cursor)
+    assert r.status == 503 and r.json()["error"]
+    set_changes_mode(ks, "status")
+    assert poll(ks).status == 500  # default status
+
+    set_changes_mode(ks, "gone")
+    for after in (None, cursor, "garbage"):
+        r = poll(ks, after)
+        assert (r.status, r.json()) == (410, {"error": "cursor_gone"}), after
+
+    set_changes_mode(ks, "malformed")
+    r = poll(ks, cursor)
+    assert r.status == 200 and r.body == b'{"cursor": '
+    with pytest.raises(ValueError):
+        r.json()
+
+    set_changes_mode(ks, "bad_hashes")
+    r = poll(ks, cursor)
+    assert (r.status, r.json()) == (200, {"cursor": "c-bad", "key_hashes": ["not-a-hash"]})
+
+    set_changes_mode(ks, "huge")
+    r = poll(ks, cursor)
+    assert r.status == 200 and 1_000_000 <= len(r.body) <= 1_100_000
+    answer = r.json()
+    assert answer["cursor"] == "c-huge" and all(re.fullmatch("[0-9a-f]{64}", h) for h in answer["key_hashes"])
+
+    assert ks.lookups()["changes"]["total"] == 9 and ks.lookups()["total"] == 0
+    assert lookup(ks, ALICE).status == 200  # the feed's mode is not the lookups'
+    set_changes_mode(ks, "normal")
+    ks.set_mode("status", status=503)
+    assert poll(ks, cursor).json()["key_hashes"] == []  # nor the other way round
+
+
+def test_feed_delay_applies_in_any_mode(ks):
+    set_changes_mode(ks, "normal", delay_ms=150)
+    t = time.monotonic()
+    assert poll(ks).status == 200
+    assert time.monotonic() - t >= 0.15
+    set_changes_mode(ks, "gone", delay_ms=150)
+    t = time.monotonic()
+    assert poll(ks).status == 410
+    assert time.monotonic() - t >= 0.15
+    set_changes_mode(ks, "normal", delay_ms=2000)
+    t = time.monotonic()
+    assert lookup(ks, ALICE).status == 200 and time.monotonic() - t < 1  # lookups are not delayed
+
+
+def test_feed_mode_hang_never_answers_until_the_feed_mode_changes(ks):
+    set_changes_mode(ks, "hang")
+    with pytest.raises(socket.timeout):
+        poll(ks, timeout=0.3)
+    assert lookup(ks, ALICE).status == 200  # lookups still answer
+    conn = _Connection("127.0.0.1", ks.port, timeout=5)
+    conn.request("GET", CHANGES)
+    time.sleep(0.2)
+    set_changes_mode(ks, "status", status=502)
+    assert conn.getresponse().status == 502  # answered by the new mode
+    conn.close()
+
+
+def test_bad_feed_mode_requests_are_refused(ks):
+    for body in ({"mode": "sulk"}, {"mode": "close"}, {"mode": "status", "status": 99},
+                 {"mode": "normal", "delay_ms": -1}):
+        assert http_request(ks.port, "POST", "/admin/changes-mode", body=body).status == 400, body
+    assert poll(ks).status == 200
+
+
+def test_reset_brings_the_feed_back_to_normal_and_keeps_the_log(ks):
+    cursor = poll(ks).json()["cursor"]
+    ks.revoke(ALICE)
+    set_changes_mode(ks, "gone")
+    assert poll(ks, cursor).status == 410
+    set_changes_mode(ks, "gone", delay_ms=2000)
+    ks.reset()
+    assert ks.lookups()["changes"] == {"total": 0, "recent": []}
+    t = time.monotonic()
+    assert changes_since(ks, cursor) == [ALICE]  # normal again, and the log survives a reset
+    assert time.monotonic() - t < 1  # no delay either
 
 
 # -- upstream ----------------------------------------------------------------------------------

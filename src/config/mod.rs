@@ -32,6 +32,17 @@ pub struct KeyService {
     path_after_hash: String,
     pub timeout_ms: u64,
     pub headers: Vec<(String, String)>,
+    /// The key service's change feed; `None`: not polled.
+    pub changes: Option<ChangeFeed>,
+}
+
+/// `key_service.changes` (SPEC "Change feed").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeFeed {
+    pub path: String,
+    pub interval_ms: u64,
+    /// How long a found key is trusted while the feed is healthy.
+    pub ttl_s: u64,
 }
 
 impl KeyService {
@@ -49,6 +60,8 @@ pub struct CacheConfig {
     pub negative_ttl_s: u64,
     pub stale_if_error_s: u64,
     pub max_entries: u32,
+    /// 0 to 90; 0: no refresh ahead.
+    pub refresh_ahead_pct: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +119,22 @@ const FIELDS: &[&str] = &[
 /// The fields each object accepts; anything else is refused. The README's configuration
 /// table is checked against these (see the tests).
 const KEY_SOURCE_FIELDS: &[&str] = &["header", "scheme", "query"];
-const KEY_SERVICE_FIELDS: &[&str] = &["cluster", "authority", "path", "timeout_ms", "headers"];
-const CACHE_FIELDS: &[&str] = &["ttl_s", "negative_ttl_s", "stale_if_error_s", "max_entries"];
+const KEY_SERVICE_FIELDS: &[&str] = &[
+    "cluster",
+    "authority",
+    "path",
+    "timeout_ms",
+    "headers",
+    "changes",
+];
+const CHANGES_FIELDS: &[&str] = &["path", "interval_ms", "ttl_s"];
+const CACHE_FIELDS: &[&str] = &[
+    "ttl_s",
+    "negative_ttl_s",
+    "stale_if_error_s",
+    "max_entries",
+    "refresh_ahead_pct",
+];
 const BUCKET_FIELDS: &[&str] = &["requests", "period_s", "burst"];
 const RULE_FIELDS: &[&str] = &["path_prefix", "methods", "scopes"];
 const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
@@ -180,9 +207,16 @@ impl Config {
         };
         let ks = &self.key_service;
         let header_names: Vec<&str> = ks.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let changes = match &ks.changes {
+            Some(c) => format!(
+                "{{path={} interval_ms={} ttl_s={}}}",
+                c.path, c.interval_ms, c.ttl_s
+            ),
+            None => "off".to_string(),
+        };
         format!(
-            "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}]}} \
-             cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={}}} rate_limit={} \
+            "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}] changes={}}} \
+             cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={} refresh_ahead_pct={}}} rate_limit={} \
              rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={}",
             sources.join(", "),
             ks.cluster,
@@ -190,10 +224,12 @@ impl Config {
             ks.path_for("{key_hash}"),
             ks.timeout_ms,
             header_names.join(", "),
+            changes,
             self.cache.ttl_s,
             self.cache.negative_ttl_s,
             self.cache.stale_if_error_s,
             self.cache.max_entries,
+            self.cache.refresh_ahead_pct,
             bucket(self.rate_limit),
             self.rules.len(),
             self.identity_headers.key_id,
@@ -335,7 +371,27 @@ fn parse_key_service(root: &Object) -> FieldResult<KeyService> {
         path_after_hash: after.to_string(),
         timeout_ms: service.u64_in("timeout_ms", 500, 1, MAX_TIMEOUT_MS)?,
         headers,
+        changes: parse_changes(&service)?,
     })
+}
+
+fn parse_changes(service: &Object) -> FieldResult<Option<ChangeFeed>> {
+    let Some(changes) = service.object("changes")? else {
+        return Ok(None);
+    };
+    changes.refuse_unknown(CHANGES_FIELDS)?;
+    let path = changes.string("path")?.unwrap_or("/v1/key-changes");
+    if !path.starts_with('/') || !is_header_value(path) || path.contains([' ', '?', '#']) {
+        return Err(FieldError::new(
+            changes.path_of("path"),
+            "must be a path starting with /, without a query",
+        ));
+    }
+    Ok(Some(ChangeFeed {
+        path: path.to_string(),
+        interval_ms: changes.u64_in("interval_ms", 1000, 100, 60_000)?,
+        ttl_s: changes.u64_in("ttl_s", 3600, 0, MAX_SECONDS)?,
+    }))
 }
 
 fn parse_cache(root: &Object) -> FieldResult<CacheConfig> {
@@ -350,6 +406,7 @@ fn parse_cache(root: &Object) -> FieldResult<CacheConfig> {
         negative_ttl_s: cache.u64_in("negative_ttl_s", 10, 0, MAX_SECONDS)?,
         stale_if_error_s: cache.u64_in("stale_if_error_s", 300, 0, MAX_SECONDS)?,
         max_entries: cache.u64_in("max_entries", 100_000, 1, MAX_ENTRIES)? as u32,
+        refresh_ahead_pct: cache.u64_in("refresh_ahead_pct", 20, 0, 90)? as u8,
     })
 }
 
@@ -542,9 +599,11 @@ mod tests {
                 ttl_s: 60,
                 negative_ttl_s: 10,
                 stale_if_error_s: 300,
-                max_entries: 100_000
+                max_entries: 100_000,
+                refresh_ahead_pct: 20,
             }
         );
+        assert_eq!(c.key_service.changes, None);
         assert_eq!(
             c.rate_limit,
             Some(BucketSpec {
@@ -688,6 +747,7 @@ mod tests {
             ("rules", RULE_FIELDS),
             ("identity_headers", IDENTITY_FIELDS),
             ("brute_force", BRUTE_FORCE_FIELDS),
+            ("key_service.changes", CHANGES_FIELDS),
         ] {
             let (_, _, row) = rows.iter().find(|(f, _, _)| f == field).unwrap();
             for name in inner {
@@ -712,6 +772,45 @@ mod tests {
             let parsed = Config::parse(doc.to_string().as_bytes());
             assert!(parsed.is_ok(), "{field}: {example}: {:?}", parsed.err());
         }
+    }
+
+    #[test]
+    fn the_change_feed_has_defaults_and_bounds() {
+        let feed = |changes: &str| {
+            parse(&format!(
+                r#"{{"key_service": {{"cluster": "k", "changes": {changes}}}}}"#
+            ))
+        };
+        assert_eq!(
+            feed("{}").unwrap().key_service.changes,
+            Some(ChangeFeed {
+                path: "/v1/key-changes".into(),
+                interval_ms: 1000,
+                ttl_s: 3600
+            })
+        );
+        assert_eq!(feed("null").unwrap().key_service.changes, None);
+        for (bad, field) in [
+            (r#"{"interval_ms": 99}"#, "key_service.changes.interval_ms"),
+            (
+                r#"{"interval_ms": 60001}"#,
+                "key_service.changes.interval_ms",
+            ),
+            (r#"{"path": "v1"}"#, "key_service.changes.path"),
+            (r#"{"path": "/v1?x=1"}"#, "key_service.changes.path"),
+            (r#"{"every": 1}"#, "key_service.changes"),
+        ] {
+            let error = feed(bad).unwrap_err();
+            assert!(error.to_string().starts_with(field), "{bad}: {error}");
+        }
+        let pct = |n: u32| {
+            parse(&format!(
+                r#"{{"key_service": {{"cluster": "k"}}, "cache": {{"refresh_ahead_pct": {n}}}}}"#
+            ))
+        };
+        assert_eq!(pct(0).unwrap().cache.refresh_ahead_pct, 0);
+        assert_eq!(pct(90).unwrap().cache.refresh_ahead_pct, 90);
+        assert!(pct(91).is_err());
     }
 
     #[test]

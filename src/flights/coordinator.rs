@@ -15,34 +15,60 @@ use std::collections::HashMap;
 /// What a flight is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FlightKey {
-    /// Asking the key service about a key.
+    /// Asking the key service about a key (for requests, or to refresh its entry).
     Lookup(KeyHash),
+    /// Polling the key service's change feed (one per node per interval, elected through
+    /// the feed's own state rather than a lease).
+    FeedPoll,
 }
+
+/// The lease of a feed poll, were one taken: no key's hash.
+const FEED_POLL_LEASE: LeaseId = *b"apikey_filter/change-feed-poll/\0";
 
 impl FlightKey {
     fn lease_id(&self) -> &LeaseId {
         match self {
             FlightKey::Lookup(key_hash) => key_hash,
+            FlightKey::FeedPoll => &FEED_POLL_LEASE,
         }
     }
 }
 
-/// What a worker's queue carries: a flight one of its own requests asks for, or another
-/// worker's news of a flight this one waited for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a worker's queue carries: a lookup one of its own requests asks for, another
+/// worker's news of a lookup this one waited for, or the change feed's news from the
+/// worker that polled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Ask(FlightKey),
-    Woken(Ended, FlightKey),
+    Ask(KeyHash),
+    Woken(Ended, KeyHash),
+    Feed(FeedNews),
+}
+
+/// What a feed poll found, for the node's other workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedNews {
+    pub epoch: u32,
+    /// When the feed last answered 200.
+    pub ok_at_ms: u64,
+    /// Keys whose copies must go.
+    pub forgotten: Vec<KeyHash>,
 }
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
-        let (kind, flight) = match self {
-            Message::Ask(f) => (0, f),
-            Message::Woken(Ended::Answered, f) => (1, f),
-            Message::Woken(Ended::Failed, f) => (2, f),
+        let (kind, key_hash) = match self {
+            Message::Ask(h) => (0, h),
+            Message::Woken(Ended::Answered, h) => (1, h),
+            Message::Woken(Ended::Failed, h) => (2, h),
+            Message::Feed(news) => {
+                let mut out = Vec::with_capacity(13 + 32 * news.forgotten.len());
+                out.push(3);
+                out.extend_from_slice(&news.epoch.to_le_bytes());
+                out.extend_from_slice(&news.ok_at_ms.to_le_bytes());
+                news.forgotten.iter().for_each(|h| out.extend_from_slice(h));
+                return out;
+            }
         };
-        let FlightKey::Lookup(key_hash) = flight;
         let mut out = Vec::with_capacity(33);
         out.push(kind);
         out.extend_from_slice(key_hash);
@@ -51,11 +77,25 @@ impl Message {
 
     pub fn decode(bytes: &[u8]) -> Option<Message> {
         let (&kind, rest) = bytes.split_first()?;
-        let flight = FlightKey::Lookup(rest.try_into().ok()?);
+        if kind == 3 {
+            let (head, hashes) = (rest.get(..12)?, rest.get(12..)?);
+            if hashes.len() % 32 != 0 {
+                return None;
+            }
+            return Some(Message::Feed(FeedNews {
+                epoch: u32::from_le_bytes(head.get(..4)?.try_into().ok()?),
+                ok_at_ms: u64::from_le_bytes(head.get(4..)?.try_into().ok()?),
+                forgotten: hashes
+                    .chunks_exact(32)
+                    .filter_map(|h| h.try_into().ok())
+                    .collect(),
+            }));
+        }
+        let key_hash: KeyHash = rest.try_into().ok()?;
         match kind {
-            0 => Some(Message::Ask(flight)),
-            1 => Some(Message::Woken(Ended::Answered, flight)),
-            2 => Some(Message::Woken(Ended::Failed, flight)),
+            0 => Some(Message::Ask(key_hash)),
+            1 => Some(Message::Woken(Ended::Answered, key_hash)),
+            2 => Some(Message::Woken(Ended::Failed, key_hash)),
             _ => None,
         }
     }
@@ -179,6 +219,18 @@ impl<P> Flights<P> {
                 Start::Wait
             }
             Acquired::Answered => Start::AlreadyAnswered,
+        }
+    }
+
+    /// Starts a queued flight that needs no lease (it was elected otherwise). True when
+    /// it was queued: send its callout.
+    pub fn start_unleased(&mut self, key: FlightKey, now_ms: u64) -> bool {
+        match self.flights.get_mut(&key) {
+            Some(flight) if flight.state == State::Queued => {
+                flight.state = sent(now_ms, false);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -360,14 +412,40 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for message in [
-            Message::Ask(KEY),
-            Message::Woken(Ended::Answered, KEY),
-            Message::Woken(Ended::Failed, KEY),
+            Message::Ask([5; 32]),
+            Message::Woken(Ended::Answered, [5; 32]),
+            Message::Woken(Ended::Failed, [5; 32]),
+            Message::Feed(FeedNews::default()),
+            Message::Feed(FeedNews {
+                epoch: 3,
+                ok_at_ms: 1_234,
+                forgotten: vec![[1; 32], [2; 32]],
+            }),
         ] {
             assert_eq!(Message::decode(&message.encode()), Some(message));
         }
         assert_eq!(Message::decode(&[5; 32]), None);
         assert_eq!(Message::decode(&[9; 33]), None);
+        assert_eq!(Message::decode(&[3; 20]), None, "news with part of a hash");
         assert_eq!(Message::decode(&[]), None);
+    }
+
+    #[test]
+    fn a_flight_elected_otherwise_starts_without_a_lease() {
+        let s = store();
+        let writes = s.next_cas.get();
+        let mut flights: Flights<()> = Flights::default();
+        assert!(
+            !flights.start_unleased(FlightKey::FeedPoll, 0),
+            "no such flight"
+        );
+        flights.join(FlightKey::FeedPoll, None, || ());
+        assert!(flights.start_unleased(FlightKey::FeedPoll, 5));
+        assert!(!flights.start_unleased(FlightKey::FeedPoll, 6), "under way");
+        let (flight, peers) = flights
+            .land(&s, FlightKey::FeedPoll, 1, Ended::Answered, 9)
+            .unwrap();
+        assert_eq!((flight.sent_at_ms(), peers), (Some(5), vec![]));
+        assert_eq!(s.next_cas.get(), writes, "no lease taken or released");
     }
 }

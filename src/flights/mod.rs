@@ -1,3 +1,4 @@
 pub mod coordinator;
 pub mod lease;
 pub mod scheduler;
+pub mod workers;

@@ -2,16 +2,19 @@
 //! for both tiers (the node-wide entries in shared data and each worker's own copies),
 //! and that reads, writes and forgets them.
 //!
-//! - A found key is trusted for `ttl_s`; in the last `refresh_ahead_pct` percent of that
-//!   period it is still trusted, and due for a refresh.
+//! - A found key is trusted for `ttl_s` (`changes.ttl_s` while the change feed is
+//!   healthy); in the last `refresh_ahead_pct` percent of that period it is still
+//!   trusted, and due for a refresh.
 //! - Past `ttl_s`, and younger than `ttl_s + stale_if_error_s`, it is stale: used only
 //!   while the key service fails.
 //! - An unknown key is remembered for `negative_ttl_s`.
-//! - A forgotten entry (the change feed's tombstone) is never used, not even as stale.
+//! - A forgotten entry (the change feed's tombstone, or any entry of an epoch before the
+//!   feed's last 410) is never used, not even as stale.
 //! - After two failed lookups of a key in a row, the key service is not asked about it for
-//!   1 s, then 2 s, 4 s, at most 5 s (`Failures`).
+//!   1 s, then 2 s, 4 s, at most 5 s (`Failures`), unless the key service has answered
+//!   anything on the node since.
 use crate::config::{BucketSpec, CacheConfig, Config};
-use crate::keys::copies::Copies;
+use crate::keys::copies::{Copies, CopyId};
 use crate::keys::entry::{self, CacheEntry, Verdict};
 use crate::keys::key_hash::{hash_key, KeyHash};
 use crate::keys::known_key::KnownKey;
@@ -27,6 +30,8 @@ pub struct TrustRules {
     pub stale_if_error_s: u64,
     /// 0: no refresh ahead.
     pub refresh_ahead_pct: u8,
+    /// The node's feed epoch: entries of any other are forgotten.
+    pub epoch: u32,
 }
 
 /// How far what an entry says may be trusted right now.
@@ -49,11 +54,15 @@ impl TrustRules {
             ttl_s: cache.ttl_s,
             negative_ttl_s: cache.negative_ttl_s,
             stale_if_error_s: cache.stale_if_error_s,
-            refresh_ahead_pct: 0,
+            refresh_ahead_pct: cache.refresh_ahead_pct,
+            epoch: 0,
         }
     }
 
     pub fn judge(&self, entry: &CacheEntry, now_ms: u64) -> Trust {
+        if entry.epoch != self.epoch {
+            return Trust::Useless;
+        }
         match entry.verdict {
             Verdict::Found(_) => self.found(entry.stored_at_ms, now_ms),
             Verdict::NotFound if age_ms(entry.stored_at_ms, now_ms) < ms(self.negative_ttl_s) => {
@@ -102,25 +111,37 @@ const PAUSES_MS: [u64; 4] = [1_000, 2_000, 4_000, 5_000];
 impl Failures {
     pub fn after_failure(self, now_ms: u64) -> Failures {
         let in_a_row = self.in_a_row.saturating_add(1);
-        let pause = match usize::from(in_a_row) {
-            0 | 1 => 0,
-            n => PAUSES_MS.get(n - 2).copied().unwrap_or(5_000),
-        };
         Failures {
             in_a_row,
-            paused_until_ms: now_ms.saturating_add(pause),
+            paused_until_ms: now_ms.saturating_add(pause_ms(in_a_row)),
         }
     }
 
     pub fn is_paused(&self, now_ms: u64) -> bool {
         now_ms < self.paused_until_ms
     }
+
+    /// When the failure that started the current pause happened.
+    pub fn last_failed_ms(&self) -> u64 {
+        self.paused_until_ms.saturating_sub(pause_ms(self.in_a_row))
+    }
+}
+
+fn pause_ms(in_a_row: u8) -> u64 {
+    match usize::from(in_a_row) {
+        0 | 1 => 0,
+        n => PAUSES_MS.get(n - 2).copied().unwrap_or(5_000),
+    }
 }
 
 /// What the cache says about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cached {
-    Hit(Rc<KnownKey>),
+    /// `refresh_due`: in the last part of its trust period (see `TrustRules::found`).
+    Hit {
+        known: Rc<KnownKey>,
+        refresh_due: bool,
+    },
     NegativeHit,
     /// Ask the key service. `stale` is a found record still usable if it fails.
     Miss {
@@ -128,9 +149,36 @@ pub enum Cached {
     },
 }
 
+/// What a request's key is, as the cache knows it.
+pub struct Looked {
+    pub key_hash: KeyHash,
+    /// Where this worker keeps (or would keep) its copy.
+    pub copy: CopyId,
+    pub cached: Cached,
+}
+
+/// What to do when a lookup of a key is about to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeforeLookup {
+    Ask,
+    /// The key's failure pause holds: answer as if the lookup failed, without asking.
+    Paused,
+    /// A refresh that another worker already made: the entry is fresh again.
+    Refreshed {
+        known: Rc<KnownKey>,
+        stored_at_ms: u64,
+    },
+}
+
+/// When the key service last answered with a verdict, on this node: it ends every pause.
+const ANSWERED_KEY: &str = "apikey_filter/v1/key-service-answered";
+
 pub struct KeyCache {
     table: Table,
     rules: TrustRules,
+    /// `cache.ttl_s`, and `changes.ttl_s` when the change feed is on.
+    ttl_s: u64,
+    feed_ttl_s: Option<u64>,
     /// The configured `rate_limit`, for records that name none.
     default_limit: Option<BucketSpec>,
     copies: Copies,
@@ -141,59 +189,124 @@ impl KeyCache {
         KeyCache {
             table: Table::cache(config.cache.max_entries),
             rules: TrustRules::new(&config.cache),
+            ttl_s: config.cache.ttl_s,
+            feed_ttl_s: config.key_service.changes.as_ref().map(|c| c.ttl_s),
             default_limit: config.rate_limit,
             copies: Copies::new(config.cache.max_entries),
         }
     }
 
+    /// What the node's change feed says now: whether it is healthy (found keys are then
+    /// trusted for `changes.ttl_s`), and its epoch (a new one forgets this worker's
+    /// copies; the node's older entries are forgotten by being of another epoch).
+    pub fn follow_feed(&mut self, healthy: bool, epoch: u32) {
+        self.rules.ttl_s = match (healthy, self.feed_ttl_s) {
+            (true, Some(feed_ttl_s)) => feed_ttl_s,
+            _ => self.ttl_s,
+        };
+        if epoch != self.rules.epoch {
+            self.rules.epoch = epoch;
+            self.copies.clear();
+        }
+    }
+
+    pub fn rules(&self) -> &TrustRules {
+        &self.rules
+    }
+
     /// What the cache says about `raw_key`, and its hash: this worker's copy if it has a
     /// trusted one, else the node-wide entry (which then leaves a copy here). A hit on a
     /// copy computes no SHA-256.
-    pub fn lookup(
-        &mut self,
-        store: &impl SharedStore,
-        raw_key: &[u8],
-        now_ms: u64,
-    ) -> (KeyHash, Cached) {
-        let id = self.copies.id_of(raw_key);
-        if let Some(copy) = self.copies.get(id) {
-            if let Trust::Fresh { .. } = self.rules.found(copy.stored_at_ms, now_ms) {
-                return (copy.key_hash, Cached::Hit(copy.known.clone()));
+    pub fn lookup(&mut self, store: &impl SharedStore, raw_key: &[u8], now_ms: u64) -> Looked {
+        let copy = self.copies.id_of(raw_key);
+        if let Some(held) = self.copies.get(copy) {
+            if let Trust::Fresh { refresh_due } = self.rules.found(held.stored_at_ms, now_ms) {
+                let cached = Cached::Hit {
+                    known: held.known.clone(),
+                    refresh_due,
+                };
+                let key_hash = held.key_hash;
+                return Looked {
+                    key_hash,
+                    copy,
+                    cached,
+                };
             }
         }
         let key_hash = hash_key(raw_key);
-        let entry = self.entry(store, &key_hash);
-        let cached = match entry.map(|e| (self.rules.judge(&e, now_ms), e)) {
-            Some((Trust::Fresh { .. }, e)) => {
-                let Verdict::Found(record) = e.verdict else {
-                    return (key_hash, Cached::Miss { stale: None });
-                };
-                let known = self.known_key(record);
-                self.copies.put(id, key_hash, e.stored_at_ms, known.clone());
-                Cached::Hit(known)
-            }
-            Some((trust, e)) => judged(trust, e),
+        let cached = match self.entry(store, &key_hash) {
+            Some(e) => match (self.rules.judge(&e, now_ms), e.verdict) {
+                (Trust::Fresh { refresh_due }, Verdict::Found(record)) => {
+                    let known = self.known_key(record);
+                    self.copies
+                        .put(copy, key_hash, e.stored_at_ms, known.clone());
+                    Cached::Hit { known, refresh_due }
+                }
+                (trust, verdict) => judged(trust, verdict),
+            },
             None => Cached::Miss { stale: None },
         };
-        (key_hash, cached)
+        Looked {
+            key_hash,
+            copy,
+            cached,
+        }
     }
 
     /// What the node-wide entry says about `key_hash` (no copy is left: the raw key the
     /// copy would be found by is not at hand).
     pub fn node_wide(&self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) -> Cached {
         match self.entry(store, key_hash) {
-            Some(e) => match self.rules.judge(&e, now_ms) {
-                Trust::Fresh { .. } => match e.verdict {
-                    Verdict::Found(record) => Cached::Hit(self.known_key(record)),
-                    _ => Cached::Miss { stale: None },
+            Some(e) => match (self.rules.judge(&e, now_ms), e.verdict) {
+                (Trust::Fresh { refresh_due }, Verdict::Found(record)) => Cached::Hit {
+                    known: self.known_key(record),
+                    refresh_due,
                 },
-                trust => judged(trust, e),
+                (trust, verdict) => judged(trust, verdict),
             },
             None => Cached::Miss { stale: None },
         }
     }
 
-    /// Puts the key service's verdict in the node-wide cache; it ends the key's failures.
+    /// Whether a lookup of `key_hash` should go out now. A `refresh` (no request waits
+    /// for it) is not needed if another worker already refreshed the entry.
+    pub fn before_lookup(
+        &self,
+        store: &impl SharedStore,
+        key_hash: &KeyHash,
+        refresh: bool,
+        now_ms: u64,
+    ) -> BeforeLookup {
+        let Some(entry) = self.entry(store, key_hash) else {
+            return BeforeLookup::Ask;
+        };
+        let failures = entry.failures;
+        if failures.is_paused(now_ms) && self.answered_since(store, failures.last_failed_ms()) {
+            return BeforeLookup::Ask;
+        }
+        if failures.is_paused(now_ms) {
+            return BeforeLookup::Paused;
+        }
+        match (refresh, self.rules.judge(&entry, now_ms), entry.verdict) {
+            (true, Trust::Fresh { refresh_due: false }, Verdict::Found(record)) => {
+                BeforeLookup::Refreshed {
+                    known: self.known_key(record),
+                    stored_at_ms: entry.stored_at_ms,
+                }
+            }
+            _ => BeforeLookup::Ask,
+        }
+    }
+
+    fn answered_since(&self, store: &impl SharedStore, at_ms: u64) -> bool {
+        store
+            .get(ANSWERED_KEY)
+            .and_then(|(value, _)| value.try_into().ok().map(u64::from_le_bytes))
+            .is_some_and(|answered_ms| answered_ms > at_ms)
+    }
+
+    /// Puts the key service's verdict in the node-wide cache; it ends the key's failures,
+    /// and any pause on the node.
     pub fn store_verdict(
         &self,
         store: &impl SharedStore,
@@ -201,7 +314,19 @@ impl KeyCache {
         verdict: Verdict,
         now_ms: u64,
     ) {
-        self.write(store, &CacheEntry::new(*key_hash, now_ms, verdict), now_ms);
+        self.write(store, &self.new_entry(key_hash, now_ms, verdict), now_ms);
+        let _ = store.set(ANSWERED_KEY, &now_ms.to_le_bytes(), None);
+    }
+
+    /// Keeps (or replaces) this worker's copy of a found key, found by `copy`.
+    pub fn keep_copy(
+        &mut self,
+        copy: CopyId,
+        key_hash: KeyHash,
+        stored_at_ms: u64,
+        known: Rc<KnownKey>,
+    ) {
+        self.copies.put(copy, key_hash, stored_at_ms, known);
     }
 
     /// Counts a failed lookup of the key, keeping what the cache knew of it (a stale
@@ -214,24 +339,42 @@ impl KeyCache {
     ) -> Failures {
         let mut entry = self
             .entry(store, key_hash)
-            .unwrap_or_else(|| CacheEntry::new(*key_hash, now_ms, Verdict::Forgotten));
+            .filter(|e| e.epoch == self.rules.epoch)
+            .unwrap_or_else(|| self.new_entry(key_hash, now_ms, Verdict::Forgotten));
         entry.failures = entry.failures.after_failure(now_ms);
         self.write(store, &entry, now_ms);
         entry.failures
     }
 
     /// Forgets what the node and this worker know of the key: its entry becomes a
-    /// tombstone, never used again, not even as stale.
-    pub fn forget(&mut self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) {
+    /// tombstone, never used again, not even as stale. Whether the node had an entry.
+    pub fn forget(&mut self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) -> bool {
         self.copies.forget(key_hash);
-        if self.entry(store, key_hash).is_some() {
-            let tombstone = CacheEntry::new(*key_hash, now_ms, Verdict::Forgotten);
+        let held = self
+            .entry(store, key_hash)
+            .is_some_and(|e| e.verdict != Verdict::Forgotten);
+        if held {
+            let tombstone = self.new_entry(key_hash, now_ms, Verdict::Forgotten);
             self.write(store, &tombstone, now_ms);
         }
+        held
+    }
+
+    /// Forgets this worker's copies of the key (the node's entry is another worker's
+    /// to forget).
+    pub fn forget_copies(&mut self, key_hash: &KeyHash) {
+        self.copies.forget(key_hash);
     }
 
     pub fn known_key(&self, record: KeyRecord) -> Rc<KnownKey> {
         Rc::new(KnownKey::new(record, self.default_limit))
+    }
+
+    fn new_entry(&self, key_hash: &KeyHash, now_ms: u64, verdict: Verdict) -> CacheEntry {
+        CacheEntry {
+            epoch: self.rules.epoch,
+            ..CacheEntry::new(*key_hash, now_ms, verdict)
+        }
     }
 
     fn entry(&self, store: &impl SharedStore, key_hash: &KeyHash) -> Option<CacheEntry> {
@@ -254,8 +397,8 @@ impl KeyCache {
     }
 }
 
-fn judged(trust: Trust, entry: CacheEntry) -> Cached {
-    match (trust, entry.verdict) {
+fn judged(trust: Trust, verdict: Verdict) -> Cached {
+    match (trust, verdict) {
         (Trust::Stale, Verdict::Found(record)) => Cached::Miss {
             stale: Some(record),
         },
@@ -276,6 +419,7 @@ mod tests {
             negative_ttl_s: 10,
             stale_if_error_s: 300,
             refresh_ahead_pct: 0,
+            epoch: 0,
         }
     }
 
@@ -356,9 +500,21 @@ mod tests {
     }
 
     fn config(max_entries: u32) -> Config {
-        let mut config = Config::parse(br#"{"key_service": {"cluster": "ks"}}"#).unwrap();
+        let mut config = Config::parse(
+            br#"{"key_service": {"cluster": "ks", "changes": {"ttl_s": 3600}},
+                 "cache": {"refresh_ahead_pct": 0}}"#,
+        )
+        .unwrap();
         config.cache.max_entries = max_entries;
         config
+    }
+
+    fn cached(cache: &mut KeyCache, store: &FakeStore, raw_key: &[u8], now_ms: u64) -> Cached {
+        cache.lookup(store, raw_key, now_ms).cached
+    }
+
+    fn is_hit(cached: &Cached, key_id: &str) -> bool {
+        matches!(cached, Cached::Hit { known, .. } if known.record.key_id == key_id)
     }
 
     #[test]
@@ -367,21 +523,132 @@ mod tests {
         let mut cache = KeyCache::new(&config(100));
         let key_hash = hash_key(b"key-a");
         cache.store_verdict(&store, &key_hash, Verdict::Found(record("a")), 1_000);
-        assert!(
-            matches!(cache.lookup(&store, b"key-a", 1_000), (h, Cached::Hit(k)) if h == key_hash && k.record.key_id == "a")
-        );
+        let looked = cache.lookup(&store, b"key-a", 1_000);
+        assert_eq!(looked.key_hash, key_hash);
+        assert!(is_hit(&looked.cached, "a"));
         let reads = store.reads.get();
-        assert!(matches!(
-            cache.lookup(&store, b"key-a", 60_999),
-            (_, Cached::Hit(_))
-        ));
+        assert!(is_hit(&cached(&mut cache, &store, b"key-a", 60_999), "a"));
         assert_eq!(store.reads.get(), reads, "the copy, not shared data");
         assert_eq!(
-            cache.lookup(&store, b"key-a", 61_000).1,
+            cached(&mut cache, &store, b"key-a", 61_000),
             Cached::Miss {
                 stale: Some(record("a"))
             },
             "past ttl_s neither the copy nor the entry is a hit"
+        );
+    }
+
+    #[test]
+    fn a_healthy_feed_stretches_trust_and_a_dead_one_takes_it_back() {
+        let store = FakeStore::default();
+        let mut cache = KeyCache::new(&config(100));
+        cache.store_verdict(&store, &hash_key(b"key-a"), Verdict::Found(record("a")), 0);
+        assert!(
+            is_hit(&cached(&mut cache, &store, b"key-a", 0), "a"),
+            "a copy"
+        );
+        cache.follow_feed(true, 0);
+        assert!(is_hit(
+            &cached(&mut cache, &store, b"key-a", 3_599_999),
+            "a"
+        ));
+        cache.follow_feed(false, 0);
+        assert!(!is_hit(&cached(&mut cache, &store, b"key-a", 61_000), "a"));
+    }
+
+    #[test]
+    fn a_new_epoch_forgets_every_entry_and_copy_at_once() {
+        let store = FakeStore::default();
+        let mut cache = KeyCache::new(&config(100));
+        cache.store_verdict(&store, &hash_key(b"key-a"), Verdict::Found(record("a")), 0);
+        cache.store_verdict(&store, &hash_key(b"key-b"), Verdict::NotFound, 0);
+        assert!(is_hit(&cached(&mut cache, &store, b"key-a", 0), "a"));
+        cache.follow_feed(true, 1);
+        assert_eq!(
+            cached(&mut cache, &store, b"key-a", 1),
+            Cached::Miss { stale: None }
+        );
+        assert_eq!(
+            cached(&mut cache, &store, b"key-b", 1),
+            Cached::Miss { stale: None }
+        );
+        cache.store_verdict(&store, &hash_key(b"key-a"), Verdict::Found(record("a2")), 2);
+        assert!(is_hit(&cached(&mut cache, &store, b"key-a", 2), "a2"));
+    }
+
+    #[test]
+    fn a_refresh_is_due_in_the_last_part_and_skipped_once_another_worker_made_it() {
+        let store = FakeStore::default();
+        let mut config = config(100);
+        config.cache.refresh_ahead_pct = 20;
+        let mut cache = KeyCache::new(&config);
+        let key_hash = hash_key(b"key-a");
+        cache.store_verdict(&store, &key_hash, Verdict::Found(record("a")), 0);
+        assert_eq!(
+            cached(&mut cache, &store, b"key-a", 47_999),
+            Cached::Hit {
+                known: cache.known_key(record("a")),
+                refresh_due: false
+            }
+        );
+        assert_eq!(
+            cached(&mut cache, &store, b"key-a", 48_000),
+            Cached::Hit {
+                known: cache.known_key(record("a")),
+                refresh_due: true
+            }
+        );
+        assert_eq!(
+            cache.before_lookup(&store, &key_hash, true, 48_000),
+            BeforeLookup::Ask
+        );
+        cache.store_verdict(&store, &key_hash, Verdict::Found(record("a2")), 48_100);
+        assert_eq!(
+            cache.before_lookup(&store, &key_hash, true, 48_200),
+            BeforeLookup::Refreshed {
+                known: cache.known_key(record("a2")),
+                stored_at_ms: 48_100
+            }
+        );
+        assert_eq!(
+            cache.before_lookup(&store, &key_hash, false, 48_200),
+            BeforeLookup::Ask,
+            "a request's own lookup goes out"
+        );
+    }
+
+    #[test]
+    fn a_paused_key_is_not_asked_for_until_the_pause_ends_or_any_answer_comes() {
+        let store = FakeStore::default();
+        let cache = KeyCache::new(&config(100));
+        let (key, other) = (hash_key(b"key-a"), hash_key(b"key-b"));
+        cache.record_failure(&store, &key, 1_000);
+        assert_eq!(
+            cache.before_lookup(&store, &key, false, 1_001),
+            BeforeLookup::Ask,
+            "one failure: ask again"
+        );
+        cache.record_failure(&store, &key, 1_001);
+        assert_eq!(
+            cache.before_lookup(&store, &key, false, 1_002),
+            BeforeLookup::Paused
+        );
+        assert_eq!(
+            cache.before_lookup(&store, &key, false, 2_001),
+            BeforeLookup::Ask,
+            "1 s later"
+        );
+        cache.record_failure(&store, &key, 2_001);
+        assert_eq!(
+            cache.before_lookup(&store, &key, false, 3_000),
+            BeforeLookup::Paused,
+            "then 2 s"
+        );
+        cache.store_verdict(&store, &other, Verdict::NotFound, 3_100);
+        assert_eq!(
+            cache.before_lookup(&store, &key, false, 3_101),
+            BeforeLookup::Ask,
+            "the key service answered another key: the pause ends"
         );
     }
 
@@ -391,13 +658,11 @@ mod tests {
         let mut cache = KeyCache::new(&config(100));
         let key_hash = hash_key(b"key-a");
         cache.store_verdict(&store, &key_hash, Verdict::Found(record("a")), 0);
-        assert!(matches!(
-            cache.lookup(&store, b"key-a", 0).1,
-            Cached::Hit(_)
-        ));
-        cache.forget(&store, &key_hash, 10);
+        assert!(is_hit(&cached(&mut cache, &store, b"key-a", 0), "a"));
+        assert!(cache.forget(&store, &key_hash, 10));
+        assert!(!cache.forget(&store, &key_hash, 11), "forgotten already");
         assert_eq!(
-            cache.lookup(&store, b"key-a", 20).1,
+            cached(&mut cache, &store, b"key-a", 20),
             Cached::Miss { stale: None }
         );
         assert_eq!(
@@ -412,7 +677,7 @@ mod tests {
     fn forgetting_a_key_the_node_never_saw_writes_nothing() {
         let store = FakeStore::default();
         let mut cache = KeyCache::new(&config(100));
-        cache.forget(&store, &hash_key(b"never"), 0);
+        assert!(!cache.forget(&store, &hash_key(b"never"), 0));
         assert!(store.data.borrow().is_empty());
     }
 

@@ -96,6 +96,11 @@ impl Copies {
         }
     }
 
+    /// Drops every copy (the feed's 410: the node forgot everything).
+    pub fn clear(&mut self) {
+        self.places.iter_mut().for_each(|place| *place = None);
+    }
+
     fn place_of(&self, id: CopyId) -> usize {
         (id.0[0] % self.places.len().max(1) as u64) as usize
     }

@@ -17,7 +17,7 @@ use crate::keys::key_hash::{slot_of, KeyHash};
 use crate::keys::record::{KeyRecord, RecordLimit};
 
 /// Bumped whenever the layout changes; older entries then read as misses.
-const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -32,6 +32,9 @@ pub struct CacheEntry {
     /// The whole hash: slots are shared by many keys, so an entry says whose it is.
     pub key_hash: KeyHash,
     pub stored_at_ms: u64,
+    /// The node's feed epoch when it was stored: a 410 from the change feed moves the
+    /// epoch on, and every older entry is then forgotten at once.
+    pub epoch: u32,
     pub verdict: Verdict,
     /// The key service's failures for this key since its last answer.
     pub failures: Failures,
@@ -42,6 +45,7 @@ impl CacheEntry {
         CacheEntry {
             key_hash,
             stored_at_ms,
+            epoch: 0,
             verdict,
             failures: Failures::default(),
         }
@@ -122,6 +126,7 @@ pub fn encode(entry: &CacheEntry) -> Vec<u8> {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&entry.key_hash);
     out.extend_from_slice(&entry.stored_at_ms.to_le_bytes());
+    out.extend_from_slice(&entry.epoch.to_le_bytes());
     out.push(entry.failures.in_a_row);
     out.extend_from_slice(&entry.failures.paused_until_ms.to_le_bytes());
     match &entry.verdict {
@@ -167,6 +172,7 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
     }
     let key_hash: KeyHash = r.take(32)?.try_into().ok()?;
     let stored_at_ms = r.u64()?;
+    let epoch = r.u32()?;
     let failures = Failures {
         in_a_row: r.u8()?,
         paused_until_ms: r.u64()?,
@@ -206,6 +212,7 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
     r.0.is_empty().then_some(CacheEntry {
         key_hash,
         stored_at_ms,
+        epoch,
         verdict,
         failures,
     })
@@ -270,6 +277,7 @@ mod tests {
             negative_ttl_s: 10,
             stale_if_error_s: 300,
             refresh_ahead_pct: 0,
+            epoch: 0,
         }
     }
 
@@ -296,6 +304,7 @@ mod tests {
         ] {
             let mut entry = CacheEntry::new([3; 32], 42, verdict);
             assert_eq!(decode(&encode(&entry)), Some(entry.clone()));
+            entry.epoch = 7;
             entry.failures = Failures {
                 in_a_row: 3,
                 paused_until_ms: 1234,

@@ -208,8 +208,9 @@ impl Wake for FakeHost {
 }
 
 impl Stats for FakeHost {
-    fn count(&self, counter: Counter) {
-        self.counters.borrow_mut()[counter.index()] += 1;
+    fn count_n(&self, counter: Counter, n: u64) {
+        assert!(n > 0, "Envoy refuses to add 0");
+        self.counters.borrow_mut()[counter.index()] += n;
     }
 
     fn record(&self, histogram: Histogram, value: u64) {

@@ -2,6 +2,7 @@
 //! through the checks (`request`), the per-worker state and the key service lookups
 //! (`worker`), the stats (`stats`) and the log throttle (`warnings`). Tested natively
 //! against a fake host (`fake`).
+pub mod feed;
 pub mod ports;
 pub mod request;
 pub mod stats;

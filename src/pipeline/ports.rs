@@ -38,8 +38,13 @@ pub trait Wake {
 }
 
 pub trait Stats {
-    fn count(&self, counter: Counter);
+    /// Adds `n` (more than 0) to `counter`.
+    fn count_n(&self, counter: Counter, n: u64);
     fn record(&self, histogram: Histogram, value: u64);
+
+    fn count(&self, counter: Counter) {
+        self.count_n(counter, 1);
+    }
 }
 
 /// Access-log fields the filter sets in the request's filter state.

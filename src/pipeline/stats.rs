@@ -21,21 +21,37 @@ pub enum Counter {
     KeyServiceErrorKind(FailureKind),
     /// Lookups that waited for another worker's callout instead of making their own.
     KeyServiceJoined,
+    /// Lookups not made because the key's failure pause held.
+    KeyServicePaused,
+    /// Background lookups sent to refresh an entry in use before it expires.
+    CacheRefresh,
+    ChangesOk,
+    ChangesError,
+    /// Cache entries the change feed made the node forget.
+    ChangesForgotten,
+    /// The feed's 410s: the node forgot every entry.
+    ChangesReset,
     RateLimitUnavailable,
     FailureOpen,
 }
 
 /// The counters that are not one per denial code or failure kind, in index order after
 /// `allowed` and the `denied.<code>` ones.
-const PLAIN: [(Counter, &str); 10] = [
+const PLAIN: [(Counter, &str); 16] = [
     (Counter::CacheHit, "cache.hit"),
     (Counter::CacheMiss, "cache.miss"),
     (Counter::CacheNegativeHit, "cache.negative_hit"),
     (Counter::CacheStale, "cache.stale"),
+    (Counter::CacheRefresh, "cache.refresh"),
     (Counter::KeyServiceFound, "key_service.found"),
     (Counter::KeyServiceNotFound, "key_service.not_found"),
     (Counter::KeyServiceError, "key_service.error"),
     (Counter::KeyServiceJoined, "key_service.joined"),
+    (Counter::KeyServicePaused, "key_service.paused"),
+    (Counter::ChangesOk, "key_service.changes.ok"),
+    (Counter::ChangesError, "key_service.changes.error"),
+    (Counter::ChangesForgotten, "key_service.changes.forgotten"),
+    (Counter::ChangesReset, "key_service.changes.reset"),
     (Counter::RateLimitUnavailable, "rate_limit.unavailable"),
     (Counter::FailureOpen, "failure_open"),
 ];

@@ -600,3 +600,259 @@ fn callout_latency_is_recorded() {
         &[(super::stats::Histogram::KeyServiceLatencyMs, 42)]
     );
 }
+
+// -- the change feed, refresh ahead, the failure pause ----------------------------------
+
+const FEED: &str = r#""key_service": {"cluster": "keys", "timeout_ms": 500,
+    "changes": {"interval_ms": 1000, "ttl_s": 3600}}, "cache": {"ttl_s": 60}"#;
+
+fn feed_config() -> String {
+    format!("{{{FEED}}}")
+}
+
+fn feed_answer(cursor: &str, keys: &[&str]) -> String {
+    let hashes: Vec<String> = keys
+        .iter()
+        .map(|k| format!("\"{}\"", hash_hex(&hash_key(k.as_bytes()))))
+        .collect();
+    format!(
+        r#"{{"cursor": "{cursor}", "key_hashes": [{}]}}"#,
+        hashes.join(",")
+    )
+}
+
+fn last_path(worker: &Worker<FakeHost>) -> String {
+    let callouts = worker.host().callouts.borrow();
+    callouts
+        .last()
+        .and_then(|c| c.header(":path"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl Test {
+    /// Ticks `worker` and answers its feed poll, if it made one, with `status` and `body`.
+    fn poll(&self, worker: &Worker<FakeHost>, status: &str, body: &str) -> bool {
+        let sent = worker.host().callouts.borrow().len();
+        worker.on_tick();
+        if worker.host().callouts.borrow().len() == sent {
+            return false;
+        }
+        assert!(
+            last_path(worker).starts_with("/v1/key-changes"),
+            "{}",
+            last_path(worker)
+        );
+        self.answer(worker, Some(status), body);
+        true
+    }
+}
+
+#[test]
+fn one_worker_per_node_polls_each_interval_with_the_cursor() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));
+    assert!(
+        a.host().tick_ms.get() > 0 && b.host().tick_ms.get() > 0,
+        "both tick"
+    );
+    assert!(t.poll(&a, "200", &feed_answer("c-1", &[])));
+    assert_eq!(
+        last_path(&a),
+        "/v1/key-changes",
+        "the first poll has no cursor"
+    );
+    assert!(!t.poll(&b, "200", "{}"), "polled already this interval");
+    t.advance(1_000);
+    assert!(t.poll(&b, "200", &feed_answer("c-2", &[])));
+    assert_eq!(last_path(&b), "/v1/key-changes?after=c-1");
+    assert!(!t.poll(&a, "200", "{}"));
+    t.advance(1_000);
+    assert!(t.poll(&a, "200", &feed_answer("c-3", &[])));
+    assert_eq!(last_path(&a), "/v1/key-changes?after=c-2");
+    assert_eq!(
+        a.host().stat("key_service.changes.ok") + b.host().stat("key_service.changes.ok"),
+        3
+    );
+}
+
+#[test]
+fn a_changed_key_is_forgotten_on_the_node_and_in_every_workers_copies() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));
+    assert!(t.poll(&a, "200", &feed_answer("c-1", &[])));
+    t.deliver(&b);
+    t.cold(&a, "sk", "200", ALICE);
+    let (_, flow) = t.get(&b, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "b has its copy now");
+    t.advance(1_000);
+    assert!(t.poll(&a, "200", &feed_answer("c-2", &["sk", "never-seen"])));
+    assert_eq!(
+        a.host().stat("key_service.changes.forgotten"),
+        1,
+        "the node held one of them"
+    );
+    t.deliver(&b); // a's news
+    for w in [&a, &b] {
+        let (_, flow) = t.get(w, "sk");
+        assert_eq!(flow, Flow::Pause, "asked again, not served from a copy");
+    }
+    t.deliver(&a);
+    t.answer(&a, Some("200"), r#"{"key_id": "k_alice", "revoked": true}"#);
+}
+
+#[test]
+fn while_the_feed_is_healthy_keys_are_trusted_for_its_ttl_and_then_for_cache_ttl() {
+    let t = Test::new();
+    let w = t.worker(1, &feed_config());
+    assert!(t.poll(&w, "200", &feed_answer("c-1", &[])));
+    t.cold(&w, "sk", "200", ALICE);
+    t.advance(61_000);
+    // Polls kept answering: still trusted.
+    for _ in 0..2 {
+        assert!(t.poll(&w, "200", &feed_answer("c-1", &[])));
+        t.advance(1_000);
+    }
+    assert!(t.poll(&w, "200", &feed_answer("c-1", &[])));
+    let (_, flow) = t.get(&w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "63 s old, feed healthy");
+    // The feed fails for three intervals: back to cache.ttl_s.
+    for _ in 0..3 {
+        t.advance(1_000);
+        assert!(t.poll(&w, "503", ""));
+    }
+    assert_eq!(w.host().stat("key_service.changes.error"), 3);
+    let (_, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause, "66 s old, feed dead: past cache.ttl_s");
+}
+
+#[test]
+fn a_410_forgets_everything_and_starts_again_without_a_cursor() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));
+    assert!(t.poll(&a, "200", &feed_answer("c-1", &[])));
+    t.cold(&a, "sk", "200", ALICE);
+    t.cold(&a, "unknown", "404", "");
+    let (_, flow) = t.get(&b, "sk");
+    assert!(matches!(flow, Flow::Forward(_)));
+    t.advance(1_000);
+    assert!(t.poll(&a, "410", ""));
+    assert_eq!(
+        last_path(&a),
+        "/v1/key-changes",
+        "asked again at once, without a cursor"
+    );
+    t.answer(&a, Some("200"), &feed_answer("c-9", &[]));
+    assert_eq!(a.host().stat("key_service.changes.reset"), 1);
+    t.deliver(&b);
+    for (w, key) in [(&a, "sk"), (&b, "sk"), (&a, "unknown")] {
+        let (_, flow) = t.get(w, key);
+        assert_eq!(flow, Flow::Pause, "{key}: forgotten");
+    }
+}
+
+#[test]
+fn a_bad_feed_answer_is_a_failure_and_forgets_nothing() {
+    let t = Test::new();
+    let w = t.worker(1, &feed_config());
+    assert!(t.poll(&w, "200", &feed_answer("c-1", &[])));
+    t.cold(&w, "sk", "200", ALICE);
+    let bad_hash = r#"{"cursor": "c-2", "key_hashes": ["not-a-hash"]}"#.to_string();
+    let huge = format!(
+        r#"{{"cursor": "c-2", "key_hashes": ["{}"]}}"#,
+        "a".repeat(600 * 1024)
+    );
+    for body in ["{\"cursor\": ", bad_hash.as_str(), huge.as_str()] {
+        t.advance(1_000);
+        assert!(t.poll(&w, "200", body));
+    }
+    assert_eq!(w.host().stat("key_service.changes.error"), 3);
+    let (_, flow) = t.get(&w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "nothing flushed");
+    t.advance(1_000);
+    assert!(t.poll(&w, "200", &feed_answer("c-2", &[])));
+    assert_eq!(
+        last_path(&w),
+        "/v1/key-changes?after=c-1",
+        "the cursor did not move"
+    );
+}
+
+#[test]
+fn a_key_in_use_is_refreshed_in_the_background_once_and_never_waits() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#),
+    );
+    t.cold(&w, "sk", "200", ALICE);
+    t.advance(8_000);
+    let (id, flow) = t.get(&w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "answered from the cache");
+    assert!(w.host().log_of(id).reply.is_none());
+    let (_, flow) = t.get(&w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)));
+    t.deliver(&w);
+    assert_eq!(
+        w.host().callouts.borrow().len(),
+        2,
+        "one refresh, not one per request"
+    );
+    assert_eq!(w.host().stat("cache.refresh"), 1);
+    t.answer(&w, Some("200"), r#"{"key_id": "k_alice", "revoked": true}"#);
+    let (id, _) = t.get(&w, "sk");
+    assert_denied(&reply_of(&w, id), 401, "api_key_revoked");
+    t.advance(7_000);
+    let (_, flow) = t.get(&w, "sk");
+    assert_eq!(
+        flow,
+        Flow::Pause,
+        "the refreshed entry: due again only near its own end"
+    );
+}
+
+#[test]
+fn another_worker_does_not_refresh_what_one_already_did() {
+    let t = Test::new();
+    let cfg = config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#);
+    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.cold(&a, "sk", "200", ALICE);
+    t.get(&b, "sk"); // b's copy, as stored at the start
+    t.advance(8_000);
+    t.get(&a, "sk");
+    t.deliver(&a);
+    t.answer(&a, Some("200"), ALICE);
+    t.advance(2_000); // a's lease says "answered" no longer
+    let (_, flow) = t.get(&b, "sk");
+    assert!(matches!(flow, Flow::Forward(_)));
+    t.deliver(&b);
+    assert!(
+        b.host().callouts.borrow().is_empty(),
+        "the node's entry is fresh: no refresh"
+    );
+    assert_eq!(b.host().stat("cache.refresh"), 0);
+}
+
+#[test]
+fn after_two_failures_in_a_row_a_key_is_not_asked_for_while_paused() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    for _ in 0..2 {
+        let (_, reply) = t.cold(&w, "sk", "500", "");
+        assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
+    }
+    for _ in 0..5 {
+        t.advance(100);
+        let (id, _) = t.get(&w, "sk");
+        t.deliver(&w);
+        assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    }
+    assert_eq!(w.host().callouts.borrow().len(), 2);
+    assert_eq!(w.host().stat("key_service.paused"), 5);
+    t.advance(500); // 1 s after the second failure
+    let (_, reply) = t.cold(&w, "sk", "200", ALICE);
+    assert!(
+        reply.is_none(),
+        "asked again, and the answer ends the pause"
+    );
+}

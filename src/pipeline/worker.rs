@@ -18,10 +18,12 @@ use crate::config::Config;
 use crate::flights::coordinator::{FlightKey, Flights, Message, Start};
 use crate::flights::lease::Ended;
 use crate::flights::scheduler::Scheduler;
-use crate::keys::answer::{classify, Answer, Failure, MAX_ANSWER_BYTES};
-use crate::keys::cache::{Cached, KeyCache};
+use crate::keys::answer::{self, classify, Answer, Failure};
+use crate::keys::cache::{BeforeLookup, Cached, KeyCache, Looked};
+use crate::keys::copies::CopyId;
 use crate::keys::entry::Verdict;
-use crate::keys::key_hash::{fingerprint, hash_hex, hash_key};
+use crate::keys::feed;
+use crate::keys::key_hash::{fingerprint, hash_hex, hash_key, KeyHash};
 use crate::keys::known_key::KnownKey;
 use crate::keys::record::KeyRecord;
 use crate::request::client_address::without_port;
@@ -49,32 +51,41 @@ pub enum Flow {
 }
 
 /// How a key lookup ended, for the requests parked on it.
-enum Resolution {
+pub(super) enum Resolution {
     Known(Rc<KnownKey>),
     Unknown,
     Failed,
 }
 
-/// What a key lookup keeps while it flies: a found key past its TTL, usable if the key
-/// service fails (worked out once per lookup, not per parked request).
-struct Lookup {
-    stale: Option<Rc<KnownKey>>,
+/// What a flight keeps while it flies.
+pub(super) enum Payload {
+    Lookup {
+        /// A found key past its TTL, usable if the key service fails (worked out once
+        /// per lookup, not per parked request).
+        stale: Option<Rc<KnownKey>>,
+        /// Set for a refresh: the copy of the request that started it, to replace.
+        refresh: Option<CopyId>,
+    },
+    /// A feed poll, and the cursor it sent.
+    Poll { after: Option<String> },
 }
 
 pub struct Worker<H: Host> {
-    host: H,
-    config: RefCell<Option<Rc<Config>>>,
-    cache: RefCell<Option<KeyCache>>,
+    pub(super) host: H,
+    pub(super) config: RefCell<Option<Rc<Config>>>,
+    pub(super) cache: RefCell<Option<KeyCache>>,
     /// This worker's queue: how it is woken, and its name in leases.
-    queue: Cell<Option<u32>>,
-    flights: RefCell<Flights<Lookup>>,
+    pub(super) queue: Cell<Option<u32>>,
+    pub(super) flights: RefCell<Flights<Payload>>,
     /// Requests parked on a lookup, by context id.
     waiting: RefCell<HashMap<u32, Request>>,
     /// RateLimit fields for the responses of requests that took a token after waiting
     /// on the key service (the others keep theirs: see `Flow`).
     rate_headers: RefCell<HashMap<u32, RateHeaders>>,
-    warnings: Warnings,
+    pub(super) warnings: Warnings,
     scheduler: RefCell<Scheduler>,
+    /// The change feed as this worker last saw it (see `pipeline::feed`).
+    pub(super) feed: RefCell<super::feed::FeedView>,
 }
 
 impl<H: Host> Worker<H> {
@@ -89,6 +100,7 @@ impl<H: Host> Worker<H> {
             rate_headers: RefCell::default(),
             warnings: Warnings::default(),
             scheduler: RefCell::default(),
+            feed: RefCell::default(),
         }
     }
 
@@ -104,7 +116,7 @@ impl<H: Host> Worker<H> {
         self.queue.set(Some(queue));
     }
 
-    fn config(&self) -> Option<Rc<Config>> {
+    pub(super) fn config(&self) -> Option<Rc<Config>> {
         self.config.borrow().clone()
     }
 
@@ -130,7 +142,13 @@ impl<H: Host> Worker<H> {
         self.announce(raw, &config);
         // Copies carry what the old configuration made of them (its default rate limit).
         *self.cache.borrow_mut() = Some(KeyCache::new(&config));
+        let feed_on = config.key_service.changes.is_some();
         *self.config.borrow_mut() = Some(Rc::new(config));
+        *self.feed.borrow_mut() = Default::default();
+        if feed_on {
+            self.start_following_feed();
+        }
+        self.reschedule(self.host.now_ms());
         true
     }
 
@@ -197,7 +215,11 @@ impl<H: Host> Worker<H> {
             KeyOutcome::Malformed => return self.deny(io, &config, client, Denial::Malformed),
         };
         let now_ms = self.host.now_ms();
-        let Some((key_hash, cached)) = self
+        let Some(Looked {
+            key_hash,
+            copy,
+            cached,
+        }) = self
             .cache
             .borrow_mut()
             .as_mut()
@@ -214,8 +236,11 @@ impl<H: Host> Worker<H> {
             now_ms,
         };
         let handled = match cached {
-            Cached::Hit(known) => {
+            Cached::Hit { known, refresh_due } => {
                 self.host.count(Counter::CacheHit);
+                if refresh_due {
+                    self.refresh(key_hash, copy);
+                }
                 finish(
                     &self.host,
                     &self.warnings,
@@ -270,25 +295,43 @@ impl<H: Host> Worker<H> {
     /// Parks request `context_id` until the key service answers for its key. Requests
     /// for a key already being looked up join that lookup.
     fn park(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
-        let key = FlightKey::Lookup(request.key_hash);
+        let key_hash = request.key_hash;
         self.waiting.borrow_mut().insert(context_id, request);
-        let new = self
-            .flights
-            .borrow_mut()
-            .join(key, Some(context_id), || Lookup {
-                stale: stale.and_then(|record| {
-                    self.cache
-                        .borrow()
-                        .as_ref()
-                        .map(|cache| cache.known_key(record))
-                }),
-            });
-        if !new {
+        let stale = stale.and_then(|record| {
+            self.cache
+                .borrow()
+                .as_ref()
+                .map(|cache| cache.known_key(record))
+        });
+        self.ask(
+            key_hash,
+            Some(context_id),
+            Payload::Lookup {
+                stale,
+                refresh: None,
+            },
+        );
+    }
+
+    /// Starts a background lookup of a key in use whose entry is due for a refresh: the
+    /// request that found it goes on at once; the answer replaces the entry (and `copy`).
+    fn refresh(&self, key_hash: KeyHash, copy: CopyId) {
+        let payload = Payload::Lookup {
+            stale: None,
+            refresh: Some(copy),
+        };
+        self.ask(key_hash, None, payload);
+    }
+
+    /// Joins the lookup of `key_hash`, asking for a new one if there is none.
+    fn ask(&self, key_hash: KeyHash, parked: Option<u32>, payload: Payload) {
+        let key = FlightKey::Lookup(key_hash);
+        if !self.flights.borrow_mut().join(key, parked, || payload) {
             return;
         }
         // A request cannot own the callout (see the module comment): the worker's own
         // context is woken through its queue to send it.
-        let ask = Message::Ask(key).encode();
+        let ask = Message::Ask(key_hash).encode();
         let woken = self.queue.get().is_some_and(|q| self.host.wake(q, &ask));
         if !woken {
             self.warnings.warn(self.host.now_ms(), || {
@@ -302,8 +345,11 @@ impl<H: Host> Worker<H> {
     /// another worker (a flight this one waited for has landed).
     pub fn on_message(&self, bytes: &[u8]) {
         match Message::decode(bytes) {
-            Some(Message::Ask(key)) => self.start(key, true),
-            Some(Message::Woken(ended, key)) => self.on_peer_landed(ended, key),
+            Some(Message::Ask(key_hash)) => self.start(FlightKey::Lookup(key_hash), true),
+            Some(Message::Woken(ended, key_hash)) => {
+                self.on_peer_landed(ended, FlightKey::Lookup(key_hash))
+            }
+            Some(Message::Feed(news)) => self.on_feed_news(&news),
             None => {}
         }
     }
@@ -311,12 +357,34 @@ impl<H: Host> Worker<H> {
     /// Starts `key`'s queued flight: asks the key service unless another worker of the
     /// node already is, or has just put the answer in the cache.
     fn start(&self, key: FlightKey, trust_recent_answer: bool) {
-        let Some(config) = self.config() else {
+        let (Some(config), FlightKey::Lookup(key_hash)) = (self.config(), key) else {
             return;
         };
         let me = self.queue.get().unwrap_or_default();
         let hold_ms = config.key_service.timeout_ms + LEASE_MARGIN_MS;
         let now_ms = self.host.now_ms();
+        let refresh = match self.flights.borrow().get(&key).map(|f| &f.payload) {
+            Some(Payload::Lookup { refresh, .. }) => *refresh,
+            _ => return, // no such lookup
+        };
+        let before = match self.cache.borrow().as_ref() {
+            Some(cache) => cache.before_lookup(&self.host, &key_hash, refresh.is_some(), now_ms),
+            None => return,
+        };
+        match before {
+            BeforeLookup::Ask => {}
+            BeforeLookup::Paused => {
+                self.host.count(Counter::KeyServicePaused);
+                return self.land(key, Resolution::Failed);
+            }
+            BeforeLookup::Refreshed {
+                known,
+                stored_at_ms,
+            } => {
+                self.keep_refreshed_copy(refresh, key_hash, stored_at_ms, &known);
+                return self.land(key, Resolution::Known(known));
+            }
+        }
         let start = self.flights.borrow_mut().start(
             &self.host,
             key,
@@ -326,7 +394,13 @@ impl<H: Host> Worker<H> {
             trust_recent_answer,
         );
         match start {
-            Start::Send => self.send_callout(key, &config),
+            Start::Send => {
+                if refresh.is_some() {
+                    self.host.count(Counter::CacheRefresh);
+                }
+                let path = config.key_service.path_for(&hash_hex(&key_hash));
+                self.send_callout(key, &path, &config);
+            }
             Start::Wait => {
                 self.host.count(Counter::KeyServiceJoined);
                 self.reschedule(now_ms);
@@ -339,14 +413,16 @@ impl<H: Host> Worker<H> {
 
     /// Lands `key`'s flight from the cache if it holds a verdict now.
     fn answer_from_cache(&self, key: FlightKey) -> bool {
-        let FlightKey::Lookup(key_hash) = key;
+        let FlightKey::Lookup(key_hash) = key else {
+            return false;
+        };
         let now_ms = self.host.now_ms();
         let cached = match self.cache.borrow().as_ref() {
             Some(cache) => cache.node_wide(&self.host, &key_hash, now_ms),
             None => return false,
         };
         let resolution = match cached {
-            Cached::Hit(known) => Resolution::Known(known),
+            Cached::Hit { known, .. } => Resolution::Known(known),
             Cached::NegativeHit => Resolution::Unknown,
             Cached::Miss { .. } => return false,
         };
@@ -370,29 +446,34 @@ impl<H: Host> Worker<H> {
     }
 
     /// The periodic tick: takes over flights whose owner in another worker went silent.
+    /// The periodic tick: takes over lookups whose owner in another worker went silent,
+    /// and follows (or polls) the change feed.
     pub fn on_tick(&self) {
         let now_ms = self.host.now_ms();
         let overdue = self.flights.borrow_mut().take_over_overdue(now_ms);
         for key in overdue {
             self.start(key, true);
         }
+        self.on_feed_tick(now_ms);
         self.reschedule(self.host.now_ms());
     }
 
-    fn reschedule(&self, now_ms: u64) {
-        let next = self.flights.borrow().next_deadline_ms();
+    /// Asks the host to tick when the earliest pending deadline falls due.
+    pub(super) fn reschedule(&self, now_ms: u64) {
+        let takeover = self.flights.borrow().next_deadline_ms();
+        let feed = self.feed.borrow().next_check_ms;
+        let next = [takeover, feed].into_iter().flatten().min();
         if let Some(period_ms) = self.scheduler.borrow_mut().plan(now_ms, next) {
             self.host.set_tick_ms(period_ms);
         }
     }
 
-    fn send_callout(&self, key: FlightKey, config: &Config) {
-        let FlightKey::Lookup(key_hash) = key;
+    /// Sends `key`'s callout: `GET path` to the key service.
+    pub(super) fn send_callout(&self, key: FlightKey, path: &str, config: &Config) {
         let service = &config.key_service;
-        let path = service.path_for(&hash_hex(&key_hash));
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "GET"),
-            (":path", &path),
+            (":path", path),
             (":authority", &service.authority),
         ];
         headers.extend(
@@ -406,9 +487,14 @@ impl<H: Host> Worker<H> {
             headers,
             timeout_ms: service.timeout_ms,
         };
-        match self.host.send_callout(&callout) {
-            Some(token) => self.flights.borrow_mut().sent(key, token),
-            None => self.on_answer(key, Answer::Failed(Failure::NotSent)),
+        match (self.host.send_callout(&callout), key) {
+            (Some(token), _) => self.flights.borrow_mut().sent(key, token),
+            (None, FlightKey::Lookup(key_hash)) => {
+                self.on_answer(key_hash, Answer::Failed(Failure::NotSent))
+            }
+            (None, FlightKey::FeedPoll) => {
+                self.on_poll_answer(feed::FeedAnswer::Failed(Failure::NotSent.describe()))
+            }
         }
     }
 
@@ -418,14 +504,23 @@ impl<H: Host> Worker<H> {
             return;
         };
         let status = self.host.callout_status();
-        let body = (body_size <= MAX_ANSWER_BYTES).then(|| self.host.callout_body(body_size));
-        self.on_answer(key, classify(status.as_deref(), body.as_deref()));
+        let read = |limit| (body_size <= limit).then(|| self.host.callout_body(body_size));
+        match key {
+            FlightKey::Lookup(key_hash) => {
+                let body = read(answer::MAX_ANSWER_BYTES);
+                self.on_answer(key_hash, classify(status.as_deref(), body.as_deref()));
+            }
+            FlightKey::FeedPoll => {
+                let body = read(feed::MAX_ANSWER_BYTES);
+                self.on_poll_answer(feed::classify(status.as_deref(), body.as_deref()));
+            }
+        }
     }
 
     /// Counts the key service's answer, puts its verdict in the cache, and lands the
     /// flight.
-    fn on_answer(&self, key: FlightKey, answer: Answer) {
-        let FlightKey::Lookup(key_hash) = key;
+    fn on_answer(&self, key_hash: KeyHash, answer: Answer) {
+        let key = FlightKey::Lookup(key_hash);
         let now_ms = self.host.now_ms();
         if answer != Answer::Failed(Failure::NotSent) {
             let sent_at_ms = self.flights.borrow().get(&key).and_then(|f| f.sent_at_ms());
@@ -469,7 +564,7 @@ impl<H: Host> Worker<H> {
 
     /// Ends `key`'s flight: releases its lease and wakes the workers that waited for it,
     /// then answers every request parked on it.
-    fn land(&self, key: FlightKey, resolution: Resolution) {
+    pub(super) fn land(&self, key: FlightKey, resolution: Resolution) {
         let ended = match resolution {
             Resolution::Known(_) | Resolution::Unknown => Ended::Answered,
             Resolution::Failed => Ended::Failed,
@@ -483,9 +578,17 @@ impl<H: Host> Worker<H> {
         let Some((flight, peers)) = landed else {
             return;
         };
-        let woken = Message::Woken(ended, key).encode();
+        let (FlightKey::Lookup(key_hash), Payload::Lookup { stale, refresh }) =
+            (key, &flight.payload)
+        else {
+            return;
+        };
+        let woken = Message::Woken(ended, key_hash).encode();
         for peer in peers {
             let _ = self.host.wake(peer, &woken);
+        }
+        if let Resolution::Known(known) = &resolution {
+            self.keep_refreshed_copy(*refresh, key_hash, now_ms, known);
         }
         if flight.parked.is_empty() {
             return;
@@ -498,7 +601,7 @@ impl<H: Host> Worker<H> {
                 continue;
             };
             request.now_ms = now_ms;
-            let stale = flight.payload.stale.as_deref();
+            let stale = stale.as_deref();
             let outcome = match &resolution {
                 Resolution::Known(known) => Outcome::Known(known),
                 Resolution::Unknown => Outcome::Deny(Denial::Invalid),
@@ -516,6 +619,19 @@ impl<H: Host> Worker<H> {
             }
         }
         self.host.unpark();
+    }
+
+    /// A refresh's answer replaces the copy of the request that started it.
+    fn keep_refreshed_copy(
+        &self,
+        refresh: Option<CopyId>,
+        key_hash: KeyHash,
+        stored_at_ms: u64,
+        known: &Rc<KnownKey>,
+    ) {
+        if let (Some(copy), Some(cache)) = (refresh, self.cache.borrow_mut().as_mut()) {
+            cache.keep_copy(copy, key_hash, stored_at_ms, known.clone());
+        }
     }
 }
 

@@ -328,8 +328,8 @@ pub fn define_metric(metric_type: u32, name: &str) -> Option<u32> {
         .then_some(id)
 }
 
-pub fn increment_metric(id: u32) {
-    let _ = unsafe { proxy_increment_metric(id, 1) };
+pub fn increment_metric(id: u32, by: i64) {
+    let _ = unsafe { proxy_increment_metric(id, by) };
 }
 
 pub fn record_metric(id: u32, value: u64) {

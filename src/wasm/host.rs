@@ -94,9 +94,11 @@ impl Wake for WasmHost {
 }
 
 impl Stats for WasmHost {
-    fn count(&self, counter: Counter) {
-        if let Some(Some(id)) = self.counters.get(counter.index()) {
-            abi::increment_metric(*id);
+    fn count_n(&self, counter: Counter, n: u64) {
+        if let (Some(Some(id)), Ok(n @ 1..)) =
+            (self.counters.get(counter.index()), i64::try_from(n))
+        {
+            abi::increment_metric(*id, n);
         }
     }
 
