@@ -282,8 +282,18 @@ class KeyServiceClient(_JsonClient):
         return self.call("POST", "/admin/mode", {"mode": mode, "status": status, "delay_ms": delay_ms})
 
     def lookups(self):
-        """{"total": N, "by_hash": {hash: n}, "recent": [{"path": p, "headers": [[k, v]]}]}"""
+        """{"total": N, "by_hash": {hash: n}, "recent": [{"path": p, "headers": [[k, v]]}],
+        "changes": {"total": polls, "recent": [...]}}"""
         return self.call("GET", "/admin/lookups")
+
+    def set_changes_mode(self, mode, status=None, delay_ms=None):
+        """The change feed's misbehaviour: normal | status | gone (410) | hang | malformed |
+        bad_hashes | huge; delay_ms delays every poll answer."""
+        return self.call("POST", "/admin/changes-mode", {"mode": mode, "status": status, "delay_ms": delay_ms})
+
+    def polls(self):
+        """How many times the change feed was polled."""
+        return self.lookups()["changes"]["total"]
 
     def reset(self):
         """Zero the counters and recent lookups, mode back to normal; keys are kept."""

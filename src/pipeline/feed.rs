@@ -156,7 +156,7 @@ impl<H: Host> Worker<H> {
                     forgotten: key_hashes,
                 });
             }
-            FeedAnswer::Gone => {
+            FeedAnswer::Gone if after.is_some() => {
                 self.host.count(Counter::ChangesReset);
                 log::warn!("change feed: cursor too old (410): the node forgets every cache entry");
                 let state = self.update_state(|state| {
@@ -176,13 +176,18 @@ impl<H: Host> Worker<H> {
                 // Ask again at once, without a cursor: where does the feed stand now?
                 self.poll(state.cursor, &feed);
             }
-            FeedAnswer::Failed(why) => {
-                self.host.count(Counter::ChangesError);
-                self.warnings
-                    .warn(now_ms, || format!("change feed poll failed: {why}"));
-            }
+            // A 410 to a poll without a cursor says nothing: a feed failure, not a reason
+            // to forget everything again.
+            FeedAnswer::Gone => self.on_poll_answer_failed("answered 410 without a cursor", now_ms),
+            FeedAnswer::Failed(why) => self.on_poll_answer_failed(&why, now_ms),
         }
         self.reschedule(now_ms);
+    }
+
+    fn on_poll_answer_failed(&self, why: &str, now_ms: u64) {
+        self.host.count(Counter::ChangesError);
+        self.warnings
+            .warn(now_ms, || format!("change feed poll failed: {why}"));
     }
 
     /// Changes the node's feed state with compare-and-swap; the state as written (or, when

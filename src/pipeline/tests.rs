@@ -856,3 +856,22 @@ fn after_two_failures_in_a_row_a_key_is_not_asked_for_while_paused() {
         "asked again, and the answer ends the pause"
     );
 }
+
+#[test]
+fn a_410_to_a_poll_without_a_cursor_is_a_failure_not_another_reset() {
+    let t = Test::new();
+    let w = t.worker(1, &feed_config());
+    assert!(t.poll(&w, "410", ""));
+    assert_eq!(
+        w.host().callouts.borrow().len(),
+        1,
+        "not asked again at once"
+    );
+    assert_eq!(
+        (
+            w.host().stat("key_service.changes.reset"),
+            w.host().stat("key_service.changes.error")
+        ),
+        (0, 1)
+    );
+}
