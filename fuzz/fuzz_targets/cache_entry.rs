@@ -23,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
         negative_ttl_s: 10,
         stale_if_error_s: 300,
         refresh_ahead_pct: 20,
+        epoch: entry.epoch,
+    };
+    let next_epoch = TrustRules {
+        epoch: entry.epoch.wrapping_add(1),
+        ..rules
     };
     for now_ms in [
         0,
@@ -38,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
             | (_, Trust::Useless) => {}
             (verdict, trust) => panic!("{verdict:?} judged {trust:?}"),
         }
+        assert_eq!(next_epoch.judge(&found, now_ms), Trust::Useless);
         let mut other = entry.key_hash;
         other[0] ^= 1;
         assert_eq!(in_slot(&other), None);
