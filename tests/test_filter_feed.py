@@ -147,7 +147,7 @@ def test_a_bad_feed_answer_is_a_failure_and_flushes_nothing(mode):
 
 def test_a_key_in_steady_use_never_waits_for_a_slow_key_service():
     cache = {"ttl_s": 3, "refresh_ahead_pct": 50}
-    config = {"key_service": {"cluster": "key_service", "timeout_ms": 3000}, "cache": cache}
+    config = {"key_service": {"cluster": "key_service", "timeout_ms": 3000}, "cache": cache, "rate_limit": None}
     with Stack(config, keys={key_hash("feed-steady"): {"key_id": "k"}}, concurrency=2) as s:
         s.keyservice.set_mode("normal", delay_ms=1000)
         assert send(s, "feed-steady").status == 200  # cold: waits once
