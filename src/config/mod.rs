@@ -85,6 +85,18 @@ pub struct BruteForce {
     pub period_s: u32,
 }
 
+/// `key_format` (SPEC "Key format").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    pub prefixes: Vec<String>,
+    pub checksum: Option<Checksum>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    Crc32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureMode {
     Closed,
@@ -101,6 +113,7 @@ pub struct Config {
     pub identity_headers: IdentityHeaders,
     pub brute_force: Option<BruteForce>,
     pub failure_mode: FailureMode,
+    pub key_format: Option<KeyFormat>,
     /// The `WWW-Authenticate` value of every 401, derived from the key sources.
     pub www_authenticate: String,
 }
@@ -114,6 +127,7 @@ const FIELDS: &[&str] = &[
     "identity_headers",
     "brute_force",
     "failure_mode",
+    "key_format",
 ];
 
 /// The fields each object accepts; anything else is refused. The README's configuration
@@ -139,6 +153,7 @@ const BUCKET_FIELDS: &[&str] = &["requests", "period_s", "burst"];
 const RULE_FIELDS: &[&str] = &["path_prefix", "methods", "scopes"];
 const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
 const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s"];
+const KEY_FORMAT_FIELDS: &[&str] = &["prefixes", "checksum"];
 
 /// Upper bounds that keep arithmetic and shared data sane; far above any real need.
 const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
@@ -174,6 +189,7 @@ impl Config {
             rules: parse_rules(&root)?,
             identity_headers: parse_identity_headers(&root)?,
             brute_force: parse_brute_force(&root)?,
+            key_format: parse_key_format(&root)?,
             failure_mode: match root.string("failure_mode")? {
                 None | Some("closed") => FailureMode::Closed,
                 Some("open") => FailureMode::Open,
@@ -217,7 +233,7 @@ impl Config {
         format!(
             "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}] changes={}}} \
              cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={} refresh_ahead_pct={}}} rate_limit={} \
-             rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={}",
+             rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={} key_format={}",
             sources.join(", "),
             ks.cluster,
             ks.authority,
@@ -242,6 +258,14 @@ impl Config {
             match self.failure_mode {
                 FailureMode::Closed => "closed",
                 FailureMode::Open => "open",
+            },
+            match &self.key_format {
+                Some(f) => format!(
+                    "{{prefixes=[{}] checksum={}}}",
+                    f.prefixes.join(", "),
+                    if f.checksum.is_some() { "crc32" } else { "none" }
+                ),
+                None => "any".to_string(),
             },
         )
     }
@@ -373,6 +397,34 @@ fn parse_key_service(root: &Object) -> FieldResult<KeyService> {
         headers,
         changes: parse_changes(&service)?,
     })
+}
+
+fn parse_key_format(root: &Object) -> FieldResult<Option<KeyFormat>> {
+    let Some(format) = root.object("key_format")? else {
+        return Ok(None);
+    };
+    format.refuse_unknown(KEY_FORMAT_FIELDS)?;
+    let prefixes = format.string_list("prefixes")?.unwrap_or_default();
+    let visible = |p: &String| {
+        !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    };
+    if prefixes.is_empty() || !prefixes.iter().all(visible) {
+        return Err(FieldError::new(
+            format.path_of("prefixes"),
+            "must list at least one prefix of 1 to 64 visible ASCII characters",
+        ));
+    }
+    let checksum = match format.string("checksum")? {
+        None => None,
+        Some("crc32") => Some(Checksum::Crc32),
+        Some(_) => {
+            return Err(FieldError::new(
+                format.path_of("checksum"),
+                "must be \"crc32\" or null",
+            ))
+        }
+    };
+    Ok(Some(KeyFormat { prefixes, checksum }))
 }
 
 fn parse_changes(service: &Object) -> FieldResult<Option<ChangeFeed>> {
@@ -748,6 +800,7 @@ mod tests {
             ("identity_headers", IDENTITY_FIELDS),
             ("brute_force", BRUTE_FORCE_FIELDS),
             ("key_service.changes", CHANGES_FIELDS),
+            ("key_format", KEY_FORMAT_FIELDS),
         ] {
             let (_, _, row) = rows.iter().find(|(f, _, _)| f == field).unwrap();
             for name in inner {

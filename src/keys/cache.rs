@@ -431,6 +431,8 @@ mod tests {
             rate_limit: RecordLimit::Default,
             expires_at: None,
             revoked: false,
+            allowed_cidrs: vec![],
+            allowed_referrers: vec![],
         }
     }
 

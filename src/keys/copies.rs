@@ -17,9 +17,10 @@ use std::rc::Rc;
 
 /// At most this many copies per worker, however large `cache.max_entries` is.
 pub const MAX_CAPACITY: u32 = 8192;
-/// Records with more text than this are not copied (they are read from the node-wide
-/// cache each time), so a worker's copies stay within a few MiB whatever the key service
-/// sends: a record may hold up to 64 scopes of 256 bytes.
+/// Records with more text than this (restrictions counted at their size in memory) are
+/// not copied (they are read from the node-wide cache each time), so a worker's copies
+/// stay within a few MiB whatever the key service sends: a record may hold up to 64
+/// scopes of 256 bytes, and 64 addresses and 64 referrer patterns.
 pub const MAX_COPIED_TEXT_BYTES: usize = 1024;
 
 /// A raw key as this worker's copies know it: 128 bits of SipHash under a secret drawn
@@ -68,7 +69,14 @@ impl Copies {
     /// Keeps a copy of a found entry the node-wide cache holds as stored at `stored_at_ms`.
     pub fn put(&mut self, id: CopyId, key_hash: KeyHash, stored_at_ms: u64, known: Rc<KnownKey>) {
         let record = &known.record;
-        let text = record.key_id.len() + record.owner.len() + 2 * known.scopes_header.len();
+        let restrictions = 32 * record.allowed_cidrs.len()
+            + record
+                .allowed_referrers
+                .iter()
+                .map(|p| 64 + p.host.len())
+                .sum::<usize>();
+        let text =
+            record.key_id.len() + record.owner.len() + 2 * known.scopes_header.len() + restrictions;
         if text > MAX_COPIED_TEXT_BYTES {
             return;
         }
@@ -120,6 +128,8 @@ mod tests {
             rate_limit: RecordLimit::Default,
             expires_at: None,
             revoked: false,
+            allowed_cidrs: vec![],
+            allowed_referrers: vec![],
         };
         Rc::new(KnownKey::new(record, None))
     }

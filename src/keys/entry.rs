@@ -15,9 +15,11 @@ use crate::config::BucketSpec;
 use crate::keys::cache::{Failures, Trust, TrustRules};
 use crate::keys::key_hash::{slot_of, KeyHash};
 use crate::keys::record::{KeyRecord, RecordLimit};
+use crate::request::cidr::Cidr;
+use crate::request::referrer::ReferrerPattern;
 
 /// Bumped whenever the layout changes; older entries then read as misses.
-const FORMAT_VERSION: u8 = 3;
+const FORMAT_VERSION: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -158,6 +160,14 @@ pub fn encode(entry: &CacheEntry) -> Vec<u8> {
             for scope in record.scopes.iter().take(255) {
                 put_str(&mut out, scope);
             }
+            out.push(record.allowed_cidrs.len().min(255) as u8);
+            for cidr in record.allowed_cidrs.iter().take(255) {
+                cidr.encode(&mut out);
+            }
+            out.push(record.allowed_referrers.len().min(255) as u8);
+            for pattern in record.allowed_referrers.iter().take(255) {
+                put_str(&mut out, &pattern.to_text());
+            }
         }
     }
     out
@@ -198,6 +208,12 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
             let key_id = r.str()?;
             let owner = r.str()?;
             let scopes = (0..r.u8()?).map(|_| r.str()).collect::<Option<Vec<_>>>()?;
+            let allowed_cidrs = (0..r.u8()?)
+                .map(|_| Cidr::decode(r.take(18)?.try_into().ok()?))
+                .collect::<Option<Vec<_>>>()?;
+            let allowed_referrers = (0..r.u8()?)
+                .map(|_| ReferrerPattern::parse(&r.str()?))
+                .collect::<Option<Vec<_>>>()?;
             Verdict::Found(KeyRecord {
                 key_id,
                 owner,
@@ -205,6 +221,8 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
                 rate_limit,
                 expires_at,
                 revoked,
+                allowed_cidrs,
+                allowed_referrers,
             })
         }
         _ => return None,
@@ -268,6 +286,8 @@ mod tests {
             }),
             expires_at: Some(-5),
             revoked: true,
+            allowed_cidrs: vec![],
+            allowed_referrers: vec![],
         }
     }
 
@@ -299,6 +319,17 @@ mod tests {
             Verdict::Found(KeyRecord {
                 rate_limit: RecordLimit::Default,
                 scopes: vec![],
+                ..record()
+            }),
+            Verdict::Found(KeyRecord {
+                allowed_cidrs: vec![
+                    Cidr::parse("203.0.113.0/24").unwrap(),
+                    Cidr::parse("2001:db8::/32").unwrap(),
+                ],
+                allowed_referrers: vec![
+                    ReferrerPattern::parse("https://app.example.com/*").unwrap(),
+                    ReferrerPattern::parse("*.example.com").unwrap(),
+                ],
                 ..record()
             }),
         ] {

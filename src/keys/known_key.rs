@@ -63,6 +63,8 @@ mod tests {
             rate_limit,
             expires_at: None,
             revoked: false,
+            allowed_cidrs: vec![],
+            allowed_referrers: vec![],
         }
     }
 

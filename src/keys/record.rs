@@ -1,6 +1,8 @@
 //! The key service's answer for a found key (SPEC "Key service protocol").
 use crate::config::json_fields::{FieldError, FieldResult, Object};
 use crate::config::{parse_bucket, BucketSpec};
+use crate::request::cidr::Cidr;
+use crate::request::referrer::ReferrerPattern;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +23,17 @@ pub struct KeyRecord {
     /// Unix seconds; `None` never expires.
     pub expires_at: Option<i64>,
     pub revoked: bool,
+    /// Empty: any client address.
+    pub allowed_cidrs: Vec<Cidr>,
+    /// Empty: any request.
+    pub allowed_referrers: Vec<ReferrerPattern>,
 }
 
 /// Bounds that keep a cache entry small; a record beyond them is a broken key service.
 pub const MAX_TEXT_LEN: usize = 256;
 pub const MAX_SCOPES: usize = 64;
+/// Addresses or referrer patterns a record may list, each.
+pub const MAX_RESTRICTIONS: usize = 64;
 
 pub fn parse_record(body: &[u8]) -> FieldResult<KeyRecord> {
     let doc: Value =
@@ -69,7 +77,31 @@ pub fn parse_record(body: &[u8]) -> FieldResult<KeyRecord> {
         rate_limit,
         expires_at,
         revoked: record.bool("revoked")?.unwrap_or(false),
+        allowed_cidrs: restriction(&record, "allowed_cidrs", Cidr::parse)?,
+        allowed_referrers: restriction(&record, "allowed_referrers", ReferrerPattern::parse)?,
     })
+}
+
+/// A restriction's list, each item parsed now rather than on every request. A record
+/// with one that does not parse is refused (a key service failure), never half-applied.
+fn restriction<T>(
+    record: &Object,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+) -> FieldResult<Vec<T>> {
+    let items = record.string_list(field)?.unwrap_or_default();
+    if items.len() > MAX_RESTRICTIONS {
+        return Err(FieldError::new(
+            field,
+            format!("more than {MAX_RESTRICTIONS}"),
+        ));
+    }
+    items
+        .iter()
+        .map(|item| {
+            parse(item).ok_or_else(|| FieldError::new(field, format!("{item:?} does not parse")))
+        })
+        .collect()
 }
 
 /// Record values become request headers: no control bytes, bounded length.
@@ -112,6 +144,8 @@ mod tests {
                 }),
                 expires_at: Some(1767225600),
                 revoked: false,
+                allowed_cidrs: vec![],
+                allowed_referrers: vec![],
             }
         );
     }

@@ -10,10 +10,12 @@ use crate::keys::key_hash::{fingerprint, KeyHash};
 use crate::keys::known_key::KnownKey;
 use crate::limits::bucket::Take;
 use crate::limits::buckets::{self, Unavailable};
-use crate::request::authorize::authorize;
+use crate::request::authorize::{authorize, Origin};
+use crate::request::client_address::without_port;
 use crate::request::denial::Denial;
 use crate::request::rules::required_scopes;
 use crate::storage::slots::Table;
+use std::net::IpAddr;
 use std::rc::Rc;
 
 /// A request whose key has been read: all a verdict needs.
@@ -24,6 +26,8 @@ pub struct Request {
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
     pub rule: Option<usize>,
+    /// `Referer`, else `Origin`, for keys bound to referrers.
+    pub referrer: Option<Vec<u8>>,
     /// When the verdict is made: one reading of the clock serves the whole request.
     pub now_ms: u64,
 }
@@ -108,7 +112,8 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     io.set_log_field(LogField::KeyId, &record.key_id);
     io.set_log_field(LogField::Owner, &record.owner);
     let scopes = required_scopes(&config.rules, request.rule);
-    if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes) {
+    let mut origin = RequestOrigin { io, request };
+    if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes, &mut origin) {
         deny(host, io, config, request.client.as_deref(), denial);
         return Handled::Answered;
     }
@@ -149,6 +154,26 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     }
     host.count(Counter::Allowed);
     Handled::Forward(rate_headers)
+}
+
+/// Where a request comes from, as `authorize` asks for it.
+struct RequestOrigin<'a, R> {
+    io: &'a mut R,
+    request: &'a Request,
+}
+
+impl<R: RequestIo> Origin for RequestOrigin<'_, R> {
+    fn client(&mut self) -> Option<IpAddr> {
+        let address = match &self.request.client {
+            Some(client) => client.clone(),
+            None => without_port(&self.io.client_address()?)?,
+        };
+        address.parse().ok()
+    }
+
+    fn referrer(&self) -> Option<&[u8]> {
+        self.request.referrer.as_deref()
+    }
 }
 
 /// The bucket could not be read or written: fail closed, since the limit is a promise

@@ -875,3 +875,118 @@ fn a_410_to_a_poll_without_a_cursor_is_a_failure_not_another_reset() {
         (0, 1)
     );
 }
+
+// -- key format and restrictions --------------------------------------------------------
+
+#[test]
+fn a_key_out_of_format_is_401_invalid_without_a_lookup_and_charged() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(
+            r#""key_format": {"prefixes": ["ghp_"], "checksum": "crc32"},
+                   "brute_force": {"max_failures": 3, "period_s": 60}"#,
+        ),
+    );
+    for key in [
+        "ghp_zQWBuTSOoRi4A9spHcVY5ncnsDkxkJ0mLq18",
+        "xyz_zQWBuTSOoRi4A9spHcVY5ncnsDkxkJ0mLq17",
+    ] {
+        w.host()
+            .requests
+            .borrow_mut()
+            .entry(t.next_context.get())
+            .or_default()
+            .client_address = Some(b"203.0.113.9:1".to_vec());
+        let (id, _) = t.get(&w, key);
+        assert_denied(&reply_of(&w, id), 401, "api_key_invalid");
+    }
+    t.deliver(&w);
+    assert!(w.host().callouts.borrow().is_empty(), "no lookup");
+    let (_, flow) = t.get(&w, "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");
+    assert_eq!(flow, Flow::Pause, "the well-formed key is looked up");
+    t.deliver(&w);
+    assert_eq!(w.host().callouts.borrow().len(), 1);
+    assert_eq!(w.host().stat("denied.api_key_invalid"), 2);
+}
+
+#[test]
+fn a_key_bound_to_addresses_and_sites_is_refused_elsewhere_before_its_scopes_and_bucket() {
+    let t = Test::new();
+    let rules = r#""rules": [{"path_prefix": "/admin", "scopes": ["admin"]}]"#;
+    let w = t.worker(1, &config(rules));
+    let bound = r#"{"key_id": "k_bound", "rate_limit": {"requests": 1, "period_s": 60},
+        "allowed_cidrs": ["203.0.113.0/24", "2001:db8::/32"],
+        "allowed_referrers": ["https://app.example.com/*"]}"#;
+    let from = |id: u32, address: &str| {
+        w.host()
+            .requests
+            .borrow_mut()
+            .entry(id)
+            .or_default()
+            .client_address = Some(address.as_bytes().to_vec());
+    };
+    from(t.next_context.get(), "198.51.100.1:5");
+    let (id, flow) = t.send(
+        &w,
+        "GET",
+        "/",
+        &[("x-api-key", "sk"), ("referer", "https://app.example.com/")],
+    );
+    assert_eq!(flow, Flow::Pause);
+    t.deliver(&w);
+    t.answer(&w, Some("200"), bound);
+    assert_denied(&reply_of(&w, id), 403, "address_not_allowed");
+    let send = |address: &str, headers: &[(&str, &str)], path: &str| {
+        from(t.next_context.get(), address);
+        let mut all = vec![("x-api-key", "sk")];
+        all.extend_from_slice(headers);
+        let (id, flow) = t.send(&w, "GET", path, &all);
+        (w.host().log_of(id).reply, flow)
+    };
+    let (reply, _) = send(
+        "[2001:db8::7]:443",
+        &[("referer", "https://evil.test/")],
+        "/",
+    );
+    assert_denied(&reply.unwrap(), 403, "referrer_not_allowed");
+    let (reply, _) = send("203.0.113.5:1", &[], "/");
+    assert_denied(&reply.unwrap(), 403, "referrer_not_allowed");
+    let (reply, _) = send(
+        "203.0.113.5:1",
+        &[("origin", "https://app.example.com")],
+        "/admin",
+    );
+    assert_denied(&reply.unwrap(), 403, "permission_denied");
+    let (reply, flow) = send(
+        "203.0.113.5:1",
+        &[("origin", "https://app.example.com")],
+        "/",
+    );
+    assert!(
+        reply.is_none() && matches!(flow, Flow::Forward(Some(_))),
+        "the one token"
+    );
+    let (reply, _) = send(
+        "203.0.113.5:1",
+        &[("referer", "https://app.example.com/x")],
+        "/",
+    );
+    assert_denied(&reply.unwrap(), 429, "rate_limit_exceeded");
+    assert_eq!(w.host().stat("denied.address_not_allowed"), 1);
+    assert_eq!(w.host().stat("denied.referrer_not_allowed"), 2);
+}
+
+#[test]
+fn a_record_whose_restriction_does_not_parse_is_a_key_service_failure() {
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (_, reply) = t.cold(
+        &w,
+        "sk",
+        "200",
+        r#"{"key_id": "k", "allowed_cidrs": ["10.0.0.0/33"]}"#,
+    );
+    assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.bad_record"), 1);
+}

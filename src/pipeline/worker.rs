@@ -30,6 +30,7 @@ use crate::request::client_address::without_port;
 use crate::request::denial::Denial;
 use crate::request::extract::{extract, KeyOutcome};
 use crate::request::header_map::{self, Header};
+use crate::request::key_format::conforms;
 use crate::request::rules::matching_rule;
 use crate::storage::slots::{create_slots, Table};
 use std::cell::{Cell, RefCell};
@@ -209,6 +210,14 @@ impl<H: Host> Worker<H> {
             return Flow::Pause;
         }
         let key = match extraction.outcome {
+            KeyOutcome::Key(key)
+                if config
+                    .key_format
+                    .as_ref()
+                    .is_some_and(|format| !conforms(&key, format)) =>
+            {
+                return self.deny(io, &config, client, Denial::Malformed)
+            }
             KeyOutcome::Key(key) => key,
             KeyOutcome::Missing => return self.deny(io, &config, client, Denial::Missing),
             KeyOutcome::Duplicate => return self.deny(io, &config, client, Denial::Duplicate),
@@ -228,10 +237,14 @@ impl<H: Host> Worker<H> {
             return self.deny(io, &config, client, Denial::KeyServiceUnavailable);
         };
         io.set_log_field(LogField::Fingerprint, fingerprint(&key_hash).as_str());
+        let referrer = header_map::first(headers, "referer")
+            .or_else(|| header_map::first(headers, "origin"))
+            .map(<[u8]>::to_vec);
         let request = Request {
             client: client.map(str::to_string),
             key_hash,
             rule: matching_rule(&config.rules, method, path),
+            referrer,
             config,
             now_ms,
         };

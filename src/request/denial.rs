@@ -11,6 +11,8 @@ pub enum Denial {
     Invalid,
     Revoked,
     Expired,
+    AddressNotAllowed,
+    ReferrerNotAllowed,
     PermissionDenied,
     RateLimited,
     TooManyFailedAttempts,
@@ -18,12 +20,14 @@ pub enum Denial {
 }
 
 /// The spec's error codes, in the order of its table; stats are named after them.
-pub const CODES: [&str; 9] = [
+pub const CODES: [&str; 11] = [
     "api_key_missing",
     "api_key_duplicate",
     "api_key_invalid",
     "api_key_revoked",
     "api_key_expired",
+    "address_not_allowed",
+    "referrer_not_allowed",
     "permission_denied",
     "rate_limit_exceeded",
     "too_many_failed_attempts",
@@ -39,10 +43,12 @@ impl Denial {
             Denial::Malformed | Denial::Invalid => 2,
             Denial::Revoked => 3,
             Denial::Expired => 4,
-            Denial::PermissionDenied => 5,
-            Denial::RateLimited => 6,
-            Denial::TooManyFailedAttempts => 7,
-            Denial::KeyServiceUnavailable => 8,
+            Denial::AddressNotAllowed => 5,
+            Denial::ReferrerNotAllowed => 6,
+            Denial::PermissionDenied => 7,
+            Denial::RateLimited => 8,
+            Denial::TooManyFailedAttempts => 9,
+            Denial::KeyServiceUnavailable => 10,
         }
     }
 
@@ -58,7 +64,9 @@ impl Denial {
             | Denial::Invalid
             | Denial::Revoked
             | Denial::Expired => 401,
-            Denial::PermissionDenied => 403,
+            Denial::AddressNotAllowed | Denial::ReferrerNotAllowed | Denial::PermissionDenied => {
+                403
+            }
             Denial::RateLimited | Denial::TooManyFailedAttempts => 429,
             Denial::KeyServiceUnavailable => 503,
         }
@@ -72,6 +80,8 @@ impl Denial {
             Denial::Invalid => "The API key is not valid.",
             Denial::Revoked => "The API key has been revoked.",
             Denial::Expired => "The API key has expired.",
+            Denial::AddressNotAllowed => "The API key may not be used from this address.",
+            Denial::ReferrerNotAllowed => "The API key may not be used from this site.",
             Denial::PermissionDenied => "The API key lacks a scope this request needs.",
             Denial::RateLimited => "The API key's rate limit is exceeded.",
             Denial::TooManyFailedAttempts => "Too many failed API key attempts from this address.",
@@ -98,6 +108,8 @@ impl Denial {
                 | Denial::Invalid
                 | Denial::Revoked
                 | Denial::Expired
+                | Denial::AddressNotAllowed
+                | Denial::ReferrerNotAllowed
         )
     }
 }
@@ -106,13 +118,15 @@ impl Denial {
 mod tests {
     use super::*;
 
-    const ALL: [Denial; 10] = [
+    const ALL: [Denial; 12] = [
         Denial::Missing,
         Denial::Duplicate,
         Denial::Malformed,
         Denial::Invalid,
         Denial::Revoked,
         Denial::Expired,
+        Denial::AddressNotAllowed,
+        Denial::ReferrerNotAllowed,
         Denial::PermissionDenied,
         Denial::RateLimited,
         Denial::TooManyFailedAttempts,
@@ -131,6 +145,8 @@ mod tests {
                 (401, "api_key_invalid"),
                 (401, "api_key_revoked"),
                 (401, "api_key_expired"),
+                (403, "address_not_allowed"),
+                (403, "referrer_not_allowed"),
                 (403, "permission_denied"),
                 (429, "rate_limit_exceeded"),
                 (429, "too_many_failed_attempts"),
