@@ -23,6 +23,9 @@ Protocol:
 
 Admin API (JSON in and out), used by tests to change keys and to make the service misbehave:
     POST   /admin/keys                 {"key_hash": h, "record": {...}}  upsert, record kept as given
+    POST   /admin/keys/mint            {"prefix": p, "record": {...}}  a new key in the filter's
+                                       key_format (crc32): {"key", "key_hash", "record"}; the
+                                       key is answered once, only its hash is kept
     DELETE /admin/keys/<hash>          remove (lookups then get 404)
     POST   /admin/keys/<hash>/revoke   set "revoked": true
     POST   /admin/keys/<hash>/expire   set "expires_at" to now - 1
@@ -56,6 +59,7 @@ Lookups and polls are counted in every mode, so a test can count callouts even w
 """
 import argparse
 import collections
+import hashlib
 import json
 import os
 import re
@@ -65,7 +69,8 @@ import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
-from threaded_server import serve  # scripts/ is on sys.path: it holds this script
+from keyformat import is_prefix, new_key  # scripts/ is on sys.path: it holds this script
+from threaded_server import serve
 
 MODES = ("normal", "status", "hang", "close", "malformed")
 CHANGES_MODES = ("normal", "status", "gone", "hang", "malformed", "bad_hashes", "huge")
@@ -292,6 +297,18 @@ class Handler(BaseHTTPRequestHandler):
             with st.lock:
                 keys = json.dumps({"keys": st.keys}).encode()
             return self.send(200, keys)
+        if parts == ["keys", "mint"] and method == "POST":
+            # A new key in the filter's key_format: answered once, only its hash is kept.
+            prefix, record = body.get("prefix", "sk_live_"), body.get("record")
+            if not is_prefix(prefix) or not isinstance(record, dict):
+                return self.send(400, {"error": 'want {"prefix": str, "record": {...}}'})
+            key = new_key(prefix)
+            h = hashlib.sha256(key.encode()).hexdigest()
+            with st.lock:
+                st.keys[h] = record
+                st.changed(h)
+                st.save()
+            return self.send(200, {"key": key, "key_hash": h, "record": record})
         if parts == ["keys"] and method == "POST":
             h, record = body.get("key_hash"), body.get("record")
             if not isinstance(h, str) or not h or not isinstance(record, dict):

@@ -234,10 +234,10 @@ def _receive(conn):
     return Response(r.status, r.reason, [(k.lower(), v) for k, v in r.getheaders()], body)
 
 
-def http_request(port, method, path, headers=(), body=None, timeout=10, source=None):
-    """One request on a fresh connection to 127.0.0.1:port, from the loopback address
-    `source` (e.g. "127.0.0.2") when given."""
-    conn = _Connection(HOST, port, timeout=timeout, source_address=(source, 0) if source else None)
+def http_request(port, method, path, headers=(), body=None, timeout=10, source=None, host=HOST):
+    """One request on a fresh connection to host:port (127.0.0.1), from the loopback
+    address `source` (e.g. "127.0.0.2") when given."""
+    conn = _Connection(host, port, timeout=timeout, source_address=(source, 0) if source else None)
     try:
         _send(conn, method, path, list(headers), body)
         return _receive(conn)
@@ -394,9 +394,9 @@ def admin_ready(admin_port):
     return r.status == 200 and r.text.strip() == "LIVE"
 
 
-def _accepts(port):
+def _accepts(port, host=HOST):
     try:
-        socket.create_connection((HOST, port), timeout=1).close()
+        socket.create_connection((host, port), timeout=1).close()
         return True
     except OSError:
         return False
@@ -471,8 +471,11 @@ class Stack:
     """
 
     def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info",
-                 lds=False):
+                 lds=False, listen_address=HOST):
+        """listen_address: where Envoy's listener binds ("::1" for IPv6 clients); the
+        admin and the other services stay on 127.0.0.1."""
         self.filter_config = filter_config
+        self.listen_address = listen_address
         self.lds = lds
         self.initial_keys = dict(keys or {})
         self.concurrency = concurrency
@@ -521,13 +524,19 @@ class Stack:
             self.listen_port, self.admin_port = free_port(), free_port()
             self.config_path = _render(self.tmp, self.filter_config, self.listen_port, self.admin_port,
                                        self.upstream_port, self.key_service_port, lds=self.lds)
+            if self.listen_address != HOST:
+                rendered = self.config_path.read_text()
+                listener = f"socket_address: {{ address: {HOST}, port_value: {self.listen_port} }}"
+                assert listener in rendered, "the template's listener address moved"
+                self.config_path.write_text(rendered.replace(
+                    listener, f'socket_address: {{ address: "{self.listen_address}", port_value: {self.listen_port} }}'))
             self.envoy_log_path = self.tmp / "envoy.log"
             self.envoy_log_path.unlink(missing_ok=True)
             self.envoy = Process("envoy", _envoy_argv(self.config_path, self.concurrency, self.envoy_log_path,
                                                       self.log_level), self.tmp / "envoy.out").start()
             deadline = time.monotonic() + START_TIMEOUT_S
             while self.envoy.running():
-                if admin_ready(self.admin_port) and _accepts(self.listen_port):
+                if admin_ready(self.admin_port) and _accepts(self.listen_port, self.listen_address):
                     return
                 if time.monotonic() > deadline:
                     self.envoy.stop()
@@ -589,7 +598,8 @@ class Stack:
         dict/list (JSON) or None; Content-Length is added unless given. source: the
         client's loopback address (127.0.0.0/8), so tests can be several clients.
         """
-        return http_request(self.listen_port, method, path, headers, body, timeout, source)
+        return http_request(self.listen_port, method, path, headers, body, timeout, source,
+                            self.listen_address)
 
     def requests_concurrently(self, n, method, path, headers=(), body=None, timeout=10):
         """n requests through Envoy, each on its own connection, released together.
