@@ -772,10 +772,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_readme_documents_exactly_the_fields_the_code_accepts() {
-        let rows = readme_rows();
-        let documented: Vec<&str> = rows.iter().map(|(field, _, _)| field.as_str()).collect();
+    /// Every field the parser accepts, as the tables name them (objects of their own,
+    /// `key_service` and `cache`, field by field).
+    fn accepted_fields() -> Vec<String> {
         let mut expected: Vec<String> = Vec::new();
         for field in FIELDS {
             match *field {
@@ -788,6 +787,39 @@ mod tests {
                 other => expected.push(other.to_string()),
             }
         }
+        expected
+    }
+
+    /// The contract in the repository (docs/CONTRACT.md) names exactly the fields the
+    /// parser accepts in its configuration table, and lists the others as planned.
+    #[test]
+    fn the_contract_documents_exactly_the_fields_the_code_accepts() {
+        let contract = include_str!("../../docs/CONTRACT.md");
+        let table = contract
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n### Planned configuration").next())
+            .expect("the contract has a Configuration section");
+        let mut documented: Vec<String> = table
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .filter_map(|line| line.split('`').nth(1).map(str::to_string))
+            .collect();
+        let mut expected = accepted_fields();
+        documented.sort();
+        expected.sort();
+        assert_eq!(documented, expected);
+        for planned in ["rate_limit_service", "per_key_stats"] {
+            assert!(parse(&format!(r#"{{"key_service": {{"cluster": "k"}}, "{planned}": null}}"#)).is_err());
+            assert!(contract.contains(&format!("| `{planned}` |")), "{planned} is planned");
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_exactly_the_fields_the_code_accepts() {
+        let rows = readme_rows();
+        let documented: Vec<&str> = rows.iter().map(|(field, _, _)| field.as_str()).collect();
+        let expected = accepted_fields();
         assert_eq!(
             documented, expected,
             "README configuration table rows, in order"
