@@ -810,8 +810,14 @@ mod tests {
         expected.sort();
         assert_eq!(documented, expected);
         for planned in ["rate_limit_service", "per_key_stats"] {
-            assert!(parse(&format!(r#"{{"key_service": {{"cluster": "k"}}, "{planned}": null}}"#)).is_err());
-            assert!(contract.contains(&format!("| `{planned}` |")), "{planned} is planned");
+            assert!(parse(&format!(
+                r#"{{"key_service": {{"cluster": "k"}}, "{planned}": null}}"#
+            ))
+            .is_err());
+            assert!(
+                contract.contains(&format!("| `{planned}` |")),
+                "{planned} is planned"
+            );
         }
     }
 
