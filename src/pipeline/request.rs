@@ -13,6 +13,7 @@ use crate::limits::buckets::{self, Unavailable};
 use crate::request::authorize::{authorize, Origin};
 use crate::request::client_address::without_port;
 use crate::request::denial::Denial;
+use crate::request::header_map::{self, Header};
 use crate::request::rules::required_scopes;
 use crate::storage::slots::Table;
 use std::net::IpAddr;
@@ -26,7 +27,8 @@ pub struct Request {
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
     pub rule: Option<usize>,
-    /// `Referer`, else `Origin`, for keys bound to referrers.
+    /// `Referer`, else `Origin`, for keys bound to referrers: kept when the request is
+    /// parked (its headers are then gone); read in place otherwise.
     pub referrer: Option<Vec<u8>>,
     /// When the verdict is made: one reading of the clock serves the whole request.
     pub now_ms: u64,
@@ -83,12 +85,19 @@ pub fn on_key_service_failure<'a>(
     }
 }
 
-/// Applies what is known about the key to the request.
+/// The referrer a request carries: `Referer`, else `Origin`.
+pub fn referrer<'h>(headers: &[Header<'h>]) -> Option<&'h [u8]> {
+    header_map::first(headers, "referer").or_else(|| header_map::first(headers, "origin"))
+}
+
+/// Applies what is known about the key to the request; `headers`: its headers when they
+/// are at hand (not for a request that was parked).
 pub fn finish<H: Clock + SharedStore + Stats>(
     host: &H,
     warnings: &Warnings,
     io: &mut impl RequestIo,
     request: &Request,
+    headers: &[Header],
     outcome: Outcome,
 ) -> Handled {
     let config = &request.config;
@@ -112,7 +121,11 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     io.set_log_field(LogField::KeyId, &record.key_id);
     io.set_log_field(LogField::Owner, &record.owner);
     let scopes = required_scopes(&config.rules, request.rule);
-    let mut origin = RequestOrigin { io, request };
+    let mut origin = RequestOrigin {
+        io,
+        request,
+        headers,
+    };
     if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes, &mut origin) {
         deny(host, io, config, request.client.as_deref(), denial);
         return Handled::Answered;
@@ -157,12 +170,13 @@ pub fn finish<H: Clock + SharedStore + Stats>(
 }
 
 /// Where a request comes from, as `authorize` asks for it.
-struct RequestOrigin<'a, R> {
+struct RequestOrigin<'a, 'h, R> {
     io: &'a mut R,
     request: &'a Request,
+    headers: &'a [Header<'h>],
 }
 
-impl<R: RequestIo> Origin for RequestOrigin<'_, R> {
+impl<R: RequestIo> Origin for RequestOrigin<'_, '_, R> {
     fn client(&mut self) -> Option<IpAddr> {
         let address = match &self.request.client {
             Some(client) => client.clone(),
@@ -172,7 +186,10 @@ impl<R: RequestIo> Origin for RequestOrigin<'_, R> {
     }
 
     fn referrer(&self) -> Option<&[u8]> {
-        self.request.referrer.as_deref()
+        self.request
+            .referrer
+            .as_deref()
+            .or_else(|| referrer(self.headers))
     }
 }
 

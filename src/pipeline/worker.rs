@@ -9,8 +9,8 @@
 //! request waiting on a key even after the client that caused it has gone.
 use super::ports::{Callout, Host, LogField, RequestIo};
 use super::request::{
-    deny, finish, on_key_service_failure, refuse_if_budget_spent, reply, Handled, Outcome,
-    RateHeaders, Request,
+    deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
+    Outcome, RateHeaders, Request,
 };
 use super::stats::{Counter, Histogram};
 use super::warnings::Warnings;
@@ -237,14 +237,11 @@ impl<H: Host> Worker<H> {
             return self.deny(io, &config, client, Denial::KeyServiceUnavailable);
         };
         io.set_log_field(LogField::Fingerprint, fingerprint(&key_hash).as_str());
-        let referrer = header_map::first(headers, "referer")
-            .or_else(|| header_map::first(headers, "origin"))
-            .map(<[u8]>::to_vec);
-        let request = Request {
+        let mut request = Request {
             client: client.map(str::to_string),
             key_hash,
             rule: matching_rule(&config.rules, method, path),
-            referrer,
+            referrer: None,
             config,
             now_ms,
         };
@@ -254,21 +251,17 @@ impl<H: Host> Worker<H> {
                 if refresh_due {
                     self.refresh(key_hash, copy);
                 }
-                finish(
-                    &self.host,
-                    &self.warnings,
-                    io,
-                    &request,
-                    Outcome::Known(&known),
-                )
+                let outcome = Outcome::Known(&known);
+                finish(&self.host, &self.warnings, io, &request, headers, outcome)
             }
             Cached::NegativeHit => {
                 self.host.count(Counter::CacheNegativeHit);
                 let outcome = Outcome::Deny(Denial::Invalid);
-                finish(&self.host, &self.warnings, io, &request, outcome)
+                finish(&self.host, &self.warnings, io, &request, headers, outcome)
             }
             Cached::Miss { stale } => {
                 self.host.count(Counter::CacheMiss);
+                request.referrer = referrer(headers).map(<[u8]>::to_vec);
                 self.park(context_id, request, stale);
                 return Flow::Pause;
             }
@@ -621,7 +614,7 @@ impl<H: Host> Worker<H> {
                 Resolution::Failed => on_key_service_failure(&self.host, &request.config, stale),
             };
             if let Handled::Forward(rate_headers) =
-                finish(&self.host, &self.warnings, &mut io, &request, outcome)
+                finish(&self.host, &self.warnings, &mut io, &request, &[], outcome)
             {
                 if let Some(rate_headers) = rate_headers {
                     self.rate_headers

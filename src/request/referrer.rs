@@ -28,11 +28,12 @@ pub enum PathMatch {
     Exact(String),
 }
 
-/// A `Referer` or `Origin` value, as far as matching needs it.
+/// A `Referer` or `Origin` value, as far as matching needs it: borrowed, so that a
+/// request pays no allocation for it.
 #[derive(Debug, PartialEq, Eq)]
 struct Url<'a> {
-    scheme: String,
-    host: String,
+    scheme: &'a str,
+    host: &'a str,
     port: Option<u16>,
     path: &'a str,
 }
@@ -78,20 +79,24 @@ impl ReferrerPattern {
 
     fn matches(&self, url: &Url) -> bool {
         let scheme_ok = match &self.scheme {
-            Some(scheme) => *scheme == url.scheme,
-            None => url.scheme == "http" || url.scheme == "https",
+            Some(scheme) => scheme.eq_ignore_ascii_case(url.scheme),
+            None => is_web(url.scheme),
         };
         let host_ok = if self.any_subdomain {
-            url.host
-                .strip_suffix(self.host.as_str())
-                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+            // "<at least one character>." then the domain.
+            let (host, domain) = (url.host.as_bytes(), self.host.as_bytes());
+            host.len() > domain.len() + 1
+                && host
+                    .get(host.len() - domain.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(domain))
+                && host.get(host.len() - domain.len() - 1) == Some(&b'.')
         } else {
-            url.host == self.host
+            url.host.eq_ignore_ascii_case(&self.host)
         };
         let port_ok = match (self.port, url.port) {
             (Some(port), Some(url_port)) => port == url_port,
-            (Some(port), None) => Some(port) == default_port(&url.scheme),
-            (None, Some(url_port)) => Some(url_port) == default_port(&url.scheme),
+            (Some(port), None) => Some(port) == default_port(url.scheme),
+            (None, Some(url_port)) => Some(url_port) == default_port(url.scheme),
             (None, None) => true,
         };
         let path_ok = match &self.path {
@@ -159,8 +164,8 @@ fn parse_url(value: &[u8]) -> Option<Url<'_>> {
         .filter(|p| !p.is_empty())
         .unwrap_or("/");
     Some(Url {
-        scheme: scheme.to_ascii_lowercase(),
-        host: host.trim_end_matches('.').to_ascii_lowercase(),
+        scheme,
+        host: host.trim_end_matches('.'),
         port,
         path,
     })
@@ -200,11 +205,17 @@ fn is_host(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':'))
 }
 
+fn is_web(scheme: &str) -> bool {
+    scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+}
+
 fn default_port(scheme: &str) -> Option<u16> {
-    match scheme {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
+    if scheme.eq_ignore_ascii_case("http") {
+        Some(80)
+    } else if scheme.eq_ignore_ascii_case("https") {
+        Some(443)
+    } else {
+        None
     }
 }
 
