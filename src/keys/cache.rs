@@ -408,12 +408,12 @@ fn judged(trust: Trust, verdict: Verdict) -> Cached {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::keys::record::RecordLimit;
     use crate::storage::shared_store::fake::FakeStore;
 
-    fn rules() -> TrustRules {
+    /// ttl 60 s, negative ttl 10 s, stale 300 s, no refresh ahead, epoch 0.
+    pub(crate) fn rules() -> TrustRules {
         TrustRules {
             ttl_s: 60,
             negative_ttl_s: 10,
@@ -424,16 +424,7 @@ mod tests {
     }
 
     fn record(key_id: &str) -> KeyRecord {
-        KeyRecord {
-            key_id: key_id.into(),
-            owner: "acme".into(),
-            scopes: vec![],
-            rate_limit: RecordLimit::Default,
-            expires_at: None,
-            revoked: false,
-            allowed_cidrs: vec![],
-            allowed_referrers: vec![],
-        }
+        KeyRecord::for_tests(key_id, "acme")
     }
 
     fn judge(verdict: Verdict, rules: TrustRules, age_s: u64) -> Trust {

@@ -118,18 +118,12 @@ impl Copies {
 mod tests {
     use super::*;
     use crate::keys::key_hash::hash_key;
-    use crate::keys::record::{KeyRecord, RecordLimit};
+    use crate::keys::record::KeyRecord;
 
     fn known(key_id: &str) -> Rc<KnownKey> {
         let record = KeyRecord {
-            key_id: key_id.into(),
-            owner: "team".into(),
             scopes: vec!["read".into()],
-            rate_limit: RecordLimit::Default,
-            expires_at: None,
-            revoked: false,
-            allowed_cidrs: vec![],
-            allowed_referrers: vec![],
+            ..KeyRecord::for_tests(key_id, "team")
         };
         Rc::new(KnownKey::new(record, None))
     }

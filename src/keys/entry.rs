@@ -291,15 +291,7 @@ mod tests {
         }
     }
 
-    fn cfg() -> TrustRules {
-        TrustRules {
-            ttl_s: 60,
-            negative_ttl_s: 10,
-            stale_if_error_s: 300,
-            refresh_ahead_pct: 0,
-            epoch: 0,
-        }
-    }
+    use crate::keys::cache::tests::rules as cfg;
 
     fn stored(verdict: Verdict) -> Vec<u8> {
         encode(&CacheEntry::new([7; 32], 1_000_000, verdict))

@@ -57,14 +57,9 @@ mod tests {
 
     fn record(key_id: &str, rate_limit: RecordLimit) -> KeyRecord {
         KeyRecord {
-            key_id: key_id.into(),
-            owner: "team".into(),
             scopes: vec!["read".into(), "write".into()],
             rate_limit,
-            expires_at: None,
-            revoked: false,
-            allowed_cidrs: vec![],
-            allowed_referrers: vec![],
+            ..KeyRecord::for_tests(key_id, "team")
         }
     }
 

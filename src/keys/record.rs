@@ -82,6 +82,23 @@ pub fn parse_record(body: &[u8]) -> FieldResult<KeyRecord> {
     })
 }
 
+#[cfg(test)]
+impl KeyRecord {
+    /// A record with `key_id`, `owner` and every other field at its default, for tests.
+    pub fn for_tests(key_id: &str, owner: &str) -> KeyRecord {
+        KeyRecord {
+            key_id: key_id.into(),
+            owner: owner.into(),
+            scopes: vec![],
+            rate_limit: RecordLimit::Default,
+            expires_at: None,
+            revoked: false,
+            allowed_cidrs: vec![],
+            allowed_referrers: vec![],
+        }
+    }
+}
+
 /// A restriction's list, each item parsed now rather than on every request. A record
 /// with one that does not parse is refused (a key service failure), never half-applied.
 fn restriction<T>(

@@ -48,20 +48,14 @@ pub fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::record::RecordLimit;
     use crate::request::cidr::Cidr;
     use crate::request::referrer::ReferrerPattern;
 
     fn record() -> KeyRecord {
         KeyRecord {
-            key_id: "k".into(),
-            owner: "o".into(),
             scopes: vec!["a".into(), "b".into()],
-            rate_limit: RecordLimit::Default,
             expires_at: Some(100),
-            revoked: false,
-            allowed_cidrs: vec![],
-            allowed_referrers: vec![],
+            ..KeyRecord::for_tests("k", "o")
         }
     }
 
