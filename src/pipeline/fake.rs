@@ -1,3 +1,4 @@
+#![cfg(test)]
 //! A host for native tests: shared data with Envoy's CAS rules (shared by every worker
 //! made on it), a clock the test moves, callouts the test answers, queues the test
 //! delivers, stats by name, and requests that record what was done to them.

@@ -1,3 +1,4 @@
+#![cfg(test)]
 //! The whole pipeline against a fake host: every row of the status table, the identity
 //! and RateLimit headers, the key service's failures, and one callout per key for the
 //! node, natively.
