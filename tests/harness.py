@@ -471,11 +471,13 @@ class Stack:
     """
 
     def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info",
-                 lds=False, listen_address=HOST):
+                 lds=False, listen_address=HOST, bootstrap_extra=""):
         """listen_address: where Envoy's listener binds ("::1" for IPv6 clients); the
-        admin and the other services stay on 127.0.0.1."""
+        admin and the other services stay on 127.0.0.1. bootstrap_extra: YAML appended to
+        the bootstrap at its top level (e.g. a stats_config)."""
         self.filter_config = filter_config
         self.listen_address = listen_address
+        self.bootstrap_extra = bootstrap_extra
         self.lds = lds
         self.initial_keys = dict(keys or {})
         self.concurrency = concurrency
@@ -524,6 +526,8 @@ class Stack:
             self.listen_port, self.admin_port = free_port(), free_port()
             self.config_path = _render(self.tmp, self.filter_config, self.listen_port, self.admin_port,
                                        self.upstream_port, self.key_service_port, lds=self.lds)
+            if self.bootstrap_extra:
+                self.config_path.write_text(self.config_path.read_text() + "\n" + self.bootstrap_extra)
             if self.listen_address != HOST:
                 rendered = self.config_path.read_text()
                 listener = f"socket_address: {{ address: {HOST}, port_value: {self.listen_port} }}"

@@ -127,3 +127,36 @@ def test_callout_latency_is_recorded_in_the_histogram():
         [line] = [l for l in s.admin("/stats?filter=key_service.latency_ms").text.splitlines() if l]
         p50 = float(line.split("P50(")[1].split(",")[0])
         assert p50 >= 50, line
+
+
+STATS_TAGS = r"""stats_config:
+  stats_tags:
+  - tag_name: key_id
+    regex: '^wasmcustom\.apikey_filter\.key\.((.+?)\.)(?:allowed|denied)$'
+"""
+
+
+def test_per_key_stats_count_the_first_keys_of_the_node_and_the_rest_together():
+    keys = {key_hash(f"obs-per-key-{i}"): {"key_id": f"k.{i}"} for i in range(4)}
+    config = {"key_service": SERVICE, "per_key_stats": {"max_keys": 2},
+              "rules": [{"path_prefix": "/admin", "scopes": ["admin"]}]}
+    with Stack(config, keys=keys, concurrency=2, bootstrap_extra=STATS_TAGS) as s:
+        for i in range(4):
+            for _ in range(3):
+                assert send(s, f"obs-per-key-{i}").status == 200
+        assert send(s, "obs-per-key-0", "/admin").status == 403
+        assert send(s, "obs-unknown-per-key").status == 401
+        prometheus = s.admin("/stats/prometheus").text
+        counts = {}
+        for line in prometheus.splitlines():
+            if line.startswith(("apikey_filter_key_allowed", "apikey_filter_key_denied")):
+                name, value = line.rsplit(" ", 1)
+                counts[name] = int(float(value))
+        assert counts == {
+            'apikey_filter_key_allowed{key_id="k_0"}': 3,
+            'apikey_filter_key_denied{key_id="k_0"}': 1,
+            'apikey_filter_key_allowed{key_id="k_1"}': 3,
+            'apikey_filter_key_denied{key_id="k_1"}': 0,
+            'apikey_filter_key_allowed{key_id="other"}': 6,
+            'apikey_filter_key_denied{key_id="other"}': 0,
+        }, prometheus

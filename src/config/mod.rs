@@ -114,6 +114,8 @@ pub struct Config {
     pub brute_force: Option<BruteForce>,
     pub failure_mode: FailureMode,
     pub key_format: Option<KeyFormat>,
+    /// `per_key_stats.max_keys`; `None`: no per-key stats.
+    pub per_key_stats: Option<u32>,
     /// The `WWW-Authenticate` value of every 401, derived from the key sources.
     pub www_authenticate: String,
 }
@@ -128,6 +130,7 @@ const FIELDS: &[&str] = &[
     "brute_force",
     "failure_mode",
     "key_format",
+    "per_key_stats",
 ];
 
 /// The fields each object accepts; anything else is refused. The README's configuration
@@ -154,6 +157,7 @@ const RULE_FIELDS: &[&str] = &["path_prefix", "methods", "scopes"];
 const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
 const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s"];
 const KEY_FORMAT_FIELDS: &[&str] = &["prefixes", "checksum"];
+const PER_KEY_STATS_FIELDS: &[&str] = &["max_keys"];
 
 /// Upper bounds that keep arithmetic and shared data sane; far above any real need.
 const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
@@ -190,6 +194,13 @@ impl Config {
             identity_headers: parse_identity_headers(&root)?,
             brute_force: parse_brute_force(&root)?,
             key_format: parse_key_format(&root)?,
+            per_key_stats: match root.object("per_key_stats")? {
+                None => None,
+                Some(stats) => {
+                    stats.refuse_unknown(PER_KEY_STATS_FIELDS)?;
+                    Some(stats.u64_in("max_keys", 1000, 1, 100_000)? as u32)
+                }
+            },
             failure_mode: match root.string("failure_mode")? {
                 None | Some("closed") => FailureMode::Closed,
                 Some("open") => FailureMode::Open,
@@ -233,7 +244,8 @@ impl Config {
         format!(
             "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}] changes={}}} \
              cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={} refresh_ahead_pct={}}} rate_limit={} \
-             rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={} key_format={}",
+             rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={} key_format={} \
+             per_key_stats={}",
             sources.join(", "),
             ks.cluster,
             ks.authority,
@@ -266,6 +278,10 @@ impl Config {
                     if f.checksum.is_some() { "crc32" } else { "none" }
                 ),
                 None => "any".to_string(),
+            },
+            match self.per_key_stats {
+                Some(max_keys) => format!("{{max_keys={max_keys}}}"),
+                None => "off".to_string(),
             },
         )
     }
@@ -809,7 +825,7 @@ mod tests {
         documented.sort();
         expected.sort();
         assert_eq!(documented, expected);
-        for planned in ["rate_limit_service", "per_key_stats"] {
+        for planned in ["rate_limit_service"] {
             assert!(parse(&format!(
                 r#"{{"key_service": {{"cluster": "k"}}, "{planned}": null}}"#
             ))
@@ -839,6 +855,7 @@ mod tests {
             ("brute_force", BRUTE_FORCE_FIELDS),
             ("key_service.changes", CHANGES_FIELDS),
             ("key_format", KEY_FORMAT_FIELDS),
+            ("per_key_stats", PER_KEY_STATS_FIELDS),
         ] {
             let (_, _, row) = rows.iter().find(|(f, _, _)| f == field).unwrap();
             for name in inner {

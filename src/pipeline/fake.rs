@@ -95,6 +95,8 @@ pub struct FakeHost {
     pub tick_ms: Cell<u64>,
     counters: RefCell<Vec<u64>>,
     pub histograms: RefCell<Vec<(Histogram, u64)>>,
+    /// Counters defined at run time: (name, count).
+    pub defined: RefCell<Vec<(String, u64)>>,
     pub requests: Requests,
     /// How many times the worker went back to its own context.
     pub unparked: Cell<u32>,
@@ -110,16 +112,18 @@ impl FakeHost {
             tick_ms: Cell::new(0),
             counters: RefCell::new(vec![0; counter_names().len()]),
             histograms: RefCell::default(),
+            defined: RefCell::default(),
             requests: Requests::default(),
             unparked: Cell::new(0),
         }
     }
 
-    /// Stats that are not zero, by name.
+    /// Stats that are not zero, by name (per-key ones too).
     pub fn stats(&self) -> HashMap<String, u64> {
         counter_names()
             .into_iter()
             .zip(self.counters.borrow().iter().copied())
+            .chain(self.defined.borrow().iter().cloned())
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -216,6 +220,20 @@ impl Stats for FakeHost {
 
     fn record(&self, histogram: Histogram, value: u64) {
         self.histograms.borrow_mut().push((histogram, value));
+    }
+
+    fn define_counter(&self, name: &str) -> Option<u32> {
+        let mut defined = self.defined.borrow_mut();
+        // Envoy gives a name defined again the same metric.
+        if let Some(at) = defined.iter().position(|(n, _)| n == name) {
+            return Some(at as u32);
+        }
+        defined.push((name.to_string(), 0));
+        Some(defined.len() as u32 - 1)
+    }
+
+    fn count_defined(&self, id: u32) {
+        self.defined.borrow_mut()[id as usize].1 += 1;
     }
 }
 

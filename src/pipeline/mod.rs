@@ -3,6 +3,7 @@
 //! (`worker`), the stats (`stats`) and the log throttle (`warnings`). Tested natively
 //! against a fake host (`fake`).
 pub mod feed;
+pub mod per_key;
 pub mod ports;
 pub mod request;
 pub mod stats;

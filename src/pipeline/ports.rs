@@ -41,6 +41,11 @@ pub trait Stats {
     /// Adds `n` (more than 0) to `counter`.
     fn count_n(&self, counter: Counter, n: u64);
     fn record(&self, histogram: Histogram, value: u64);
+    /// Defines a counter named at run time (per-key stats: `name` without the prefix);
+    /// its id, `None` when the host refuses.
+    fn define_counter(&self, name: &str) -> Option<u32>;
+    /// Adds 1 to a counter `define_counter` made.
+    fn count_defined(&self, id: u32);
 
     fn count(&self, counter: Counter) {
         self.count_n(counter, 1);

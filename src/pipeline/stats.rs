@@ -161,6 +161,15 @@ mod tests {
             .filter(|name| !name.starts_with("denied."))
             .collect();
         defined.insert("denied.<code>".to_string());
+        // per_key_stats: counters named at run time (see `pipeline::per_key`).
+        for name in [
+            "key.<key_id>.allowed",
+            "key.<key_id>.denied",
+            "key.other.allowed",
+            "key.other.denied",
+        ] {
+            defined.insert(name.to_string());
+        }
         defined.extend(Histogram::ALL.iter().map(|h| h.name().to_string()));
         assert_eq!(listed, defined);
     }

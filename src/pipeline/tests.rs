@@ -991,3 +991,29 @@ fn a_record_whose_restriction_does_not_parse_is_a_key_service_failure() {
     assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
     assert_eq!(w.host().stat("key_service.error.bad_record"), 1);
 }
+
+#[test]
+fn per_key_stats_count_each_known_keys_requests_allowed_and_denied() {
+    let t = Test::new();
+    let rules = r#""rules": [{"path_prefix": "/admin", "scopes": ["admin"]}], "per_key_stats": {"max_keys": 1}"#;
+    let w = t.worker(1, &config(rules));
+    t.cold(&w, "sk", "200", ALICE);
+    t.send(&w, "GET", "/admin", &[("x-api-key", "sk")]);
+    t.get(&w, "sk");
+    t.cold(&w, "other", "200", r#"{"key_id": "k_bob"}"#);
+    t.cold(&w, "unknown", "404", "");
+    let stats = w.host().stats();
+    assert_eq!(
+        (
+            stats.get("key.k_alice.allowed"),
+            stats.get("key.k_alice.denied")
+        ),
+        (Some(&2), Some(&1))
+    );
+    assert_eq!(stats.get("key.other.allowed"), Some(&1), "past max_keys");
+    assert_eq!(stats.get("key.k_bob.allowed"), None);
+    assert!(
+        !stats.keys().any(|name| name.contains("unknown")),
+        "only known keys"
+    );
+}

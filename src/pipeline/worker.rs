@@ -7,6 +7,7 @@
 //! by a request: Envoy cancels a callout when the request that made it ends, and routes
 //! the answer to the context that made it. Owned by the worker, one callout serves every
 //! request waiting on a key even after the client that caused it has gone.
+use super::per_key::PerKeyStats;
 use super::ports::{Callout, Host, LogField, RequestIo};
 use super::request::{
     deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
@@ -87,6 +88,7 @@ pub struct Worker<H: Host> {
     scheduler: RefCell<Scheduler>,
     /// The change feed as this worker last saw it (see `pipeline::feed`).
     pub(super) feed: RefCell<super::feed::FeedView>,
+    per_key: RefCell<Option<PerKeyStats>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -102,6 +104,7 @@ impl<H: Host> Worker<H> {
             warnings: Warnings::default(),
             scheduler: RefCell::default(),
             feed: RefCell::default(),
+            per_key: RefCell::default(),
         }
     }
 
@@ -140,6 +143,11 @@ impl<H: Host> Worker<H> {
                 Table::client_addresses(config.cache.max_entries),
             );
         }
+        let per_key = config.per_key_stats.map(PerKeyStats::new);
+        if let Some(per_key) = &per_key {
+            create_slots(&self.host, per_key.table());
+        }
+        *self.per_key.borrow_mut() = per_key;
         self.announce(raw, &config);
         // Copies carry what the old configuration made of them (its default rate limit).
         *self.cache.borrow_mut() = Some(KeyCache::new(&config));
@@ -252,7 +260,9 @@ impl<H: Host> Worker<H> {
                     self.refresh(key_hash, copy);
                 }
                 let outcome = Outcome::Known(&known);
-                finish(&self.host, &self.warnings, io, &request, headers, outcome)
+                let handled = finish(&self.host, &self.warnings, io, &request, headers, outcome);
+                self.count_key(&known, &handled);
+                handled
             }
             Cached::NegativeHit => {
                 self.host.count(Counter::CacheNegativeHit);
@@ -613,9 +623,11 @@ impl<H: Host> Worker<H> {
                 Resolution::Unknown => Outcome::Deny(Denial::Invalid),
                 Resolution::Failed => on_key_service_failure(&self.host, &request.config, stale),
             };
-            if let Handled::Forward(rate_headers) =
-                finish(&self.host, &self.warnings, &mut io, &request, &[], outcome)
-            {
+            let handled = finish(&self.host, &self.warnings, &mut io, &request, &[], outcome);
+            if let Outcome::Known(known) = outcome {
+                self.count_key(known, &handled);
+            }
+            if let Handled::Forward(rate_headers) = handled {
                 if let Some(rate_headers) = rate_headers {
                     self.rate_headers
                         .borrow_mut()
@@ -625,6 +637,14 @@ impl<H: Host> Worker<H> {
             }
         }
         self.host.unpark();
+    }
+
+    /// `per_key_stats`: the key's request, allowed or denied.
+    fn count_key(&self, known: &KnownKey, handled: &Handled) {
+        if let Some(per_key) = self.per_key.borrow().as_ref() {
+            let allowed = matches!(handled, Handled::Forward(_));
+            per_key.count(&self.host, &known.record.key_id, allowed);
+        }
     }
 
     /// A refresh's answer replaces the copy of the request that started it.

@@ -35,6 +35,11 @@ impl Table {
         Table::new("apikey_filter/v1/failures/", slots)
     }
 
+    /// Which `key_id`s have per-key stats (`per_key_stats`).
+    pub fn per_key_stats(max_keys: u32) -> Table {
+        Table::new("apikey_filter/v1/per-key-stats/", max_keys)
+    }
+
     /// Who is making a flight's callout right now (one callout per node). The prefix
     /// predates flights other than key lookups; the format is unchanged.
     pub fn leases() -> Table {

@@ -102,6 +102,14 @@ impl Stats for WasmHost {
         }
     }
 
+    fn define_counter(&self, name: &str) -> Option<u32> {
+        abi::define_metric(abi::COUNTER, &format!("{PREFIX}{name}"))
+    }
+
+    fn count_defined(&self, id: u32) {
+        abi::increment_metric(id, 1);
+    }
+
     fn record(&self, histogram: Histogram, value: u64) {
         if let Some(Some(id)) = self.histograms.get(histogram as usize) {
             abi::record_metric(*id, value);
