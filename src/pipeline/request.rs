@@ -1,6 +1,6 @@
 //! A request's way through the checks, in the spec's order, once its key is read: the
-//! brute-force budget, the key's verdict, revoked / expired / scopes, the bucket, and the
-//! identity headers. Each step acts on the request through `RequestIo` and counts through
+//! brute-force budget, the key's verdict, revoked / expired / address / referrer / scopes,
+//! the bucket, and the identity headers. Each step acts on the request through `RequestIo` and counts through
 //! `Stats`, so that every row of the status table is tested natively.
 use super::ports::{Clock, LogField, RequestIo, SharedStore, Stats};
 use super::stats::Counter;
