@@ -254,6 +254,13 @@ impl<P> Flights<P> {
         }
     }
 
+    /// Whether the flight is asked for and not started yet.
+    pub fn is_queued(&self, key: &FlightKey) -> bool {
+        self.flights
+            .get(key)
+            .is_some_and(|f| f.state == State::Queued)
+    }
+
     /// Whether the flight is waiting for another worker's callout.
     pub fn is_waiting_on_peer(&self, key: &FlightKey) -> bool {
         self.flights

@@ -137,10 +137,12 @@ fn pause_ms(in_a_row: u8) -> u64 {
 /// What the cache says about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cached {
-    /// `refresh_due`: in the last part of its trust period (see `TrustRules::found`).
+    /// `refresh_due`: in the last part of its trust period (see `TrustRules::found`);
+    /// `stored_at_ms`: when the node-wide entry it comes from was stored.
     Hit {
         known: Rc<KnownKey>,
         refresh_due: bool,
+        stored_at_ms: u64,
     },
     NegativeHit,
     /// Ask the key service. `stale` is a found record still usable if it fails.
@@ -224,6 +226,7 @@ impl KeyCache {
                 let cached = Cached::Hit {
                     known: held.known.clone(),
                     refresh_due,
+                    stored_at_ms: held.stored_at_ms,
                 };
                 let key_hash = held.key_hash;
                 return Looked {
@@ -240,7 +243,11 @@ impl KeyCache {
                     let known = self.known_key(record);
                     self.copies
                         .put(copy, key_hash, e.stored_at_ms, known.clone());
-                    Cached::Hit { known, refresh_due }
+                    Cached::Hit {
+                        known,
+                        refresh_due,
+                        stored_at_ms: e.stored_at_ms,
+                    }
                 }
                 (trust, verdict) => judged(trust, verdict),
             },
@@ -261,6 +268,7 @@ impl KeyCache {
                 (Trust::Fresh { refresh_due }, Verdict::Found(record)) => Cached::Hit {
                     known: self.known_key(record),
                     refresh_due,
+                    stored_at_ms: e.stored_at_ms,
                 },
                 (trust, verdict) => judged(trust, verdict),
             },
@@ -581,14 +589,16 @@ pub(crate) mod tests {
             cached(&mut cache, &store, b"key-a", 47_999),
             Cached::Hit {
                 known: cache.known_key(record("a")),
-                refresh_due: false
+                refresh_due: false,
+                stored_at_ms: 0
             }
         );
         assert_eq!(
             cached(&mut cache, &store, b"key-a", 48_000),
             Cached::Hit {
                 known: cache.known_key(record("a")),
-                refresh_due: true
+                refresh_due: true,
+                stored_at_ms: 0
             }
         );
         assert_eq!(

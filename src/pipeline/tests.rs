@@ -1017,3 +1017,26 @@ fn per_key_stats_count_each_known_keys_requests_allowed_and_denied() {
         "only known keys"
     );
 }
+
+#[test]
+fn a_copy_refreshed_from_another_workers_refresh_is_trusted_as_that_entry_not_longer() {
+    let t = Test::new();
+    let cfg = config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#);
+    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.cold(&a, "sk", "200", ALICE);
+    t.get(&b, "sk"); // b's copy, as stored at the start
+    t.advance(8_000);
+    t.get(&a, "sk");
+    t.deliver(&a);
+    t.answer(&a, Some("200"), ALICE); // the node's entry, stored at 8 s
+    t.advance(1_500);
+    t.get(&b, "sk"); // b's copy is due: it takes the refreshed entry, stored at 8 s
+    t.deliver(&b);
+    assert!(b.host().callouts.borrow().is_empty());
+    t.advance(8_499); // 17.999 s: the entry's last moment
+    let (_, flow) = t.get(&b, "sk");
+    assert!(matches!(flow, Flow::Forward(_)));
+    t.advance(1); // 18 s: 10 s after the entry was stored
+    let (_, flow) = t.get(&b, "sk");
+    assert_eq!(flow, Flow::Pause, "not trusted past the entry it came from");
+}

@@ -54,7 +54,8 @@ pub enum Flow {
 
 /// How a key lookup ended, for the requests parked on it.
 pub(super) enum Resolution {
-    Known(Rc<KnownKey>),
+    /// Found, as stored in the node's cache at `.1` (what a refreshed copy is trusted as).
+    Known(Rc<KnownKey>, u64),
     Unknown,
     Failed,
 }
@@ -254,7 +255,9 @@ impl<H: Host> Worker<H> {
             now_ms,
         };
         let handled = match cached {
-            Cached::Hit { known, refresh_due } => {
+            Cached::Hit {
+                known, refresh_due, ..
+            } => {
                 self.host.count(Counter::CacheHit);
                 if refresh_due {
                     self.refresh(key_hash, copy);
@@ -383,6 +386,9 @@ impl<H: Host> Worker<H> {
             Some(Payload::Lookup { refresh, .. }) => *refresh,
             _ => return, // no such lookup
         };
+        if !self.flights.borrow().is_queued(&key) {
+            return; // under way already
+        }
         let before = match self.cache.borrow().as_ref() {
             Some(cache) => cache.before_lookup(&self.host, &key_hash, refresh.is_some(), now_ms),
             None => return,
@@ -396,10 +402,7 @@ impl<H: Host> Worker<H> {
             BeforeLookup::Refreshed {
                 known,
                 stored_at_ms,
-            } => {
-                self.keep_refreshed_copy(refresh, key_hash, stored_at_ms, &known);
-                return self.land(key, Resolution::Known(known));
-            }
+            } => return self.land(key, Resolution::Known(known, stored_at_ms)),
         }
         let start = self.flights.borrow_mut().start(
             &self.host,
@@ -438,7 +441,11 @@ impl<H: Host> Worker<H> {
             None => return false,
         };
         let resolution = match cached {
-            Cached::Hit { known, .. } => Resolution::Known(known),
+            Cached::Hit {
+                known,
+                stored_at_ms,
+                ..
+            } => Resolution::Known(known, stored_at_ms),
             Cached::NegativeHit => Resolution::Unknown,
             Cached::Miss { .. } => return false,
         };
@@ -461,7 +468,6 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// The periodic tick: takes over flights whose owner in another worker went silent.
     /// The periodic tick: takes over lookups whose owner in another worker went silent,
     /// and follows (or polls) the change feed.
     pub fn on_tick(&self) {
@@ -552,7 +558,7 @@ impl<H: Host> Worker<H> {
                     self.host.count(Counter::KeyServiceFound);
                     let known = cache.known_key(record.clone());
                     cache.store_verdict(&self.host, &key_hash, Verdict::Found(record), now_ms);
-                    Resolution::Known(known)
+                    Resolution::Known(known, now_ms)
                 }
                 Answer::NotFound => {
                     self.host.count(Counter::KeyServiceNotFound);
@@ -582,7 +588,7 @@ impl<H: Host> Worker<H> {
     /// then answers every request parked on it.
     pub(super) fn land(&self, key: FlightKey, resolution: Resolution) {
         let ended = match resolution {
-            Resolution::Known(_) | Resolution::Unknown => Ended::Answered,
+            Resolution::Known(..) | Resolution::Unknown => Ended::Answered,
             Resolution::Failed => Ended::Failed,
         };
         let me = self.queue.get().unwrap_or_default();
@@ -603,8 +609,8 @@ impl<H: Host> Worker<H> {
         for peer in peers {
             let _ = self.host.wake(peer, &woken);
         }
-        if let Resolution::Known(known) = &resolution {
-            self.keep_refreshed_copy(*refresh, key_hash, now_ms, known);
+        if let Resolution::Known(known, stored_at_ms) = &resolution {
+            self.keep_refreshed_copy(*refresh, key_hash, *stored_at_ms, known);
         }
         if flight.parked.is_empty() {
             return;
@@ -619,7 +625,7 @@ impl<H: Host> Worker<H> {
             request.now_ms = now_ms;
             let stale = stale.as_deref();
             let outcome = match &resolution {
-                Resolution::Known(known) => Outcome::Known(known),
+                Resolution::Known(known, _) => Outcome::Known(known),
                 Resolution::Unknown => Outcome::Deny(Denial::Invalid),
                 Resolution::Failed => on_key_service_failure(&self.host, &request.config, stale),
             };
