@@ -51,6 +51,8 @@ def filter_config_line(config):
 def render_text(values, template=TEMPLATE):
     text = Path(template).read_text()
     merged = {**DEFAULTS, **values}
+    # The listener binds where everything else does, unless told otherwise (IPv6 clients).
+    merged.setdefault("LISTEN_ADDRESS", merged["BIND_ADDRESS"])
     if "FILTER_CONFIG" in merged:
         merged["FILTER_CONFIG"] = filter_config_line(merged["FILTER_CONFIG"])
     wanted = placeholders(text)

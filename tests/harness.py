@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def key_hash(raw):
     if isinstance(raw, str):
         raw = raw.encode()
     return hashlib.sha256(raw).hexdigest()
+
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def with_checksum(prefix, random_part):
+    """A key in the filter's key_format, its CRC-32 checksum made here with Python's zlib,
+    apart from the filter's code and from scripts/keyformat.py."""
+    n, digits = zlib.crc32(random_part.encode()), ""
+    for _ in range(6):
+        n, d = divmod(n, 62)
+        digits = BASE62[d] + digits
+    return prefix + random_part + digits
 
 
 class HarnessError(RuntimeError):
@@ -343,7 +357,7 @@ def _check_wasm():
 
 
 def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_service_port,
-            lds=False, wasm_path=WASM_PATH, access_log=None):
+            lds=False, wasm_path=WASM_PATH, access_log=None, listen_address=HOST):
     """filter_config: a dict/list (sent as one line of JSON) or a str sent as it is (one
     line), e.g. to try malformed JSON. The template's YAML `|` block adds a final newline.
 
@@ -358,6 +372,7 @@ def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_serv
         "WASM_PATH": wasm_path,
         "ACCESS_LOG": access_log or Path(tmp) / "access.log",
         "FILTER_CONFIG": filter_config,
+        "LISTEN_ADDRESS": f'"{listen_address}"' if ":" in listen_address else listen_address,  # YAML
     }, config)
     if lds:
         _move_listener_to_lds(config, Path(tmp) / "lds.yaml")
@@ -525,15 +540,10 @@ class Stack:
         for _attempt in range(3):
             self.listen_port, self.admin_port = free_port(), free_port()
             self.config_path = _render(self.tmp, self.filter_config, self.listen_port, self.admin_port,
-                                       self.upstream_port, self.key_service_port, lds=self.lds)
+                                       self.upstream_port, self.key_service_port, lds=self.lds,
+                                       listen_address=self.listen_address)
             if self.bootstrap_extra:
                 self.config_path.write_text(self.config_path.read_text() + "\n" + self.bootstrap_extra)
-            if self.listen_address != HOST:
-                rendered = self.config_path.read_text()
-                listener = f"socket_address: {{ address: {HOST}, port_value: {self.listen_port} }}"
-                assert listener in rendered, "the template's listener address moved"
-                self.config_path.write_text(rendered.replace(
-                    listener, f'socket_address: {{ address: "{self.listen_address}", port_value: {self.listen_port} }}'))
             self.envoy_log_path = self.tmp / "envoy.log"
             self.envoy_log_path.unlink(missing_ok=True)
             self.envoy = Process("envoy", _envoy_argv(self.config_path, self.concurrency, self.envoy_log_path,
@@ -560,7 +570,8 @@ class Stack:
         scratch = self.tmp / "push"
         scratch.mkdir(exist_ok=True)
         _render(scratch, filter_config, self.listen_port, self.admin_port, self.upstream_port,
-                self.key_service_port, lds=True, wasm_path=wasm_path, access_log=self.tmp / "access.log")
+                self.key_service_port, lds=True, wasm_path=wasm_path, access_log=self.tmp / "access.log",
+                listen_address=self.listen_address)
         (scratch / "lds.yaml").rename(self.tmp / "lds.yaml")
         deadline = time.monotonic() + timeout
         while self.stat("listener_manager.listener_modified") == modified:

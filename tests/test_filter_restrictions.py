@@ -2,14 +2,13 @@
 may be used (`allowed_cidrs`, `allowed_referrers`), against a real Envoy."""
 import random
 import sys
-import zlib
 
 import pytest
 
-from harness import ROOT, Stack, key_hash
+from harness import BASE62, ROOT, Stack, key_hash, with_checksum
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from keyformat import BASE62, new_key  # noqa: E402
+from keyformat import new_key  # noqa: E402
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 SPEC_EXAMPLE = "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"
@@ -21,15 +20,6 @@ def code(response):
 
 def send(stack, key, headers=(), source=None, path="/"):
     return stack.request("GET", path, headers=[("x-api-key", key), *headers], source=source)
-
-
-def with_checksum(prefix, random_part):
-    """A key in the format, its checksum made by Python's zlib, apart from the filter's code."""
-    n, digits = zlib.crc32(random_part.encode()), ""
-    for _ in range(6):
-        n, d = divmod(n, 62)
-        digits = BASE62[d] + digits
-    return prefix + random_part + digits
 
 
 def lookups(stack):

@@ -22,14 +22,13 @@ pub enum FlightKey {
     FeedPoll,
 }
 
-/// The lease of a feed poll, were one taken: no key's hash.
-const FEED_POLL_LEASE: LeaseId = *b"apikey_filter/change-feed-poll/\0";
-
 impl FlightKey {
-    fn lease_id(&self) -> &LeaseId {
+    /// The node-wide lease it is started under; a feed poll has none (it is elected on
+    /// the feed's own state).
+    fn lease_id(&self) -> Option<&LeaseId> {
         match self {
-            FlightKey::Lookup(key_hash) => key_hash,
-            FlightKey::FeedPoll => &FEED_POLL_LEASE,
+            FlightKey::Lookup(key_hash) => Some(key_hash),
+            FlightKey::FeedPoll => None,
         }
     }
 }
@@ -195,17 +194,10 @@ impl<P> Flights<P> {
         let Some(flight) = self.flights.get_mut(&key) else {
             return Start::Nothing;
         };
-        if flight.state != State::Queued {
+        let Some(lease_id) = key.lease_id().filter(|_| flight.state == State::Queued) else {
             return Start::Nothing;
-        }
-        match lease::acquire(
-            store,
-            key.lease_id(),
-            me,
-            now_ms,
-            hold_ms,
-            trust_recent_answer,
-        ) {
+        };
+        match lease::acquire(store, lease_id, me, now_ms, hold_ms, trust_recent_answer) {
             Acquired::Owner => {
                 flight.state = sent(now_ms, true);
                 Start::Send
@@ -283,10 +275,13 @@ impl<P> Flights<P> {
         now_ms: u64,
     ) -> Option<(Flight<P>, Vec<u32>)> {
         let flight = self.flights.remove(&key)?;
-        let peers = match flight.state {
-            State::Sent {
-                holds_lease: true, ..
-            } => lease::release(store, key.lease_id(), me, ended, now_ms),
+        let peers = match (flight.state, key.lease_id()) {
+            (
+                State::Sent {
+                    holds_lease: true, ..
+                },
+                Some(lease_id),
+            ) => lease::release(store, lease_id, me, ended, now_ms),
             _ => Vec::new(),
         };
         Some((flight, peers))

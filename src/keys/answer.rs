@@ -79,15 +79,18 @@ impl Failure {
 /// How Envoy's own 503 begins when it could not reach the key service at all.
 const ENVOY_UNREACHABLE: [&[u8]; 2] = [b"upstream connect error", b"no healthy upstream"];
 
+/// A callout answer's `:status` as a number.
+pub fn status_code(status: &[u8]) -> Option<u16> {
+    std::str::from_utf8(status).ok()?.trim().parse().ok()
+}
+
 /// `status` is the callout response's `:status` value, `None` when it had no headers.
 /// `body` is `None` when it was longer than `MAX_ANSWER_BYTES` and so not read.
 pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
     let Some(status) = status else {
         return Answer::Failed(Failure::Reset);
     };
-    let code = std::str::from_utf8(status)
-        .ok()
-        .and_then(|s| s.trim().parse::<u16>().ok());
+    let code = status_code(status);
     let Some(body) = body else {
         let why = format!("an answer of more than {MAX_ANSWER_BYTES} bytes");
         return Answer::Failed(match code {

@@ -212,10 +212,6 @@ impl KeyCache {
         }
     }
 
-    pub fn rules(&self) -> &TrustRules {
-        &self.rules
-    }
-
     /// What the cache says about `raw_key`, and its hash: this worker's copy if it has a
     /// trusted one, else the node-wide entry (which then leaves a copy here). A hit on a
     /// copy computes no SHA-256.

@@ -3,6 +3,7 @@
 //! who polls, and the cache's epoch, which a `410` moves on so that every entry stored
 //! before it is forgotten at once).
 use crate::config::json_fields::Object;
+use crate::keys::answer::status_code;
 use crate::keys::key_hash::KeyHash;
 use crate::request::query::form_encode;
 use serde_json::Value;
@@ -28,9 +29,7 @@ pub enum FeedAnswer {
 /// `status` is the answer's `:status`, `None` when it had none (a reset); `body` is
 /// `None` when it was longer than `MAX_ANSWER_BYTES` and so not read.
 pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>) -> FeedAnswer {
-    let code = status
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.trim().parse::<u16>().ok());
+    let code = status.and_then(status_code);
     match (code, body) {
         (Some(410), _) => FeedAnswer::Gone,
         (Some(200), None) => {

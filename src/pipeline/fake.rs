@@ -1,4 +1,5 @@
 #![cfg(test)]
+// Test code only (declared under #[cfg(test)] in pipeline/mod.rs): unwrap, expect and panic! are fine here.
 //! A host for native tests: shared data with Envoy's CAS rules (shared by every worker
 //! made on it), a clock the test moves, callouts the test answers, queues the test
 //! delivers, stats by name, and requests that record what was done to them.
@@ -126,6 +127,12 @@ impl FakeHost {
             .chain(self.defined.borrow().iter().cloned())
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// The counts of `names`, in order (0 for a stat never counted).
+    pub fn stats_of<const N: usize>(&self, names: [&str; N]) -> [u64; N] {
+        let stats = self.stats();
+        names.map(|name| stats.get(name).copied().unwrap_or(0))
     }
 
     pub fn stat(&self, name: &str) -> u64 {

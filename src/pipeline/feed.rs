@@ -26,7 +26,7 @@ const MAX_ATTEMPTS: u32 = 8;
 /// The feed as one worker last saw it.
 #[derive(Debug, Default)]
 pub struct FeedView {
-    pub epoch: u32,
+    /// The feed's last 200, as far as this worker knows.
     pub last_ok_ms: u64,
     /// When this worker next looks at the feed state (None: the feed is off).
     pub next_check_ms: Option<u64>,
@@ -232,7 +232,6 @@ impl<H: Host> Worker<H> {
     /// Takes the feed's epoch and health into the trust rules.
     fn follow(&self, epoch: u32, ok_at_ms: u64, now_ms: u64, interval_ms: u64) {
         let mut view = self.feed.borrow_mut();
-        view.epoch = epoch;
         view.last_ok_ms = view.last_ok_ms.max(ok_at_ms);
         let healthy = is_healthy(view.last_ok_ms, now_ms, interval_ms);
         if let Some(cache) = self.cache.borrow_mut().as_mut() {

@@ -178,11 +178,10 @@ struct RequestOrigin<'a, 'h, R> {
 
 impl<R: RequestIo> Origin for RequestOrigin<'_, '_, R> {
     fn client(&mut self) -> Option<IpAddr> {
-        let address = match &self.request.client {
-            Some(client) => client.clone(),
-            None => without_port(&self.io.client_address()?)?,
-        };
-        address.parse().ok()
+        match &self.request.client {
+            Some(client) => client.parse().ok(),
+            None => without_port(&self.io.client_address()?)?.parse().ok(),
+        }
     }
 
     fn referrer(&self) -> Option<&[u8]> {

@@ -1,4 +1,5 @@
 #![cfg(test)]
+// Test code only (declared under #[cfg(test)] in pipeline/mod.rs): unwrap, expect and panic! are fine here.
 //! The whole pipeline against a fake host: every row of the status table, the identity
 //! and RateLimit headers, the key service's failures, and one callout per key for the
 //! node, natively.
@@ -395,11 +396,9 @@ fn a_failing_key_service_is_503_closed_and_forwards_anonymously_open() {
     let (_, reply) = t.cold(&w, "sk", "500", "");
     assert_denied(&reply.unwrap(), 503, "key_service_unavailable");
     assert_eq!(
-        (
-            w.host().stat("key_service.error"),
-            w.host().stat("key_service.error.status")
-        ),
-        (1, 1)
+        w.host()
+            .stats_of(["key_service.error", "key_service.error.status"]),
+        [1, 1]
     );
 
     let open = t.worker(2, &config(r#""failure_mode": "open""#));
@@ -410,13 +409,7 @@ fn a_failing_key_service_is_503_closed_and_forwards_anonymously_open() {
         log.resumed && log.header_set("x-api-key-id").is_none(),
         "{log:?}"
     );
-    assert_eq!(
-        (
-            open.host().stat("failure_open"),
-            open.host().stat("allowed")
-        ),
-        (1, 1)
-    );
+    assert_eq!(open.host().stats_of(["failure_open", "allowed"]), [1, 1]);
 }
 
 #[test]
@@ -435,11 +428,9 @@ fn a_stale_entry_serves_while_the_key_service_fails() {
         Some("k_alice")
     );
     assert_eq!(
-        (
-            w.host().stat("cache.stale"),
-            w.host().stat("key_service.error.timeout")
-        ),
-        (1, 1)
+        w.host()
+            .stats_of(["cache.stale", "key_service.error.timeout"]),
+        [1, 1]
     );
     t.advance(300_000);
     let (_, reply) = t.cold(&w, "sk", "504", "");
@@ -455,11 +446,9 @@ fn a_callout_the_host_refuses_to_send_is_counted_and_answered() {
     t.deliver(&w);
     assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
     assert_eq!(
-        (
-            w.host().stat("key_service.error"),
-            w.host().stat("key_service.error.not_sent")
-        ),
-        (1, 1)
+        w.host()
+            .stats_of(["key_service.error", "key_service.error.not_sent"]),
+        [1, 1]
     );
     assert!(
         w.host().histograms.borrow().is_empty(),
@@ -869,11 +858,9 @@ fn a_410_to_a_poll_without_a_cursor_is_a_failure_not_another_reset() {
         "not asked again at once"
     );
     assert_eq!(
-        (
-            w.host().stat("key_service.changes.reset"),
-            w.host().stat("key_service.changes.error")
-        ),
-        (0, 1)
+        w.host()
+            .stats_of(["key_service.changes.reset", "key_service.changes.error"]),
+        [0, 1]
     );
 }
 
