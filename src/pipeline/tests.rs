@@ -114,6 +114,21 @@ impl Test {
         (a, b, on_b)
     }
 
+    /// Two workers with `ttl_s` 10 and refresh ahead 20 %: both hold "sk" from 0 s (`b`
+    /// as a copy); at 8 s `a`'s request starts a refresh, answered at once: the node's
+    /// entry is stored at 8 s, `b`'s copy still says 0 s.
+    fn a_refreshes_while_b_holds_an_older_copy(&self) -> (Worker<FakeHost>, Worker<FakeHost>) {
+        let cfg = config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#);
+        let (a, b) = (self.worker(1, &cfg), self.worker(2, &cfg));
+        self.cold(&a, "sk", "200", ALICE);
+        self.get(&b, "sk");
+        self.advance(8_000);
+        self.get(&a, "sk");
+        self.deliver(&a);
+        self.answer(&a, Some("200"), ALICE);
+        (a, b)
+    }
+
     /// A request for `key` through a cold cache, answered by the key service with `status`
     /// and `body`: the request's reply, if it got one.
     fn cold(
@@ -804,14 +819,7 @@ fn a_key_in_use_is_refreshed_in_the_background_once_and_never_waits() {
 #[test]
 fn another_worker_does_not_refresh_what_one_already_did() {
     let t = Test::new();
-    let cfg = config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#);
-    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
-    t.cold(&a, "sk", "200", ALICE);
-    t.get(&b, "sk"); // b's copy, as stored at the start
-    t.advance(8_000);
-    t.get(&a, "sk");
-    t.deliver(&a);
-    t.answer(&a, Some("200"), ALICE);
+    let (_a, b) = t.a_refreshes_while_b_holds_an_older_copy();
     t.advance(2_000); // a's lease says "answered" no longer
     let (_, flow) = t.get(&b, "sk");
     assert!(matches!(flow, Flow::Forward(_)));
@@ -1008,14 +1016,7 @@ fn per_key_stats_count_each_known_keys_requests_allowed_and_denied() {
 #[test]
 fn a_copy_refreshed_from_another_workers_refresh_is_trusted_as_that_entry_not_longer() {
     let t = Test::new();
-    let cfg = config(r#""cache": {"ttl_s": 10, "refresh_ahead_pct": 20}"#);
-    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
-    t.cold(&a, "sk", "200", ALICE);
-    t.get(&b, "sk"); // b's copy, as stored at the start
-    t.advance(8_000);
-    t.get(&a, "sk");
-    t.deliver(&a);
-    t.answer(&a, Some("200"), ALICE); // the node's entry, stored at 8 s
+    let (_a, b) = t.a_refreshes_while_b_holds_an_older_copy();
     t.advance(1_500);
     t.get(&b, "sk"); // b's copy is due: it takes the refreshed entry, stored at 8 s
     t.deliver(&b);
