@@ -28,6 +28,10 @@ DEFAULTS = {
     # everything is an IP, and a STATIC cluster takes only IPs.
     "UPSTREAM_DISCOVERY": "STATIC",
     "KEY_SERVICE_DISCOVERY": "STATIC",
+    # The rate limit service: the demo's and scripts' usual port; tests name their own.
+    "RLS_HOST": "127.0.0.1",
+    "RLS_PORT": 8083,
+    "RLS_DISCOVERY": "STATIC",
 }
 
 

@@ -27,6 +27,9 @@ pub mod keys;
 pub mod limits;
 /// The request pipeline, the per-worker state, and the host ports they act through.
 pub mod pipeline;
+/// Quotas across every node through a rate limit service: the RLS messages, each key's
+/// allowance on the node.
+pub mod quotas;
 /// The request and its key: finding and stripping it, rules, refusals.
 pub mod request;
 /// Node-wide storage: the shared-data store trait and its fixed slot tables.

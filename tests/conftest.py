@@ -14,7 +14,7 @@ from harness import WASM_PATH  # noqa: E402
 
 DEFAULT_TIMEOUT_S = 120
 # These run the helper servers on their own; they need neither the .wasm nor Envoy.
-NO_ENVOY_MODULES = {"test_tools.py"}
+NO_ENVOY_MODULES = {"test_tools.py", "test_rls_server.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-timeout reads its settings

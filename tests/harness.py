@@ -357,7 +357,7 @@ def _check_wasm():
 
 
 def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_service_port,
-            lds=False, wasm_path=WASM_PATH, access_log=None, listen_address=HOST):
+            lds=False, wasm_path=WASM_PATH, access_log=None, listen_address=HOST, rls_port=None):
     """filter_config: a dict/list (sent as one line of JSON) or a str sent as it is (one
     line), e.g. to try malformed JSON. The template's YAML `|` block adds a final newline.
 
@@ -373,6 +373,7 @@ def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_serv
         "ACCESS_LOG": access_log or Path(tmp) / "access.log",
         "FILTER_CONFIG": filter_config,
         "LISTEN_ADDRESS": f'"{listen_address}"' if ":" in listen_address else listen_address,  # YAML
+        **({"RLS_PORT": rls_port} if rls_port else {}),
     }, config)
     if lds:
         _move_listener_to_lds(config, Path(tmp) / "lds.yaml")
@@ -486,10 +487,12 @@ class Stack:
     """
 
     def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info",
-                 lds=False, listen_address=HOST, bootstrap_extra=""):
+                 lds=False, listen_address=HOST, bootstrap_extra="", rls_port=None):
         """listen_address: where Envoy's listener binds ("::1" for IPv6 clients); the
         admin and the other services stay on 127.0.0.1. bootstrap_extra: YAML appended to
-        the bootstrap at its top level (e.g. a stats_config)."""
+        the bootstrap at its top level (e.g. a stats_config). rls_port: where the
+        `ratelimit` cluster points (a running RLS server, tests/rls_service.py)."""
+        self.rls_port = rls_port
         self.filter_config = filter_config
         self.listen_address = listen_address
         self.bootstrap_extra = bootstrap_extra
@@ -541,7 +544,7 @@ class Stack:
             self.listen_port, self.admin_port = free_port(), free_port()
             self.config_path = _render(self.tmp, self.filter_config, self.listen_port, self.admin_port,
                                        self.upstream_port, self.key_service_port, lds=self.lds,
-                                       listen_address=self.listen_address)
+                                       listen_address=self.listen_address, rls_port=self.rls_port)
             if self.bootstrap_extra:
                 self.config_path.write_text(self.config_path.read_text() + "\n" + self.bootstrap_extra)
             self.envoy_log_path = self.tmp / "envoy.log"
@@ -571,7 +574,7 @@ class Stack:
         scratch.mkdir(exist_ok=True)
         _render(scratch, filter_config, self.listen_port, self.admin_port, self.upstream_port,
                 self.key_service_port, lds=True, wasm_path=wasm_path, access_log=self.tmp / "access.log",
-                listen_address=self.listen_address)
+                listen_address=self.listen_address, rls_port=self.rls_port)
         (scratch / "lds.yaml").rename(self.tmp / "lds.yaml")
         deadline = time.monotonic() + timeout
         while self.stat("listener_manager.listener_modified") == modified:

@@ -3,8 +3,11 @@
 //! re-validates anything.
 pub mod json_fields;
 
+use crate::quotas::allowance::Mode;
+use crate::quotas::quota::{parse_quotas, Quota};
 use json_fields::{FieldError, FieldResult, Object};
 use serde_json::Value;
+use std::rc::Rc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -116,6 +119,7 @@ pub struct Config {
     pub key_format: Option<KeyFormat>,
     /// `per_key_stats.max_keys`; `None`: no per-key stats.
     pub per_key_stats: Option<u32>,
+    pub rate_limit_service: Option<RateLimitService>,
     /// The `WWW-Authenticate` value of every 401, derived from the key sources.
     pub www_authenticate: String,
 }
@@ -131,6 +135,7 @@ const FIELDS: &[&str] = &[
     "failure_mode",
     "key_format",
     "per_key_stats",
+    "rate_limit_service",
 ];
 
 /// The fields each object accepts; anything else is refused. The README's configuration
@@ -158,6 +163,14 @@ const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
 const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s"];
 const KEY_FORMAT_FIELDS: &[&str] = &["prefixes", "checksum"];
 const PER_KEY_STATS_FIELDS: &[&str] = &["max_keys"];
+const RATE_LIMIT_SERVICE_FIELDS: &[&str] = &[
+    "cluster",
+    "domain",
+    "timeout_ms",
+    "sync_interval_ms",
+    "default_quotas",
+    "failure_mode",
+];
 
 /// Upper bounds that keep arithmetic and shared data sane; far above any real need.
 const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
@@ -201,16 +214,8 @@ impl Config {
                     Some(stats.u64_in("max_keys", 1000, 1, 100_000)? as u32)
                 }
             },
-            failure_mode: match root.string("failure_mode")? {
-                None | Some("closed") => FailureMode::Closed,
-                Some("open") => FailureMode::Open,
-                Some(_) => {
-                    return Err(FieldError::new(
-                        "failure_mode",
-                        "must be \"closed\" or \"open\"",
-                    ))
-                }
-            },
+            failure_mode: parse_failure_mode(&root, FailureMode::Closed)?,
+            rate_limit_service: parse_rate_limit_service(&root)?,
         })
     }
 }
@@ -245,7 +250,7 @@ impl Config {
             "key_sources=[{}] key_service={{cluster={} authority={} path={} timeout_ms={} headers=[{}] changes={}}} \
              cache={{ttl_s={} negative_ttl_s={} stale_if_error_s={} max_entries={} refresh_ahead_pct={}}} rate_limit={} \
              rules={} identity_headers=[{}, {}, {}] brute_force={} failure_mode={} key_format={} \
-             per_key_stats={}",
+             per_key_stats={} rate_limit_service={}",
             sources.join(", "),
             ks.cluster,
             ks.authority,
@@ -267,10 +272,7 @@ impl Config {
                 Some(b) => format!("{} failures/{}s", b.max_failures, b.period_s),
                 None => "off".to_string(),
             },
-            match self.failure_mode {
-                FailureMode::Closed => "closed",
-                FailureMode::Open => "open",
-            },
+            failure_mode_name(self.failure_mode),
             match &self.key_format {
                 Some(f) => format!(
                     "{{prefixes=[{}] checksum={}}}",
@@ -283,8 +285,109 @@ impl Config {
                 Some(max_keys) => format!("{{max_keys={max_keys}}}"),
                 None => "off".to_string(),
             },
+            match &self.rate_limit_service {
+                Some(r) => format!(
+                    "{{cluster={} domain={} timeout_ms={} sync_interval_ms={} default_quotas={} failure_mode={}}}",
+                    r.cluster,
+                    r.domain,
+                    r.timeout_ms,
+                    r.sync_interval_ms,
+                    r.default_quotas.len(),
+                    failure_mode_name(r.failure_mode)
+                ),
+                None => "off".to_string(),
+            },
         )
     }
+}
+
+/// Where quotas are kept across nodes (SPEC "Quotas").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitService {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u64,
+    /// 0: every request with quotas asks (exact); else how often a node reports.
+    pub sync_interval_ms: u64,
+    pub default_quotas: Rc<[Quota]>,
+    pub failure_mode: FailureMode,
+}
+
+impl RateLimitService {
+    /// Every request with quotas asks the service.
+    pub fn exact(&self) -> bool {
+        self.sync_interval_ms == 0
+    }
+
+    /// What the node's allowances need to know of it.
+    pub fn mode(&self) -> Mode {
+        Mode {
+            sync_interval_ms: self.sync_interval_ms,
+            failure_open: self.failure_mode == FailureMode::Open,
+        }
+    }
+
+    /// How often a node reports what it admitted unasked: every `sync_interval_ms`, and
+    /// in the exact mode (where only requests admitted while the service failed are
+    /// reported) once a second.
+    pub fn report_interval_ms(&self) -> u64 {
+        if self.exact() {
+            1_000
+        } else {
+            self.sync_interval_ms
+        }
+    }
+}
+
+fn failure_mode_name(mode: FailureMode) -> &'static str {
+    match mode {
+        FailureMode::Closed => "closed",
+        FailureMode::Open => "open",
+    }
+}
+
+fn parse_failure_mode(object: &Object, default: FailureMode) -> FieldResult<FailureMode> {
+    match object.string("failure_mode")? {
+        None => Ok(default),
+        Some("closed") => Ok(FailureMode::Closed),
+        Some("open") => Ok(FailureMode::Open),
+        Some(_) => Err(FieldError::new(
+            object.path_of("failure_mode"),
+            "must be \"closed\" or \"open\"",
+        )),
+    }
+}
+
+fn parse_rate_limit_service(root: &Object) -> FieldResult<Option<RateLimitService>> {
+    let Some(rls) = root.object("rate_limit_service")? else {
+        return Ok(None);
+    };
+    rls.refuse_unknown(RATE_LIMIT_SERVICE_FIELDS)?;
+    let cluster = match rls.string("cluster")? {
+        Some(c) if !c.is_empty() => c.to_string(),
+        _ => {
+            return Err(FieldError::new(
+                rls.path_of("cluster"),
+                "is required (an Envoy cluster speaking HTTP/2 to an RLS server)",
+            ))
+        }
+    };
+    let domain = rls.string("domain")?.unwrap_or("apikey");
+    if domain.is_empty() {
+        return Err(FieldError::new(rls.path_of("domain"), "must not be empty"));
+    }
+    let default_quotas = match rls.value("default_quotas") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(value) => parse_quotas(&rls.path_of("default_quotas"), value)?,
+    };
+    Ok(Some(RateLimitService {
+        cluster,
+        domain: domain.to_string(),
+        timeout_ms: rls.u64_in("timeout_ms", 100, 1, MAX_TIMEOUT_MS)?,
+        sync_interval_ms: rls.u64_in("sync_interval_ms", 1000, 0, 3_600_000)?,
+        default_quotas: default_quotas.into(),
+        failure_mode: parse_failure_mode(&rls, FailureMode::Open)?,
+    }))
 }
 
 fn default_bucket() -> BucketSpec {

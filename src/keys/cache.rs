@@ -19,6 +19,7 @@ use crate::keys::entry::{self, CacheEntry, Verdict};
 use crate::keys::key_hash::{hash_key, KeyHash};
 use crate::keys::known_key::KnownKey;
 use crate::keys::record::KeyRecord;
+use crate::quotas::quota::Quota;
 use crate::storage::shared_store::SharedStore;
 use crate::storage::slots::Table;
 use std::rc::Rc;
@@ -183,6 +184,8 @@ pub struct KeyCache {
     feed_ttl_s: Option<u64>,
     /// The configured `rate_limit`, for records that name none.
     default_limit: Option<BucketSpec>,
+    /// `rate_limit_service.default_quotas`, for records that name none; `None`: quotas off.
+    default_quotas: Option<Rc<[Quota]>>,
     copies: Copies,
 }
 
@@ -194,6 +197,10 @@ impl KeyCache {
             ttl_s: config.cache.ttl_s,
             feed_ttl_s: config.key_service.changes.as_ref().map(|c| c.ttl_s),
             default_limit: config.rate_limit,
+            default_quotas: config
+                .rate_limit_service
+                .as_ref()
+                .map(|r| r.default_quotas.clone()),
             copies: Copies::new(config.cache.max_entries),
         }
     }
@@ -371,7 +378,11 @@ impl KeyCache {
     }
 
     pub fn known_key(&self, record: KeyRecord) -> Rc<KnownKey> {
-        Rc::new(KnownKey::new(record, self.default_limit))
+        Rc::new(KnownKey::new(
+            record,
+            self.default_limit,
+            self.default_quotas.as_ref(),
+        ))
     }
 
     fn new_entry(&self, key_hash: &KeyHash, now_ms: u64, verdict: Verdict) -> CacheEntry {

@@ -125,7 +125,7 @@ mod tests {
             scopes: vec!["read".into()],
             ..KeyRecord::for_tests(key_id, "team")
         };
-        Rc::new(KnownKey::new(record, None))
+        Rc::new(KnownKey::new(record, None, None))
     }
 
     fn put(copies: &mut Copies, raw_key: &str, stored_at_ms: u64, known: Rc<KnownKey>) {
@@ -182,7 +182,12 @@ mod tests {
         let mut copies = Copies::new(100);
         let mut big = known("big").record.clone();
         big.scopes = (0..10).map(|i| format!("{i}").repeat(100)).collect();
-        put(&mut copies, "key-a", 0, Rc::new(KnownKey::new(big, None)));
+        put(
+            &mut copies,
+            "key-a",
+            0,
+            Rc::new(KnownKey::new(big, None, None)),
+        );
         assert_eq!(get(&copies, "key-a"), None);
     }
 

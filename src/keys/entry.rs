@@ -15,11 +15,15 @@ use crate::config::BucketSpec;
 use crate::keys::cache::{Failures, Trust, TrustRules};
 use crate::keys::key_hash::{slot_of, KeyHash};
 use crate::keys::record::{KeyRecord, RecordLimit};
+use crate::quotas::quota::{Quota, MAX_QUOTAS};
 use crate::request::cidr::Cidr;
 use crate::request::referrer::ReferrerPattern;
+use crate::storage::bytes::Reader;
 
 /// Bumped whenever the layout changes; older entries then read as misses.
-const FORMAT_VERSION: u8 = 4;
+const FORMAT_VERSION: u8 = 5;
+/// The record names no `quotas`: the configured `default_quotas` apply.
+const NO_QUOTAS_NAMED: u8 = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -168,6 +172,16 @@ pub fn encode(entry: &CacheEntry) -> Vec<u8> {
             for pattern in record.allowed_referrers.iter().take(255) {
                 put_str(&mut out, &pattern.to_text());
             }
+            match &record.quotas {
+                None => out.push(NO_QUOTAS_NAMED),
+                Some(quotas) => {
+                    out.push(quotas.len().min(MAX_QUOTAS) as u8);
+                    quotas
+                        .iter()
+                        .take(MAX_QUOTAS)
+                        .for_each(|q| q.encode(&mut out));
+                }
+            }
         }
     }
     out
@@ -214,6 +228,14 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
             let allowed_referrers = (0..r.u8()?)
                 .map(|_| ReferrerPattern::parse(&r.str()?))
                 .collect::<Option<Vec<_>>>()?;
+            let quotas = match r.u8()? {
+                NO_QUOTAS_NAMED => None,
+                n => Some(
+                    (0..n)
+                        .map(|_| Quota::decode(&mut r))
+                        .collect::<Option<Vec<_>>>()?,
+                ),
+            };
             Verdict::Found(KeyRecord {
                 key_id,
                 owner,
@@ -223,6 +245,7 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
                 revoked,
                 allowed_cidrs,
                 allowed_referrers,
+                quotas,
             })
         }
         _ => return None,
@@ -243,35 +266,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(bytes.get(..len).unwrap_or_default());
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1)?.first().copied()
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<String> {
-        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?);
-        String::from_utf8(self.take(len as usize)?.to_vec()).ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quotas::quota::{Per, Unit};
     use proptest::prelude::*;
 
     fn record() -> KeyRecord {
@@ -288,6 +286,7 @@ mod tests {
             revoked: true,
             allowed_cidrs: vec![],
             allowed_referrers: vec![],
+            quotas: None,
         }
     }
 
@@ -322,6 +321,22 @@ mod tests {
                     ReferrerPattern::parse("https://app.example.com/*").unwrap(),
                     ReferrerPattern::parse("*.example.com").unwrap(),
                 ],
+                quotas: Some(vec![
+                    Quota {
+                        requests: 10_000,
+                        unit: Unit::Day,
+                        per: Per::Key,
+                    },
+                    Quota {
+                        requests: 7,
+                        unit: Unit::Year,
+                        per: Per::Owner,
+                    },
+                ]),
+                ..record()
+            }),
+            Verdict::Found(KeyRecord {
+                quotas: Some(vec![]),
                 ..record()
             }),
         ] {

@@ -1,6 +1,7 @@
 //! The key service's answer for a found key (SPEC "Key service protocol").
 use crate::config::json_fields::{FieldError, FieldResult, Object};
 use crate::config::{parse_bucket, BucketSpec};
+use crate::quotas::quota::{parse_quotas, Quota};
 use crate::request::cidr::Cidr;
 use crate::request::referrer::ReferrerPattern;
 use serde_json::Value;
@@ -27,6 +28,8 @@ pub struct KeyRecord {
     pub allowed_cidrs: Vec<Cidr>,
     /// Empty: any request.
     pub allowed_referrers: Vec<ReferrerPattern>,
+    /// `None`: the record names none, `rate_limit_service.default_quotas` apply.
+    pub quotas: Option<Vec<Quota>>,
 }
 
 /// Bounds that keep a cache entry small; a record beyond them is a broken key service.
@@ -79,6 +82,10 @@ pub fn parse_record(body: &[u8]) -> FieldResult<KeyRecord> {
         revoked: record.bool("revoked")?.unwrap_or(false),
         allowed_cidrs: restriction(&record, "allowed_cidrs", Cidr::parse)?,
         allowed_referrers: restriction(&record, "allowed_referrers", ReferrerPattern::parse)?,
+        quotas: match record.value("quotas") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(parse_quotas("quotas", value)?),
+        },
     })
 }
 
@@ -95,6 +102,7 @@ impl KeyRecord {
             revoked: false,
             allowed_cidrs: vec![],
             allowed_referrers: vec![],
+            quotas: None,
         }
     }
 }
@@ -163,6 +171,7 @@ mod tests {
                 revoked: false,
                 allowed_cidrs: vec![],
                 allowed_referrers: vec![],
+                quotas: None,
             }
         );
     }

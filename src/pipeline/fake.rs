@@ -4,7 +4,8 @@
 //! made on it), a clock the test moves, callouts the test answers, queues the test
 //! delivers, stats by name, and requests that record what was done to them.
 use super::ports::{
-    Callout, Callouts, Clock, Host, LogField, RequestIo, SetError, SharedStore, Stats, Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
+    Wake,
 };
 use super::stats::{counter_names, Counter, Histogram};
 use crate::storage::shared_store::fake::FakeStore;
@@ -36,6 +37,17 @@ impl SentCallout {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// A gRPC call a worker sent, and from which context (0: the worker's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentGrpc {
+    pub token: u32,
+    pub context_id: u32,
+    pub service: Vec<u8>,
+    pub method: String,
+    pub message: Vec<u8>,
+    pub timeout_ms: u64,
 }
 
 /// What was done to one request.
@@ -91,6 +103,11 @@ pub struct FakeHost {
     pub node: Rc<Node>,
     pub refuse_callouts: Cell<bool>,
     pub callouts: RefCell<Vec<SentCallout>>,
+    pub grpc_calls: RefCell<Vec<SentGrpc>>,
+    /// The request acting now (0: the worker's own context).
+    pub acting: Cell<u32>,
+    /// The gRPC message being delivered.
+    pub grpc_answer: RefCell<Vec<u8>>,
     /// The answer being delivered: `:status` (None: a reset) and body.
     pub answer: RefCell<(Option<Vec<u8>>, Vec<u8>)>,
     pub tick_ms: Cell<u64>,
@@ -109,6 +126,9 @@ impl FakeHost {
             node,
             refuse_callouts: Cell::new(false),
             callouts: RefCell::default(),
+            grpc_calls: RefCell::default(),
+            acting: Cell::new(0),
+            grpc_answer: RefCell::default(),
             answer: RefCell::new((None, Vec::new())),
             tick_ms: Cell::new(0),
             counters: RefCell::new(vec![0; counter_names().len()]),
@@ -201,6 +221,28 @@ impl Callouts for FakeHost {
         let body = &self.answer.borrow().1;
         body[..size.min(body.len())].to_vec()
     }
+
+    fn send_grpc(&self, call: &GrpcCall) -> Option<u32> {
+        if self.refuse_callouts.get() {
+            return None;
+        }
+        let token = self.node.next_token.get() + 1;
+        self.node.next_token.set(token);
+        self.grpc_calls.borrow_mut().push(SentGrpc {
+            token,
+            context_id: self.acting.get(),
+            service: call.service.to_vec(),
+            method: format!("{}/{}", call.service_name, call.method),
+            message: call.message.to_vec(),
+            timeout_ms: call.timeout_ms,
+        });
+        Some(token)
+    }
+
+    fn grpc_message(&self, size: usize) -> Vec<u8> {
+        let message = &self.grpc_answer.borrow();
+        message[..size.min(message.len())].to_vec()
+    }
 }
 
 impl Wake for FakeHost {
@@ -253,10 +295,14 @@ impl Host for FakeHost {
             .borrow()
             .get(&context_id)
             .is_none_or(|r| r.gone);
-        (!gone).then(|| self.request(context_id))
+        (!gone).then(|| {
+            self.acting.set(context_id);
+            self.request(context_id)
+        })
     }
 
     fn unpark(&self) {
+        self.acting.set(0);
         self.unparked.set(self.unparked.get() + 1);
     }
 }

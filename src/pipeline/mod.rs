@@ -5,6 +5,7 @@
 pub mod feed;
 pub mod per_key;
 pub mod ports;
+pub mod quotas;
 pub mod request;
 pub mod stats;
 pub mod warnings;

@@ -17,6 +17,16 @@ pub struct Callout<'a> {
     pub timeout_ms: u64,
 }
 
+/// A unary gRPC call the host sends on the worker's (or a request's) behalf.
+pub struct GrpcCall<'a> {
+    /// A serialized `envoy.config.core.v3.GrpcService` naming the cluster.
+    pub service: &'a [u8],
+    pub service_name: &'a str,
+    pub method: &'a str,
+    pub message: &'a [u8],
+    pub timeout_ms: u64,
+}
+
 pub trait Callouts {
     /// Sends `callout`; its answer comes back with the token returned. `None`: the host
     /// refused to send it (e.g. the cluster does not exist).
@@ -26,6 +36,11 @@ pub trait Callouts {
     fn callout_status(&self) -> Option<Vec<u8>>;
     /// The first `size` bytes of the body of the answer being delivered.
     fn callout_body(&self, size: usize) -> Vec<u8>;
+    /// Sends `call` from the context that is acting now: a request's own call ends with
+    /// the request. Its answer comes back with the token returned; `None`: refused.
+    fn send_grpc(&self, call: &GrpcCall) -> Option<u32>;
+    /// The first `size` bytes of the gRPC answer's message being delivered.
+    fn grpc_message(&self, size: usize) -> Vec<u8>;
 }
 
 /// Waking a worker: this one's own root context, or another worker, through its queue;

@@ -3,6 +3,7 @@
 //! the bucket, and the identity headers. Each step acts on the request through `RequestIo` and counts through
 //! `Stats`, so that every row of the status table is tested natively.
 use super::ports::{Clock, LogField, RequestIo, SharedStore, Stats};
+use super::quotas::{refuse_quota, take_quota, with_quota_items, QuotaAsk, QuotaStep};
 use super::stats::Counter;
 use super::warnings::Warnings;
 use crate::config::{BucketSpec, Config, FailureMode};
@@ -50,13 +51,17 @@ pub enum Handled {
     Forward(Option<RateHeaders>),
     /// It has been answered here.
     Answered,
+    /// Its key passed every check and took its token; the rate limit service must now
+    /// be asked about its quotas.
+    AskQuotas(QuotaAsk),
 }
 
-/// The RateLimit fields of a response to a request that took a token.
+/// The RateLimit fields of a response to a request that took a token or was counted
+/// against quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateHeaders {
-    policy: Rc<str>,
-    state: String,
+    pub(super) policy: Rc<str>,
+    pub(super) state: String,
 }
 
 impl RateHeaders {
@@ -150,12 +155,37 @@ pub fn finish<H: Clock + SharedStore + Stats>(
             Some(headers)
         }
     };
+    let rate_headers = match (&known.quotas, &config.rate_limit_service) {
+        (Some(quotas), Some(service)) => {
+            match take_quota(host, service, config, quotas, request.now_ms) {
+                QuotaStep::Admitted(items) => with_quota_items(rate_headers, quotas, items),
+                QuotaStep::Ask { carried } => {
+                    return Handled::AskQuotas(QuotaAsk {
+                        rate_headers,
+                        carried,
+                    })
+                }
+                refused => {
+                    refuse_quota(host, io, config, quotas, rate_headers, refused);
+                    return Handled::Answered;
+                }
+            }
+        }
+        _ => rate_headers,
+    };
+    admit(host, io, request, known);
+    Handled::Forward(rate_headers)
+}
+
+/// Sets the identity headers of a request whose key passed every check, and counts it.
+pub fn admit(host: &impl Stats, io: &mut impl RequestIo, request: &Request, known: &KnownKey) {
+    let record = &known.record;
     log::debug!(
         "key {} ({}): allowed",
         fingerprint(&request.key_hash),
         record.key_id
     );
-    let names = &config.identity_headers;
+    let names = &request.config.identity_headers;
     for (name, value) in [
         (&names.key_id, record.key_id.as_str()),
         (&names.owner, record.owner.as_str()),
@@ -166,7 +196,6 @@ pub fn finish<H: Clock + SharedStore + Stats>(
         }
     }
     host.count(Counter::Allowed);
-    Handled::Forward(rate_headers)
 }
 
 /// Where a request comes from, as `authorize` asks for it.

@@ -1,6 +1,7 @@
 //! The filter's stats (SPEC "Observability"): one name per counter, in one list that the
 //! host defines at start-up and the README's table is checked against.
 use crate::keys::answer::FailureKind;
+use crate::quotas::rls::Failure;
 use crate::request::denial::{Denial, CODES};
 
 /// Every stat name starts with this (Envoy shows them as `wasmcustom.apikey_filter.*`).
@@ -33,11 +34,60 @@ pub enum Counter {
     ChangesReset,
     RateLimitUnavailable,
     FailureOpen,
+    /// Calls the rate limit service answered OK.
+    RlsOk,
+    RlsOverLimit,
+    /// Every failed call; each is also counted by its kind.
+    RlsError,
+    RlsErrorKind(RlsFailureKind),
+    /// Requests admitted from the node's allowance, without a call.
+    QuotaAllowance,
+    /// Requests admitted while the service failed (`rate_limit_service.failure_mode`
+    /// open), kept to be reported.
+    QuotaFailureOpen,
+    /// Requests the node reported to the service after admitting them.
+    QuotaReported,
+}
+
+/// How a call to the rate limit service failed, as its stats name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlsFailureKind {
+    NotSent,
+    Timeout,
+    GrpcStatus,
+    BadAnswer,
+}
+
+impl RlsFailureKind {
+    pub const ALL: [RlsFailureKind; 4] = [
+        RlsFailureKind::NotSent,
+        RlsFailureKind::Timeout,
+        RlsFailureKind::GrpcStatus,
+        RlsFailureKind::BadAnswer,
+    ];
+
+    pub fn of(failure: Failure) -> RlsFailureKind {
+        match failure {
+            Failure::NotSent => RlsFailureKind::NotSent,
+            Failure::Timeout => RlsFailureKind::Timeout,
+            Failure::Grpc(_) => RlsFailureKind::GrpcStatus,
+            Failure::BadAnswer => RlsFailureKind::BadAnswer,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RlsFailureKind::NotSent => "not_sent",
+            RlsFailureKind::Timeout => "timeout",
+            RlsFailureKind::GrpcStatus => "grpc_status",
+            RlsFailureKind::BadAnswer => "bad_answer",
+        }
+    }
 }
 
 /// The counters that are not one per denial code or failure kind, in index order after
 /// `allowed` and the `denied.<code>` ones.
-const PLAIN: [(Counter, &str); 16] = [
+const PLAIN: [(Counter, &str); 22] = [
     (Counter::CacheHit, "cache.hit"),
     (Counter::CacheMiss, "cache.miss"),
     (Counter::CacheNegativeHit, "cache.negative_hit"),
@@ -54,13 +104,20 @@ const PLAIN: [(Counter, &str); 16] = [
     (Counter::ChangesReset, "key_service.changes.reset"),
     (Counter::RateLimitUnavailable, "rate_limit.unavailable"),
     (Counter::FailureOpen, "failure_open"),
+    (Counter::RlsOk, "rate_limit_service.ok"),
+    (Counter::RlsOverLimit, "rate_limit_service.over_limit"),
+    (Counter::RlsError, "rate_limit_service.error"),
+    (Counter::QuotaAllowance, "quota.allowance"),
+    (Counter::QuotaFailureOpen, "quota.failure_open"),
+    (Counter::QuotaReported, "quota.reported"),
 ];
 
 const DENIED_FROM: usize = 1;
 const PLAIN_FROM: usize = DENIED_FROM + CODES.len();
 const KINDS_FROM: usize = PLAIN_FROM + PLAIN.len();
 /// How many counters there are.
-pub const COUNTERS: usize = KINDS_FROM + FailureKind::ALL.len();
+const RLS_KINDS_FROM: usize = KINDS_FROM + FailureKind::ALL.len();
+pub const COUNTERS: usize = RLS_KINDS_FROM + RlsFailureKind::ALL.len();
 
 impl Counter {
     /// Its position in `counter_names()`.
@@ -69,6 +126,7 @@ impl Counter {
             Counter::Allowed => 0,
             Counter::Denied(denial) => DENIED_FROM + denial.code_index(),
             Counter::KeyServiceErrorKind(kind) => KINDS_FROM + kind as usize,
+            Counter::RlsErrorKind(kind) => RLS_KINDS_FROM + kind as usize,
             plain => {
                 PLAIN_FROM
                     + PLAIN
@@ -90,20 +148,27 @@ pub fn counter_names() -> Vec<String> {
             .iter()
             .map(|kind| format!("key_service.error.{}", kind.name())),
     );
+    names.extend(
+        RlsFailureKind::ALL
+            .iter()
+            .map(|kind| format!("rate_limit_service.error.{}", kind.name())),
+    );
     names
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Histogram {
     KeyServiceLatencyMs,
+    RlsLatencyMs,
 }
 
 impl Histogram {
-    pub const ALL: [Histogram; 1] = [Histogram::KeyServiceLatencyMs];
+    pub const ALL: [Histogram; 2] = [Histogram::KeyServiceLatencyMs, Histogram::RlsLatencyMs];
 
     pub fn name(self) -> &'static str {
         match self {
             Histogram::KeyServiceLatencyMs => "key_service.latency_ms",
+            Histogram::RlsLatencyMs => "rate_limit_service.latency_ms",
         }
     }
 }

@@ -1028,3 +1028,5 @@ fn a_copy_refreshed_from_another_workers_refresh_is_trusted_as_that_entry_not_lo
     let (_, flow) = t.get(&b, "sk");
     assert_eq!(flow, Flow::Pause, "not trusted past the entry it came from");
 }
+
+mod quotas;

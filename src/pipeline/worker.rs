@@ -9,6 +9,7 @@
 //! request waiting on a key even after the client that caused it has gone.
 use super::per_key::PerKeyStats;
 use super::ports::{Callout, Host, LogField, RequestIo};
+use super::quotas::QuotaCall;
 use super::request::{
     deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
     Outcome, RateHeaders, Request,
@@ -39,7 +40,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 /// A lease outlives its callout's timeout by this much before others take over.
-const LEASE_MARGIN_MS: u64 = 1_000;
+pub(super) const LEASE_MARGIN_MS: u64 = 1_000;
 /// Where the digest of the configuration last announced in the log is kept.
 const ANNOUNCED_KEY: &str = "apikey_filter/v1/announced-config";
 
@@ -84,12 +85,19 @@ pub struct Worker<H: Host> {
     waiting: RefCell<HashMap<u32, Request>>,
     /// RateLimit fields for the responses of requests that took a token after waiting
     /// on the key service (the others keep theirs: see `Flow`).
-    rate_headers: RefCell<HashMap<u32, RateHeaders>>,
+    pub(super) rate_headers: RefCell<HashMap<u32, RateHeaders>>,
     pub(super) warnings: Warnings,
     scheduler: RefCell<Scheduler>,
     /// The change feed as this worker last saw it (see `pipeline::feed`).
     pub(super) feed: RefCell<super::feed::FeedView>,
     per_key: RefCell<Option<PerKeyStats>>,
+    /// Calls to the rate limit service in flight, by token.
+    pub(super) quota_calls: RefCell<HashMap<u32, QuotaCall>>,
+    /// Keys with quotas this worker admitted requests of unasked, by quota id: its tick
+    /// reports them.
+    pub(super) unreported: RefCell<HashMap<u64, Rc<KnownKey>>>,
+    /// When the tick next reports (None: nothing to report).
+    pub(super) report_due_ms: Cell<Option<u64>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -106,6 +114,9 @@ impl<H: Host> Worker<H> {
             scheduler: RefCell::default(),
             feed: RefCell::default(),
             per_key: RefCell::default(),
+            quota_calls: RefCell::default(),
+            unreported: RefCell::default(),
+            report_due_ms: Cell::default(),
         }
     }
 
@@ -147,6 +158,9 @@ impl<H: Host> Worker<H> {
         let per_key = config.per_key_stats.map(PerKeyStats::new);
         if let Some(per_key) = &per_key {
             create_slots(&self.host, per_key.table());
+        }
+        if config.rate_limit_service.is_some() {
+            create_slots(&self.host, Table::quotas(config.cache.max_entries));
         }
         *self.per_key.borrow_mut() = per_key;
         self.announce(raw, &config);
@@ -264,7 +278,20 @@ impl<H: Host> Worker<H> {
                 }
                 let outcome = Outcome::Known(&known);
                 let handled = finish(&self.host, &self.warnings, io, &request, headers, outcome);
+                let handled = match handled {
+                    Handled::AskQuotas(ask) => {
+                        let asked = self.ask_quotas(context_id, io, request, known.clone(), ask);
+                        match asked {
+                            Some(handled) => handled,
+                            None => return Flow::Pause, // waits for its answer
+                        }
+                    }
+                    handled => handled,
+                };
                 self.count_key(&known, &handled);
+                if matches!(handled, Handled::Forward(_)) {
+                    self.note_unreported(&known);
+                }
                 handled
             }
             Cached::NegativeHit => {
@@ -281,7 +308,7 @@ impl<H: Host> Worker<H> {
         };
         match handled {
             Handled::Forward(rate_headers) => Flow::Forward(rate_headers),
-            Handled::Answered => Flow::Pause,
+            Handled::Answered | Handled::AskQuotas(_) => Flow::Pause,
         }
     }
 
@@ -309,6 +336,7 @@ impl<H: Host> Worker<H> {
     pub fn forget(&self, context_id: u32) {
         remove_if_any(&self.waiting, context_id);
         remove_if_any(&self.rate_headers, context_id);
+        self.forget_quota_call(context_id);
     }
 
     /// Parks request `context_id` until the key service answers for its key. Requests
@@ -477,6 +505,7 @@ impl<H: Host> Worker<H> {
             self.start(key, true);
         }
         self.on_feed_tick(now_ms);
+        self.on_quota_tick(now_ms);
         self.reschedule(self.host.now_ms());
     }
 
@@ -484,7 +513,8 @@ impl<H: Host> Worker<H> {
     pub(super) fn reschedule(&self, now_ms: u64) {
         let takeover = self.flights.borrow().next_deadline_ms();
         let feed = self.feed.borrow().next_check_ms;
-        let next = [takeover, feed].into_iter().flatten().min();
+        let report = self.report_due_ms.get();
+        let next = [takeover, feed, report].into_iter().flatten().min();
         if let Some(period_ms) = self.scheduler.borrow_mut().plan(now_ms, next) {
             self.host.set_tick_ms(period_ms);
         }
@@ -623,30 +653,40 @@ impl<H: Host> Worker<H> {
                 continue;
             };
             request.now_ms = now_ms;
-            let stale = stale.as_deref();
-            let outcome = match &resolution {
-                Resolution::Known(known, _) => Outcome::Known(known),
-                Resolution::Unknown => Outcome::Deny(Denial::Invalid),
-                Resolution::Failed => on_key_service_failure(&self.host, &request.config, stale),
+            let (outcome, known) = match &resolution {
+                Resolution::Known(known, _) => (Outcome::Known(known), Some(known)),
+                Resolution::Unknown => (Outcome::Deny(Denial::Invalid), None),
+                Resolution::Failed => {
+                    let outcome =
+                        on_key_service_failure(&self.host, &request.config, stale.as_deref());
+                    let used_stale = matches!(outcome, Outcome::Known(_));
+                    (outcome, stale.as_ref().filter(|_| used_stale))
+                }
             };
             let handled = finish(&self.host, &self.warnings, &mut io, &request, &[], outcome);
-            if let Outcome::Known(known) = outcome {
-                self.count_key(known, &handled);
-            }
-            if let Handled::Forward(rate_headers) = handled {
-                if let Some(rate_headers) = rate_headers {
-                    self.rate_headers
-                        .borrow_mut()
-                        .insert(context_id, rate_headers);
+            let Some(known) = known else {
+                if let Handled::Forward(_) = handled {
+                    io.resume();
                 }
-                io.resume();
-            }
+                continue;
+            };
+            let handled = match handled {
+                Handled::AskQuotas(ask) => {
+                    let asked = self.ask_quotas(context_id, &mut io, request, known.clone(), ask);
+                    match asked {
+                        Some(handled) => handled,
+                        None => continue, // waits for its answer
+                    }
+                }
+                handled => handled,
+            };
+            self.after_quotas(context_id, &mut io, known, handled);
         }
         self.host.unpark();
     }
 
     /// `per_key_stats`: the key's request, allowed or denied.
-    fn count_key(&self, known: &KnownKey, handled: &Handled) {
+    pub(super) fn count_key(&self, known: &KnownKey, handled: &Handled) {
         if let Some(per_key) = self.per_key.borrow().as_ref() {
             let allowed = matches!(handled, Handled::Forward(_));
             per_key.count(&self.host, &known.record.key_id, allowed);

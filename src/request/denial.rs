@@ -15,12 +15,14 @@ pub enum Denial {
     ReferrerNotAllowed,
     PermissionDenied,
     RateLimited,
+    QuotaExceeded,
     TooManyFailedAttempts,
     KeyServiceUnavailable,
+    RateLimitServiceUnavailable,
 }
 
 /// The spec's error codes, in the order of its table; stats are named after them.
-pub const CODES: [&str; 11] = [
+pub const CODES: [&str; 13] = [
     "api_key_missing",
     "api_key_duplicate",
     "api_key_invalid",
@@ -30,8 +32,10 @@ pub const CODES: [&str; 11] = [
     "referrer_not_allowed",
     "permission_denied",
     "rate_limit_exceeded",
+    "quota_exceeded",
     "too_many_failed_attempts",
     "key_service_unavailable",
+    "rate_limit_service_unavailable",
 ];
 
 impl Denial {
@@ -47,8 +51,10 @@ impl Denial {
             Denial::ReferrerNotAllowed => 6,
             Denial::PermissionDenied => 7,
             Denial::RateLimited => 8,
-            Denial::TooManyFailedAttempts => 9,
-            Denial::KeyServiceUnavailable => 10,
+            Denial::QuotaExceeded => 9,
+            Denial::TooManyFailedAttempts => 10,
+            Denial::KeyServiceUnavailable => 11,
+            Denial::RateLimitServiceUnavailable => 12,
         }
     }
 
@@ -67,8 +73,8 @@ impl Denial {
             Denial::AddressNotAllowed | Denial::ReferrerNotAllowed | Denial::PermissionDenied => {
                 403
             }
-            Denial::RateLimited | Denial::TooManyFailedAttempts => 429,
-            Denial::KeyServiceUnavailable => 503,
+            Denial::RateLimited | Denial::QuotaExceeded | Denial::TooManyFailedAttempts => 429,
+            Denial::KeyServiceUnavailable | Denial::RateLimitServiceUnavailable => 503,
         }
     }
 
@@ -84,8 +90,10 @@ impl Denial {
             Denial::ReferrerNotAllowed => "The API key may not be used from this site.",
             Denial::PermissionDenied => "The API key lacks a scope this request needs.",
             Denial::RateLimited => "The API key's rate limit is exceeded.",
+            Denial::QuotaExceeded => "The API key's quota is spent for this period.",
             Denial::TooManyFailedAttempts => "Too many failed API key attempts from this address.",
             Denial::KeyServiceUnavailable => "API keys cannot be checked right now.",
+            Denial::RateLimitServiceUnavailable => "API key quotas cannot be checked right now.",
         }
     }
 
@@ -118,7 +126,7 @@ impl Denial {
 mod tests {
     use super::*;
 
-    const ALL: [Denial; 12] = [
+    const ALL: [Denial; 14] = [
         Denial::Missing,
         Denial::Duplicate,
         Denial::Malformed,
@@ -129,8 +137,10 @@ mod tests {
         Denial::ReferrerNotAllowed,
         Denial::PermissionDenied,
         Denial::RateLimited,
+        Denial::QuotaExceeded,
         Denial::TooManyFailedAttempts,
         Denial::KeyServiceUnavailable,
+        Denial::RateLimitServiceUnavailable,
     ];
 
     #[test]
@@ -149,8 +159,10 @@ mod tests {
                 (403, "referrer_not_allowed"),
                 (403, "permission_denied"),
                 (429, "rate_limit_exceeded"),
+                (429, "quota_exceeded"),
                 (429, "too_many_failed_attempts"),
                 (503, "key_service_unavailable"),
+                (503, "rate_limit_service_unavailable"),
             ]
         );
     }

@@ -1,2 +1,3 @@
+pub mod bytes;
 pub mod shared_store;
 pub mod slots;

@@ -35,6 +35,11 @@ impl Table {
         Table::new("apikey_filter/v1/failures/", slots)
     }
 
+    /// One quota allowance per `key_id` (`rate_limit_service`).
+    pub fn quotas(slots: u32) -> Table {
+        Table::new("apikey_filter/v1/quota/", slots)
+    }
+
     /// Which `key_id`s have per-key stats (`per_key_stats`).
     pub fn per_key_stats(max_keys: u32) -> Table {
         Table::new("apikey_filter/v1/per-key-stats/", max_keys)

@@ -12,6 +12,7 @@ pub const RESPONSE_HEADERS: u32 = 2;
 pub const CALLOUT_RESPONSE_HEADERS: u32 = 6;
 /// Buffers.
 const CALLOUT_RESPONSE_BODY: u32 = 4;
+const GRPC_RECEIVE_BUFFER: u32 = 5;
 const PLUGIN_CONFIGURATION: u32 = 7;
 /// Metric types.
 pub const COUNTER: u32 = 0;
@@ -125,6 +126,20 @@ mod imports {
             body_size: usize,
             trailers_data: *const u8,
             trailers_size: usize,
+            timeout_ms: u32,
+            return_token: *mut u32,
+        ) -> u32;
+        pub fn proxy_grpc_call(
+            service_data: *const u8,
+            service_size: usize,
+            service_name_data: *const u8,
+            service_name_size: usize,
+            method_name_data: *const u8,
+            method_name_size: usize,
+            initial_metadata_data: *const u8,
+            initial_metadata_size: usize,
+            message_data: *const u8,
+            message_size: usize,
             timeout_ms: u32,
             return_token: *mut u32,
         ) -> u32;
@@ -316,6 +331,50 @@ pub fn http_call(cluster: &str, headers: &[u8], timeout_ms: u64) -> Result<u32, 
     } else {
         Err(status)
     }
+}
+
+/// Sends a unary gRPC call from the context acting now; its token, or the status the
+/// host refused it with.
+pub fn grpc_call(
+    service: &[u8],
+    service_name: &str,
+    method: &str,
+    message: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, u32> {
+    let mut token = 0u32;
+    let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
+    // No initial metadata: an empty header map is four zero bytes (no pairs).
+    let metadata = [0u8; 4];
+    let status = unsafe {
+        proxy_grpc_call(
+            service.as_ptr(),
+            service.len(),
+            service_name.as_ptr(),
+            service_name.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout,
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// The first `size` bytes of the gRPC message being delivered.
+pub fn grpc_message(size: usize) -> Vec<u8> {
+    bytes_from(|data, len| unsafe {
+        proxy_get_buffer_bytes(GRPC_RECEIVE_BUFFER, 0, size, data, len)
+    })
+    .unwrap_or_default()
 }
 
 pub fn set_effective_context(context_id: u32) -> bool {

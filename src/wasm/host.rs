@@ -1,7 +1,8 @@
 //! The pipeline's host ports as proxy-wasm calls: nothing here decides anything.
 use super::abi;
 use crate::pipeline::ports::{
-    Callout, Callouts, Clock, Host, LogField, RequestIo, SetError, SharedStore, Stats, Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
+    Wake,
 };
 use crate::pipeline::stats::{counter_names, Counter, Histogram, PREFIX};
 use crate::request::header_map;
@@ -80,6 +81,27 @@ impl Callouts for WasmHost {
 
     fn callout_body(&self, size: usize) -> Vec<u8> {
         abi::callout_body(size)
+    }
+
+    fn send_grpc(&self, call: &GrpcCall) -> Option<u32> {
+        let sent = abi::grpc_call(
+            call.service,
+            call.service_name,
+            call.method,
+            call.message,
+            call.timeout_ms,
+        );
+        match sent {
+            Ok(token) => Some(token),
+            Err(status) => {
+                log::debug!("gRPC call refused (status {status})");
+                None
+            }
+        }
+    }
+
+    fn grpc_message(&self, size: usize) -> Vec<u8> {
+        abi::grpc_message(size)
     }
 }
 

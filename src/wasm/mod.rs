@@ -8,6 +8,7 @@
 mod abi;
 mod host;
 
+use crate::pipeline::quotas::GrpcOutcome;
 use crate::pipeline::request::{reply, RateHeaders};
 use crate::pipeline::worker::{Flow, Worker};
 use crate::request::denial::Denial;
@@ -200,6 +201,32 @@ pub extern "C" fn proxy_on_http_call_response(
         worker.on_callout_answer(token, body_size);
     }
 }
+
+/// gRPC answers come to the context that made the call: a request's own (its quota
+/// check) or the root's (a report).
+fn context_worker(context_id: u32) -> Option<Rc<FilterWorker>> {
+    root(context_id).or_else(|| stream_worker(context_id))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token: u32, message_size: usize) {
+    if let Some(worker) = context_worker(context_id) {
+        worker.on_grpc_answer(token, GrpcOutcome::Message(message_size));
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_close(context_id: u32, token: u32, status: u32) {
+    if let Some(worker) = context_worker(context_id) {
+        worker.on_grpc_answer(token, GrpcOutcome::Closed(status));
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive_initial_metadata(_context: u32, _token: u32, _n: u32) {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_context: u32, _token: u32, _n: u32) {}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _end: bool) -> u32 {

@@ -1,0 +1,525 @@
+//! Quotas (SPEC "Quotas"), worker by worker. On the request path a key with quotas is
+//! admitted from the node's allowance (`quotas::allowance`, in shared data) or, when it
+//! has none, asks the rate limit service in a call of its own and waits for the answer.
+//! Off the request path, on its tick, a worker reports what the node admitted unasked,
+//! for each key it admitted some of: one report per key per interval for the whole node,
+//! claimed in the key's shared state, and the answer sets the next allowance.
+use super::ports::{Clock, GrpcCall, Host, RequestIo, SharedStore, Stats};
+use super::request::{admit, refuse, Handled, RateHeaders, Request};
+use super::stats::{Counter, Histogram, RlsFailureKind};
+use super::worker::{Worker, LEASE_MARGIN_MS};
+use crate::config::{Config, RateLimitService};
+use crate::keys::known_key::{KeyQuotas, KnownKey};
+use crate::quotas::allowance::{Checked, Decision, QuotaState};
+use crate::quotas::rls::{self, Answer, Failure, Verdict};
+use crate::quotas::rls_messages;
+use crate::quotas::store;
+use crate::request::denial::Denial;
+use crate::storage::slots::Table;
+use std::rc::Rc;
+
+/// `(r, t)` of each quota's RateLimit item; `None` when the service sends no statuses.
+type Items = Option<Vec<(u32, u64)>>;
+
+pub enum QuotaStep {
+    Admitted(Items),
+    /// No allowance: the service must be asked for this request, and told of `carried`
+    /// requests the node admitted unasked.
+    Ask {
+        carried: u32,
+    },
+    Refused {
+        denial: Denial,
+        retry_after_s: Option<u64>,
+        items: Items,
+    },
+}
+
+/// How a gRPC call ended, as the host delivers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcOutcome {
+    /// A response message of this size.
+    Message(usize),
+    /// Closed with this gRPC status, without a message.
+    Closed(u32),
+}
+
+/// A request that must ask the rate limit service: its RateLimit fields so far (its
+/// bucket's), and the requests its call carries besides itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QuotaAsk {
+    pub rate_headers: Option<RateHeaders>,
+    pub carried: u32,
+}
+
+/// A call to the rate limit service in flight.
+pub(super) enum QuotaCall {
+    /// A request's own call, for itself.
+    Check {
+        context_id: u32,
+        request: Request,
+        known: Rc<KnownKey>,
+        ask: QuotaAsk,
+        sent_at_ms: u64,
+    },
+    /// The node's report of what it admitted unasked.
+    Report {
+        known: Rc<KnownKey>,
+        hits: u32,
+        sent_at_ms: u64,
+    },
+}
+
+fn table(config: &Config) -> Table {
+    Table::quotas(config.cache.max_entries)
+}
+
+/// The request path: the key's allowance on the node decides, or sends the request to ask.
+pub fn take_quota(
+    host: &(impl SharedStore + Stats),
+    service: &RateLimitService,
+    config: &Config,
+    quotas: &KeyQuotas,
+    now_ms: u64,
+) -> QuotaStep {
+    let decided = store::update(host, table(config), quotas.id, now_ms, |state| {
+        let decision = state.decide(now_ms, service.mode());
+        (decision, state.rate_items(&quotas.list, now_ms))
+    });
+    match decided {
+        Some((decision, items)) => step_of(host, decision, items),
+        // No slot for the key (the table is busy): it asks, request by request.
+        None => QuotaStep::Ask { carried: 0 },
+    }
+}
+
+fn step_of(stats: &impl Stats, decision: Decision, items: Items) -> QuotaStep {
+    match decision {
+        Decision::Admit => {
+            stats.count(Counter::QuotaAllowance);
+            QuotaStep::Admitted(items)
+        }
+        Decision::AdmitUnasked => {
+            stats.count(Counter::QuotaFailureOpen);
+            QuotaStep::Admitted(items)
+        }
+        Decision::Ask { carried } => QuotaStep::Ask { carried },
+        Decision::Deny { retry_after_s } => QuotaStep::Refused {
+            denial: Denial::QuotaExceeded,
+            retry_after_s: Some(retry_after_s),
+            items,
+        },
+        Decision::Unavailable => QuotaStep::Refused {
+            denial: Denial::RateLimitServiceUnavailable,
+            retry_after_s: None,
+            items: None,
+        },
+    }
+}
+
+/// The RateLimit fields with one item per quota added, when the service said what is left.
+pub fn with_quota_items(
+    bucket: Option<RateHeaders>,
+    quotas: &KeyQuotas,
+    items: Items,
+) -> Option<RateHeaders> {
+    let Some(items) = items else {
+        return bucket;
+    };
+    let mut state = bucket.map(|b| b.state).unwrap_or_default();
+    for ((left, reset_s), quota) in items.iter().zip(quotas.list.iter()) {
+        if !state.is_empty() {
+            state.push_str(", ");
+        }
+        state.push('"');
+        state.push_str(quota.per.name());
+        state.push('-');
+        state.push_str(quota.unit.name());
+        state.push_str("\";r=");
+        crate::decimal::push(&mut state, u64::from(*left));
+        state.push_str(";t=");
+        crate::decimal::push(&mut state, *reset_s);
+    }
+    Some(RateHeaders {
+        policy: quotas.policy_header.clone(),
+        state,
+    })
+}
+
+/// Answers a request refused for its quotas.
+pub fn refuse_quota(
+    host: &(impl Clock + SharedStore + Stats),
+    io: &mut impl RequestIo,
+    config: &Config,
+    quotas: &KeyQuotas,
+    bucket: Option<RateHeaders>,
+    step: QuotaStep,
+) {
+    let QuotaStep::Refused {
+        denial,
+        retry_after_s,
+        items,
+    } = step
+    else {
+        return;
+    };
+    let headers = with_quota_items(bucket, quotas, items);
+    let retry_after = retry_after_s.map(|s| s.to_string());
+    let mut extra = Vec::with_capacity(3);
+    if let Some(retry_after) = &retry_after {
+        extra.push(("retry-after", retry_after.as_str()));
+    }
+    if let Some(headers) = &headers {
+        extra.extend(headers.fields());
+    }
+    refuse(host, io, config, denial, &extra);
+}
+
+impl<H: Host> Worker<H> {
+    /// Sends a request's own call about its quotas. `None`: it waits for the answer;
+    /// else what became of it at once (the call could not be sent).
+    pub(super) fn ask_quotas(
+        &self,
+        context_id: u32,
+        io: &mut impl RequestIo,
+        request: Request,
+        known: Rc<KnownKey>,
+        ask: QuotaAsk,
+    ) -> Option<Handled> {
+        let now_ms = self.host.now_ms();
+        let hits = ask.carried.saturating_add(1);
+        let Some(token) = self.send_call(&request.config, &known, hits) else {
+            let answer = Err(Failure::NotSent);
+            return Some(self.conclude_check(io, &request, &known, ask, answer));
+        };
+        let call = QuotaCall::Check {
+            context_id,
+            request,
+            known,
+            ask,
+            sent_at_ms: now_ms,
+        };
+        self.quota_calls.borrow_mut().insert(token, call);
+        None
+    }
+
+    /// `ShouldRateLimit` for `hits` requests of `known`'s key, from the context acting now.
+    fn send_call(&self, config: &Config, known: &KnownKey, hits: u32) -> Option<u32> {
+        let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            return None;
+        };
+        let record = &known.record;
+        let message = rls::encode_call(
+            &service.domain,
+            &quotas.list,
+            &record.key_id,
+            &record.owner,
+            hits,
+        );
+        self.host.send_grpc(&GrpcCall {
+            service: &rls::grpc_service(&service.cluster),
+            service_name: rls_messages::SERVICE,
+            method: rls_messages::METHOD,
+            message: &message,
+            timeout_ms: service.timeout_ms,
+        })
+    }
+
+    /// A request's own call answered (or failed): admits or refuses it.
+    fn conclude_check(
+        &self,
+        io: &mut impl RequestIo,
+        request: &Request,
+        known: &KnownKey,
+        ask: QuotaAsk,
+        answer: Answer,
+    ) -> Handled {
+        let QuotaAsk {
+            rate_headers,
+            carried,
+        } = ask;
+        let config = &request.config;
+        let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            return Handled::Answered;
+        };
+        let now_ms = self.host.now_ms();
+        let mode = service.mode();
+        let step = match answer {
+            Ok(verdict) => {
+                self.count_verdict(&verdict);
+                let check = |state: &mut QuotaState| {
+                    let hits = carried.saturating_add(1);
+                    let checked = state.on_check(&verdict, &quotas.list, hits, now_ms, mode);
+                    (checked, state.rate_items(&quotas.list, now_ms))
+                };
+                let (checked, items) =
+                    store::update(&self.host, table(config), quotas.id, now_ms, check)
+                        .unwrap_or_else(|| check(&mut QuotaState::new(quotas.id)));
+                match checked {
+                    Checked::Admitted => QuotaStep::Admitted(items),
+                    Checked::Denied { retry_after_s } => QuotaStep::Refused {
+                        denial: Denial::QuotaExceeded,
+                        retry_after_s: Some(retry_after_s),
+                        items,
+                    },
+                }
+            }
+            Err(failure) => {
+                self.count_failure(failure, known, now_ms);
+                let failing = |state: &mut QuotaState| state.on_check_failed(carried, now_ms, mode);
+                let decision = store::update(&self.host, table(config), quotas.id, now_ms, failing)
+                    .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
+                step_of(&self.host, decision, None)
+            }
+        };
+        match step {
+            QuotaStep::Admitted(items) => {
+                admit(&self.host, io, request, known);
+                Handled::Forward(with_quota_items(rate_headers, quotas, items))
+            }
+            refused => {
+                refuse_quota(&self.host, io, config, quotas, rate_headers, refused);
+                Handled::Answered
+            }
+        }
+    }
+
+    fn count_verdict(&self, verdict: &Verdict) {
+        self.host.count(if verdict.over_limit {
+            Counter::RlsOverLimit
+        } else {
+            Counter::RlsOk
+        });
+    }
+
+    fn count_failure(&self, failure: Failure, known: &KnownKey, now_ms: u64) {
+        self.host.count(Counter::RlsError);
+        self.host
+            .count(Counter::RlsErrorKind(RlsFailureKind::of(failure)));
+        self.warnings.warn(now_ms, || {
+            format!(
+                "rate limit service call for key {} failed: {}",
+                known.record.key_id,
+                failure.describe()
+            )
+        });
+    }
+
+    /// The answer to a call, by its token: a request's own, or a report.
+    pub fn on_grpc_answer(&self, token: u32, outcome: GrpcOutcome) {
+        let call = {
+            let mut calls = self.quota_calls.borrow_mut();
+            if calls.is_empty() {
+                return;
+            }
+            calls.remove(&token)
+        };
+        let Some(call) = call else {
+            return;
+        };
+        let (known, sent_at_ms) = match &call {
+            QuotaCall::Check {
+                known, sent_at_ms, ..
+            }
+            | QuotaCall::Report {
+                known, sent_at_ms, ..
+            } => (known.clone(), *sent_at_ms),
+        };
+        let descriptors = known.quotas.as_ref().map_or(0, |q| q.list.len());
+        let now_ms = self.host.now_ms();
+        let waited_ms = now_ms.saturating_sub(sent_at_ms);
+        self.host.record(Histogram::RlsLatencyMs, waited_ms);
+        let answer = match outcome {
+            GrpcOutcome::Message(size) => {
+                let message = (size <= rls::MAX_ANSWER_BYTES).then(|| self.host.grpc_message(size));
+                rls::classify(message.as_deref(), descriptors)
+            }
+            GrpcOutcome::Closed(status) => {
+                let timeout_ms = self
+                    .config()
+                    .and_then(|c| c.rate_limit_service.as_ref().map(|r| r.timeout_ms));
+                Err(Failure::from_status(
+                    status,
+                    waited_ms,
+                    timeout_ms.unwrap_or(u64::MAX),
+                ))
+            }
+        };
+        match call {
+            QuotaCall::Check {
+                context_id,
+                request,
+                known,
+                ask,
+                ..
+            } => {
+                let Some(mut io) = self.host.parked(context_id) else {
+                    return;
+                };
+                let handled = self.conclude_check(&mut io, &request, &known, ask, answer);
+                self.after_quotas(context_id, &mut io, &known, handled);
+                self.host.unpark();
+            }
+            QuotaCall::Report { known, hits, .. } => self.on_report_answer(&known, hits, answer),
+        }
+    }
+
+    /// What follows a parked request's quota decision: resumed with its fields kept for
+    /// its response, or left answered.
+    pub(super) fn after_quotas(
+        &self,
+        context_id: u32,
+        io: &mut impl RequestIo,
+        known: &Rc<KnownKey>,
+        handled: Handled,
+    ) {
+        self.count_key(known, &handled);
+        if let Handled::Forward(rate_headers) = handled {
+            self.note_unreported(known);
+            if let Some(rate_headers) = rate_headers {
+                self.rate_headers
+                    .borrow_mut()
+                    .insert(context_id, rate_headers);
+            }
+            io.resume();
+        }
+    }
+
+    /// Remembers a key this worker admitted requests of, so that its tick reports them.
+    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>) {
+        let Some(quotas) = &known.quotas else {
+            return;
+        };
+        let mut unreported = self.unreported.borrow_mut();
+        if unreported.contains_key(&quotas.id) {
+            return;
+        }
+        unreported.insert(quotas.id, known.clone());
+        drop(unreported);
+        if self.report_due_ms.get().is_none() {
+            let interval_ms = self.config().and_then(|c| {
+                c.rate_limit_service
+                    .as_ref()
+                    .map(RateLimitService::report_interval_ms)
+            });
+            let now_ms = self.host.now_ms();
+            self.report_due_ms
+                .set(interval_ms.map(|interval| now_ms + interval));
+            self.reschedule(now_ms);
+        }
+    }
+
+    /// The tick: reports, for each key this worker admitted requests of, what the node
+    /// admitted unasked, when the node's report for the key is due and this worker
+    /// claims it.
+    pub(super) fn on_quota_tick(&self, now_ms: u64) {
+        if self.report_due_ms.get().is_none_or(|due| now_ms < due) {
+            return;
+        }
+        let Some(config) = self.config() else {
+            return;
+        };
+        let Some(service) = &config.rate_limit_service else {
+            return;
+        };
+        let interval_ms = service.report_interval_ms();
+        let hold_ms = service.timeout_ms + LEASE_MARGIN_MS;
+        let keys: Vec<Rc<KnownKey>> = self.unreported.borrow().values().cloned().collect();
+        for known in keys {
+            let Some(quotas) = &known.quotas else {
+                continue;
+            };
+            let claimed = store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                let claim = s.claim_report(now_ms, interval_ms, hold_ms);
+                (claim, s.spent == 0 && s.reporting == 0)
+            });
+            match claimed {
+                Some((Some(hits), _)) => self.send_report(&config, known.clone(), hits, now_ms),
+                Some((None, false)) => {}
+                // Nothing owed on the node any more (or no state left): done with the key.
+                _ => {
+                    self.unreported.borrow_mut().remove(&quotas.id);
+                }
+            }
+        }
+        let next = (!self.unreported.borrow().is_empty()).then_some(now_ms + interval_ms);
+        self.report_due_ms.set(next);
+    }
+
+    fn send_report(&self, config: &Config, known: Rc<KnownKey>, hits: u32, now_ms: u64) {
+        match self.send_call(config, &known, hits) {
+            Some(token) => {
+                let call = QuotaCall::Report {
+                    known,
+                    hits,
+                    sent_at_ms: now_ms,
+                };
+                self.quota_calls.borrow_mut().insert(token, call);
+            }
+            None => self.on_report_answer(&known, hits, Err(Failure::NotSent)),
+        }
+    }
+
+    fn on_report_answer(&self, known: &KnownKey, hits: u32, answer: Answer) {
+        let (Some(config), Some(quotas)) = (self.config(), &known.quotas) else {
+            return;
+        };
+        let Some(service) = &config.rate_limit_service else {
+            return;
+        };
+        let now_ms = self.host.now_ms();
+        let mode = service.mode();
+        match answer {
+            Ok(verdict) => {
+                self.count_verdict(&verdict);
+                self.host.count_n(Counter::QuotaReported, u64::from(hits));
+                store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                    s.on_report(&verdict, &quotas.list, now_ms, mode)
+                });
+                if verdict.over_limit {
+                    log::debug!(
+                        "key {}: report of {hits} requests over the quota",
+                        known.record.key_id
+                    );
+                }
+            }
+            Err(failure) => {
+                self.count_failure(failure, known, now_ms);
+                store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                    s.on_report_failed(now_ms)
+                });
+            }
+        }
+    }
+
+    /// A request that ended while its own call was out: its answer has nowhere to go,
+    /// and what the call carried is reported later.
+    pub(super) fn forget_quota_call(&self, context_id: u32) {
+        let dropped = {
+            let mut calls = self.quota_calls.borrow_mut();
+            if calls.is_empty() {
+                return;
+            }
+            let token = calls.iter().find_map(|(token, call)| match call {
+                QuotaCall::Check { context_id: c, .. } if *c == context_id => Some(*token),
+                _ => None,
+            });
+            token.and_then(|token| calls.remove(&token))
+        };
+        let Some(QuotaCall::Check {
+            request,
+            known,
+            ask,
+            ..
+        }) = dropped
+        else {
+            return;
+        };
+        if let Some(quotas) = &known.quotas {
+            let now_ms = self.host.now_ms();
+            store::update(&self.host, table(&request.config), quotas.id, now_ms, |s| {
+                s.give_back(ask.carried)
+            });
+        }
+    }
+}

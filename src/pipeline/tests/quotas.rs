@@ -1,0 +1,286 @@
+// Test code only: unwrap, expect and panic! are fine here.
+//! Quotas through the whole pipeline: a request's own call, the node's allowance, the
+//! report, the failure modes and bad answers.
+use super::*;
+use crate::pipeline::fake::SentGrpc;
+use crate::pipeline::quotas::GrpcOutcome;
+use crate::quotas::rls_messages::{self as rls, code};
+use prost::Message;
+
+const DAILY: &str =
+    r#"{"key_id": "k_alice", "owner": "acme", "quotas": [{"requests": 1000, "unit": "day"}]}"#;
+
+fn rls_config(sync_interval_ms: u64, failure_mode: &str) -> String {
+    config(&format!(
+        r#""rate_limit": null, "rate_limit_service": {{"cluster": "rls", "sync_interval_ms": {sync_interval_ms}, "failure_mode": "{failure_mode}"}}"#
+    ))
+}
+
+fn ok(remaining: u32) -> Vec<u8> {
+    verdict(code::OK, remaining)
+}
+
+fn verdict(overall: i32, remaining: u32) -> Vec<u8> {
+    rls::RateLimitResponse {
+        overall_code: overall,
+        statuses: vec![rls::DescriptorStatus {
+            code: overall,
+            current_limit: None,
+            limit_remaining: remaining,
+            duration_until_reset: Some(rls::Duration {
+                seconds: 3_600,
+                nanos: 0,
+            }),
+        }],
+    }
+    .encode_to_vec()
+}
+
+fn calls(worker: &Worker<FakeHost>) -> Vec<SentGrpc> {
+    worker.host().grpc_calls.borrow().clone()
+}
+
+fn decoded(call: &SentGrpc) -> rls::RateLimitRequest {
+    rls::RateLimitRequest::decode(call.message.as_slice()).unwrap()
+}
+
+/// Answers `worker`'s latest gRPC call with `message`.
+fn answer_grpc(worker: &Worker<FakeHost>, message: &[u8]) {
+    let token = calls(worker).last().expect("a gRPC call").token;
+    *worker.host().grpc_answer.borrow_mut() = message.to_vec();
+    worker.on_grpc_answer(token, GrpcOutcome::Message(message.len()));
+}
+
+fn fail_grpc(worker: &Worker<FakeHost>, status: u32) {
+    let token = calls(worker).last().expect("a gRPC call").token;
+    worker.on_grpc_answer(token, GrpcOutcome::Closed(status));
+}
+
+impl Test {
+    /// A worker with `cfg` that has found "sk" (its first request asks the service, and
+    /// waits for it): that request's context id.
+    fn known(&self, worker: &Worker<FakeHost>) -> u32 {
+        let (id, _) = self.cold(worker, "sk", "200", DAILY);
+        assert!(worker.host().log_of(id).reply.is_none());
+        id
+    }
+}
+
+#[test]
+fn a_key_without_allowance_asks_for_its_own_request_then_spends_the_allowance_locally() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(1_000, "open"));
+    let first = t.known(&w);
+    let call = calls(&w)[0].clone();
+    assert_eq!(call.context_id, first, "the request's own call");
+    assert_eq!(
+        call.method,
+        "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+    );
+    let sent = decoded(&call);
+    assert_eq!((sent.domain.as_str(), sent.hits_addend), ("apikey", 1));
+    let entries: Vec<_> = sent.descriptors[0]
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    assert_eq!(entries, [("key_id", "k_alice"), ("window", "day")]);
+    assert!(!w.host().log_of(first).resumed, "waits for the answer");
+
+    answer_grpc(&w, &ok(900));
+    let log = w.host().log_of(first);
+    assert!(log.resumed && log.reply.is_none(), "{log:?}");
+    assert_eq!(log.header_set("x-api-key-id").as_deref(), Some("k_alice"));
+    let mut io = w.host().request(first);
+    w.on_response(first, None, &mut io);
+    let fields = w.host().log_of(first).response_headers;
+    assert!(
+        fields.contains(&(
+            "ratelimit-policy".into(),
+            "\"key-day\";q=1000;w=86400".into()
+        )),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&("ratelimit".into(), "\"key-day\";r=900;t=3600".into())),
+        "{fields:?}"
+    );
+
+    // An allowance of 2 × 1 + 2: four requests pass without a call.
+    for _ in 0..4 {
+        let (_, flow) = t.get(&w, "sk");
+        assert!(matches!(flow, Flow::Forward(Some(_))), "{flow:?}");
+    }
+    assert_eq!(calls(&w).len(), 1);
+    assert_eq!(w.host().stat("quota.allowance"), 4);
+    let (_, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause, "allowance spent: asks again");
+    assert_eq!(calls(&w).len(), 2);
+}
+
+#[test]
+fn over_the_quota_is_429_with_retry_after_and_then_refused_without_a_call() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(1_000, "open"));
+    let id = t.known(&w);
+    answer_grpc(&w, &verdict(code::OVER_LIMIT, 0));
+    let reply = reply_of(&w, id);
+    assert_denied(&reply, 429, "quota_exceeded");
+    assert_eq!(reply.header("retry-after"), Some("3600"));
+    assert_eq!(reply.header("ratelimit"), Some("\"key-day\";r=0;t=3600"));
+    assert_eq!(w.host().stat("rate_limit_service.over_limit"), 1);
+    t.advance(1_000);
+    let (again, _) = t.get(&w, "sk");
+    let reply = reply_of(&w, again);
+    assert_denied(&reply, 429, "quota_exceeded");
+    assert_eq!(reply.header("retry-after"), Some("3599"));
+    assert_eq!(calls(&w).len(), 1);
+    assert_eq!(w.host().stat("denied.quota_exceeded"), 2);
+}
+
+#[test]
+fn the_exact_mode_asks_for_every_request() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(0, "open"));
+    t.known(&w);
+    answer_grpc(&w, &ok(900));
+    for n in 2..5 {
+        let (id, flow) = t.get(&w, "sk");
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(calls(&w).len(), n);
+        answer_grpc(&w, &ok(900));
+        assert!(w.host().log_of(id).resumed);
+    }
+    assert_eq!(w.host().stat("quota.allowance"), 0);
+    assert_eq!(w.host().stat("rate_limit_service.ok"), 4);
+}
+
+#[test]
+fn once_a_second_one_worker_reports_what_the_node_admitted_and_gets_the_next_allowance() {
+    let t = Test::new();
+    let cfg = rls_config(1_000, "open");
+    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.known(&a);
+    answer_grpc(&a, &ok(900));
+    t.get(&b, "sk"); // b's copy comes from the node's cache entry
+    for w in [&a, &b, &a] {
+        let (_, flow) = t.get(w, "sk");
+        assert!(matches!(flow, Flow::Forward(_)), "{flow:?}");
+    }
+    assert_eq!(calls(&b).len(), 0, "b spends the node's allowance");
+    t.advance(1_000);
+    a.on_tick();
+    b.on_tick();
+    let reports: Vec<SentGrpc> = [&a, &b]
+        .iter()
+        .flat_map(|w| calls(w))
+        .filter(|c| c.context_id == 0)
+        .collect();
+    assert_eq!(reports.len(), 1, "one report for the node");
+    assert_eq!(decoded(&reports[0]).hits_addend, 4);
+    let reporter = if calls(&a).len() == 2 { &a } else { &b };
+    answer_grpc(reporter, &ok(896));
+    assert_eq!(reporter.host().stat("quota.reported"), 4);
+    // The next allowance: 2 × 5 + 2 = 12 requests without a call (the node admitted
+    // five in the interval).
+    for _ in 0..12 {
+        assert!(matches!(t.get(&a, "sk").1, Flow::Forward(_)));
+    }
+    assert_eq!(t.get(&a, "sk").1, Flow::Pause);
+}
+
+#[test]
+fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
+    let t = Test::new();
+    let open = t.worker(1, &rls_config(1_000, "open"));
+    let id = t.known(&open);
+    fail_grpc(&open, 14);
+    let log = open.host().log_of(id);
+    assert!(log.resumed && log.reply.is_none(), "{log:?}");
+    assert_eq!(open.host().stat("rate_limit_service.error.grpc_status"), 1);
+    // Paused: no call, admitted at once and kept.
+    assert!(matches!(t.get(&open, "sk").1, Flow::Forward(_)));
+    assert_eq!(calls(&open).len(), 1);
+    assert_eq!(open.host().stat("quota.failure_open"), 2);
+    t.advance(1_000);
+    open.on_tick();
+    let report = calls(&open).last().cloned().unwrap();
+    assert_eq!((report.context_id, decoded(&report).hits_addend), (0, 2));
+    // The report times out: its hits wait for the next.
+    t.advance(500);
+    fail_grpc(&open, 14);
+    assert_eq!(open.host().stat("rate_limit_service.error.timeout"), 1);
+    t.advance(1_000);
+    open.on_tick();
+    assert_eq!(decoded(calls(&open).last().unwrap()).hits_addend, 2);
+    assert_eq!(open.host().stat("rate_limit_service.error.grpc_status"), 1);
+
+    let t = Test::new();
+    let closed = t.worker(1, &rls_config(1_000, "closed"));
+    let id = t.known(&closed);
+    fail_grpc(&closed, 14);
+    assert_denied(
+        &reply_of(&closed, id),
+        503,
+        "rate_limit_service_unavailable",
+    );
+    let (again, _) = t.get(&closed, "sk");
+    assert_denied(
+        &reply_of(&closed, again),
+        503,
+        "rate_limit_service_unavailable",
+    );
+    assert_eq!(calls(&closed).len(), 1, "paused");
+}
+
+#[test]
+fn a_bad_answer_is_classified_and_counted_never_a_crash() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(0, "closed"));
+    let id = t.known(&w);
+    answer_grpc(&w, &[0xff, 0xff, 0xff]);
+    assert_denied(&reply_of(&w, id), 503, "rate_limit_service_unavailable");
+    assert_eq!(w.host().stat("rate_limit_service.error.bad_answer"), 1);
+    // Limitador's OVER_LIMIT, without statuses: a verdict, not a failure.
+    t.advance(2_000);
+    let (id, _) = t.get(&w, "sk");
+    let limitador = rls::RateLimitResponse {
+        overall_code: code::OVER_LIMIT,
+        statuses: vec![],
+    }
+    .encode_to_vec();
+    answer_grpc(&w, &limitador);
+    let reply = reply_of(&w, id);
+    assert_denied(&reply, 429, "quota_exceeded");
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(
+        reply.header("ratelimit"),
+        None,
+        "no statuses, no quota items"
+    );
+}
+
+#[test]
+fn a_request_whose_client_left_while_it_asked_is_forgotten() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(0, "open"));
+    let id = t.known(&w);
+    w.forget(id);
+    answer_grpc(&w, &ok(5));
+    assert!(!w.host().log_of(id).resumed);
+    assert_eq!(
+        w.host().stat("rate_limit_service.ok"),
+        0,
+        "the answer had nowhere to go"
+    );
+}
+
+#[test]
+fn keys_without_quotas_and_filters_without_a_service_never_call() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(1_000, "open"));
+    t.cold(&w, "other", "200", ALICE);
+    let w2 = t.worker(2, &config(""));
+    t.cold(&w2, "sk", "200", DAILY);
+    assert!(calls(&w).is_empty() && calls(&w2).is_empty());
+}
