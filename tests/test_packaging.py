@@ -1,9 +1,10 @@
-"""What ships besides the .wasm: the docker-compose harness (envoy/docker-compose.yaml and the
-Envoy config rendered for it), the Istio manifests (envoy/istio/) and the supported Envoy range
-(envoy/SUPPORTED_VERSIONS). Docker and Kubernetes do not run here, so these check structure and
-cross-references, and let the real Envoy judge every Envoy config we ship: `envoy --mode
-validate` loads the .wasm and runs the filter's on_configure, so a refused filter configuration
-fails validation (test_validation_runs_the_filters_on_configure proves it)."""
+"""What ships besides the .wasm: the docker-compose harness (envoy/docker-compose.yaml, the
+Envoy config rendered for it, the rate limit service's configuration in envoy/ratelimit/), the
+Istio manifests (envoy/istio/) and the supported Envoy range (envoy/SUPPORTED_VERSIONS).
+Docker and Kubernetes do not run here, so these check structure and cross-references, and let
+the real Envoy judge every Envoy config we ship: `envoy --mode validate` loads the .wasm and
+runs the filter's on_configure, so a refused filter configuration fails validation
+(test_validation_runs_the_filters_on_configure proves it)."""
 import json
 import re
 import shutil
@@ -16,12 +17,14 @@ import yaml
 
 from harness import (ROOT, WASM_PATH, HarnessError, Process, envoy_binary, free_port, http_request,
                      render_envoy, start_helper_server)
+from rls_service import RlsService
 
 ENVOY_DIR = ROOT / "envoy"
 COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
 COMPOSE_ENVOY = ENVOY_DIR / "compose" / "envoy.yaml"
 ISTIO = ENVOY_DIR / "istio"
 DEMO_FILTER_CONFIG = ENVOY_DIR / "demo" / "filter-config.json"
+RATELIMIT_CONFIG = ENVOY_DIR / "ratelimit" / "envoyproxy-ratelimit.yaml"
 ISTIO_CLUSTER = re.compile(r"^outbound\|(\d+)\|\|([a-z0-9.-]+)$")  # Istio's name for a Service port's cluster
 
 
@@ -95,13 +98,16 @@ def test_compose_file_structure():
     """What `docker compose up` needs, cross-checked with the rendered Envoy config."""
     compose = load_yaml(COMPOSE_FILE)
     services = compose["services"]
-    assert set(services) == {"envoy", "keyservice", "upstream"}
+    assert set(services) == {"envoy", "keyservice", "upstream", "ratelimit", "redis"}
     assert services["envoy"]["image"] == f"envoyproxy/envoy:v{supported_versions()['newest']}"
     assert services["keyservice"]["image"] == services["upstream"]["image"] == "python:3.11-slim"
+    # envoyproxy/ratelimit tags only commits (no releases): pinned to one, never master/latest.
+    assert re.fullmatch(r"envoyproxy/ratelimit:[0-9a-f]{8,40}", services["ratelimit"]["image"])
+    assert services["redis"]["image"] == "redis:7-alpine"
 
     mounts = {}  # (service, target in the container) -> source on the host
     for name, service in services.items():
-        for v in service["volumes"]:
+        for v in service.get("volumes", []):
             # Read-only binds of files that exist: never a directory Docker invents in their place.
             assert v["type"] == "bind" and v["read_only"] is True, (name, v)
             assert v["bind"]["create_host_path"] is False, (name, v)
@@ -134,24 +140,69 @@ def test_compose_file_structure():
         assert (mounts[service, str(script.parent)] / script.name).is_file(), cmd
     keys = services["keyservice"]["command"]
     assert mounts["keyservice", keys[keys.index("--keys") + 1]] == ENVOY_DIR / "demo" / "keys.json"
-    assert json.loads(wasm_config(envoy)["configuration"]["value"]) == json.loads(DEMO_FILTER_CONFIG.read_text())
+    filter_config = json.loads(wasm_config(envoy)["configuration"]["value"])
+    assert filter_config == json.loads(DEMO_FILTER_CONFIG.read_text())
+
+    # The rate limit service: the filter's cluster resolves the service's name, at its gRPC
+    # port; it reads the mounted configuration, which names the filter's domain; Envoy starts
+    # once it is healthy, and it once Redis is.
+    rls = filter_config["rate_limit_service"]
+    discovery, host, port = clusters(envoy)[rls["cluster"]]
+    assert (discovery, host) == ("STRICT_DNS", "ratelimit")
+    env = services["ratelimit"]["environment"]
+    assert env["GRPC_PORT"] == str(port)
+    assert services["envoy"]["depends_on"]["ratelimit"] == {"condition": "service_healthy"}
+    assert services["ratelimit"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    redis_host, redis_port = env["REDIS_URL"].split(":")
+    assert (env["REDIS_SOCKET_TYPE"], redis_host, redis_port) == ("tcp", "redis", "6379")
+    # Files are read from RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config/*.yaml; RUNTIME_WATCH_ROOT
+    # false, or it would wait for that root to be swapped by a symlink.
+    config_dir = f"{env['RUNTIME_ROOT']}/{env['RUNTIME_SUBDIRECTORY']}/config"
+    assert env["RUNTIME_WATCH_ROOT"] == "false" and env.get("RUNTIME_APPDIRECTORY", "config") == "config"
+    [(target, source)] = [(t, src) for (svc, t), src in mounts.items() if svc == "ratelimit"]
+    assert source == RATELIMIT_CONFIG and target == f"{config_dir}/{Path(target).name}", target
+    assert target.endswith(".yaml")
+    assert "wget" in services["ratelimit"]["healthcheck"]["test"]  # busybox's: the image is Alpine's
+    ratelimit_config = load_yaml(RATELIMIT_CONFIG)
+    assert ratelimit_config["domain"] == rls["domain"]
+
+
+def test_ratelimit_config_describes_the_filters_descriptors():
+    """envoyproxy/ratelimit applies an override in any domain it has loaded; the entries
+    spell out the descriptors the filter sends (per key, per owner, then the window), with no
+    limit of their own (the override is the limit) and only keys it knows."""
+    config = load_yaml(RATELIMIT_CONFIG)
+    assert set(config) == {"domain", "descriptors"}
+    shapes = {(d["key"], tuple(n["key"] for n in d["descriptors"])) for d in config["descriptors"]}
+    assert shapes == {("key_id", ("window",)), ("owner", ("window",))}
+
+    def walk(descriptors):
+        for d in descriptors:
+            assert set(d) <= {"key", "descriptors"}, d  # no value, no rate_limit
+            walk(d.get("descriptors", []))
+    walk(config["descriptors"])
 
 
 def compose_cli():
-    """`docker compose` (plugin) or a standalone docker-compose, if one works here."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+    """`docker compose` (plugin) or a standalone docker-compose of Compose v2 or later, if one
+    works here. Compose v1 (docker-compose 1.x, Debian 12's package) predates the Compose
+    Specification's `name` and `bind.create_host_path` and refuses the file for them."""
+    candidates = [["docker", "compose"], ["docker-compose"]]
+    for cli in candidates:
+        if not shutil.which(cli[0]):
+            continue
+        r = subprocess.run([*cli, "version", "--short"], capture_output=True, text=True)
+        if r.returncode == 0 and re.match(r"v?([2-9]|\d{2,})\.", r.stdout.strip()):
+            return cli
     return None
 
 
 def test_compose_file_passes_docker_compose_config():
-    """The Compose schema check proper; needs no engine, but a compose CLI, which CI lacks
+    """The Compose schema check proper; needs no engine, but a Compose v2 CLI, which CI lacks
     (test_compose_file_structure stands in there)."""
     cli = compose_cli()
     if cli is None:
-        pytest.skip("no docker compose CLI here")
+        pytest.skip("no Compose v2 CLI here (docker compose, or docker-compose 2.x)")
     r = subprocess.run([*cli, "-f", COMPOSE_FILE, "config", "--quiet"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
@@ -179,12 +230,15 @@ def test_demo_envoy_config_validates(tmp_path):
 
 def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
     """The compose config run for real, with only what Docker provides swapped for local
-    equivalents: 127.0.0.1 for the service names (still STRICT_DNS) and for 0.0.0.0, free ports.
+    equivalents: 127.0.0.1 for the service names (still STRICT_DNS) and for 0.0.0.0, free ports,
+    the project's rls-server (the override, as envoyproxy/ratelimit takes it) for ratelimit.
     Its access log goes to /dev/stdout, as in the container."""
     envoy = load_yaml(COMPOSE_ENVOY)
     (_, _, ks_port), (_, _, up_port) = clusters(envoy)["key_service"], clusters(envoy)["upstream"]
-    procs = []
+    (_, _, rls_port) = clusters(envoy)["ratelimit"]
+    procs, rls = [], RlsService()
     try:
+        rls.start()
         ks, ks_bound = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / "ks.log",
                                            ["--keys", ENVOY_DIR / "demo" / "keys.json"])
         procs.append(ks)
@@ -196,6 +250,7 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
             "address: 0.0.0.0, port_value: 9901": f"address: 127.0.0.1, port_value: {admin}",
             f"address: keyservice, port_value: {ks_port}": f"address: 127.0.0.1, port_value: {ks_bound}",
             f"address: upstream, port_value: {up_port}": f"address: 127.0.0.1, port_value: {up_bound}",
+            f"address: ratelimit, port_value: {rls_port}": f"address: 127.0.0.1, port_value: {rls.grpc_port}",
         })
         proxy = Process("envoy", [envoy_binary(), "-c", config, "--concurrency", "1", "--disable-hot-restart",
                                   "--log-level", "warn", "--file-flush-interval-msec", "50"],
@@ -214,6 +269,12 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
             time.sleep(0.05)
         assert access_logged(), "access log line not on stdout:\n" + proxy.log()[-2000:]
 
+        # demo-key-frank's 5 a day (envoy/demo/keys.json), kept by the rate limit service.
+        frank = [http_request(listen, "GET", "/orders", [("x-api-key", "demo-key-frank")]) for _ in range(6)]
+        assert [r.status for r in frank] == [200] * 5 + [429], frank
+        assert frank[-1].json()["error"]["code"] == "quota_exceeded"
+        assert rls.calls()["hits"] >= 6
+
         # The Istio stats matcher's prefix must let every metric of the filter through.
         prefixes = proxy_stats_matcher()["inclusionPrefixes"]
         stats = http_request(admin, "GET", "/stats?format=json").json()["stats"]
@@ -224,6 +285,7 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
     finally:
         for p in reversed(procs):
             p.stop()
+        rls.close()
 
 
 def wait_ready(proxy, admin_port, timeout=20):

@@ -220,3 +220,37 @@ def test_bad_calls_are_refused_and_logged_and_the_server_carries_on(rls, client)
     assert "bad request: not a RateLimitRequest" in log
     assert "bad request: empty domain" in log
     assert "bad request: no method /envoy.service.ratelimit.v3.RateLimitService/Nope" in log
+
+
+# -- the limits file shipped for Limitador ------------------------------------------------
+
+
+def test_the_shipped_limitador_limits_file_keeps_the_demo_quotas():
+    """envoy/ratelimit/limitador-limits.yaml as Limitador reads it: demo-key-frank's 5 a day,
+    whatever override the filter sends (1000 here), and the per-owner example."""
+    from harness import ROOT
+    with RlsService(limits_file=ROOT / "envoy" / "ratelimit" / "limitador-limits.yaml") as rls:
+        c = Client(rls.grpc_port)
+        frank = descriptor(("key_id", "k_frank"), ("window", "day"), limit=(1000, DAY))
+        for remaining in (4, 3, 2, 1, 0):
+            r = c(frank)
+            assert r["code"] == OK, r
+            assert [(s["limit"], s["remaining"]) for s in r["statuses"]] == [(("key-day", 5, DAY), remaining)]
+        r = c(frank)
+        assert r["code"] == OVER_LIMIT and r["statuses"][0]["code"] == OVER_LIMIT, r
+        # Another key has a day of its own, under the same max_value.
+        assert c(key_day("k_other", 1000))["statuses"][0]["remaining"] == 4
+
+        # Per owner: 1,000 a day shared by the owner's keys; the descriptor alone, or second
+        # in a key's call.
+        r = c(owner_day("umbrella", 5), hits=999)
+        assert r["code"] == OK and r["statuses"][0]["limit"] == ("owner-day", 1000, DAY), r
+        assert r["statuses"][0]["remaining"] == 1
+        r = c(key_day("k_frank2", 5), owner_day("umbrella", 5))
+        assert r["code"] == OK and [s["remaining"] for s in r["statuses"]] == [4, 0], r
+        r = c(key_day("k_frank2", 5), owner_day("umbrella", 5))
+        assert r["code"] == OVER_LIMIT, r
+        assert [(s["code"], s["remaining"]) for s in r["statuses"]] == [(OK, 4), (OVER_LIMIT, 0)]
+        assert c(owner_day("globex"))["statuses"][0]["remaining"] == 999  # other owners: their own
+        assert rls.calls() == {"calls": 11, "hits": 1009}
+        c.close()

@@ -656,4 +656,134 @@ mod tests {
         assert_eq!(QuotaState::decode(&[]), None);
         assert_eq!(QuotaState::decode(&[9; 80]), None);
     }
+
+    /// Several nodes, one service, any order of requests, answers and reports: never
+    /// more than `N + M × ⌊N / 10⌋` pass in the window (README "Quotas").
+    mod fleet {
+        use super::*;
+        use proptest::prelude::*;
+
+        const N: u32 = 60;
+        const QUOTA: Quota = Quota {
+            requests: N,
+            unit: Unit::Day,
+            per: Per::Key,
+        };
+
+        /// The service: Limitador refuses a call that does not fit whole and counts none
+        /// of it; envoyproxy/ratelimit counts every hit.
+        struct Service {
+            counted: u32,
+            counts_refused: bool,
+            statuses: bool,
+        }
+
+        impl Service {
+            fn answer(&mut self, hits: u32) -> Verdict {
+                let fits = self.counted + hits <= N;
+                if fits || self.counts_refused {
+                    self.counted += hits;
+                }
+                let over_limit = !fits;
+                let remaining = N.saturating_sub(self.counted);
+                Verdict {
+                    over_limit,
+                    statuses: self.statuses.then(|| {
+                        vec![QuotaStatus {
+                            over_limit,
+                            remaining,
+                            resets_in_s: Some(3600),
+                        }]
+                    }),
+                }
+            }
+        }
+
+        enum Call {
+            Check { node: usize, hits: u32 },
+            Report { node: usize },
+        }
+
+        #[derive(Debug, Clone)]
+        enum Event {
+            Request(usize),
+            Answer(usize),
+            Tick(usize),
+            Wait(u64),
+        }
+
+        fn event(nodes: usize) -> impl Strategy<Value = Event> {
+            prop_oneof![
+                6 => (0..nodes).prop_map(Event::Request),
+                4 => (0..16usize).prop_map(Event::Answer),
+                1 => (0..nodes).prop_map(Event::Tick),
+                1 => (1..400u64).prop_map(Event::Wait),
+            ]
+        }
+
+        fn run(events: &[Event], nodes: usize, counts_refused: bool, statuses: bool) -> u32 {
+            let mut states = vec![QuotaState::new(1); nodes];
+            let mut service = Service {
+                counted: 0,
+                counts_refused,
+                statuses,
+            };
+            let mut calls: Vec<Call> = Vec::new();
+            let (mut now, mut passed) = (0u64, 0u32);
+            for e in events {
+                match *e {
+                    Event::Request(node) => match states[node].decide(now, BATCHED) {
+                        Decision::Admit | Decision::AdmitUnasked => passed += 1,
+                        Decision::Ask { carried } => calls.push(Call::Check {
+                            node,
+                            hits: carried + 1,
+                        }),
+                        Decision::Deny { .. } | Decision::Unavailable => {}
+                    },
+                    Event::Answer(i) if !calls.is_empty() => match calls.remove(i % calls.len()) {
+                        Call::Check { node, hits } => {
+                            let verdict = service.answer(hits);
+                            let checked =
+                                states[node].on_check(&verdict, &[QUOTA], hits, now, BATCHED);
+                            passed += u32::from(checked == Checked::Admitted);
+                        }
+                        Call::Report { node } => {
+                            let verdict = service.answer(states[node].reporting);
+                            states[node].on_report(&verdict, &[QUOTA], now, BATCHED);
+                        }
+                    },
+                    Event::Answer(_) => {}
+                    Event::Tick(node) => {
+                        if states[node].claim_report(now, 1_000, 60_000).is_some() {
+                            calls.push(Call::Report { node });
+                        }
+                    }
+                    Event::Wait(ms) => now += ms,
+                }
+            }
+            passed
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+            #[test]
+            fn never_more_than_n_plus_each_nodes_tenth(
+                nodes in 1..4usize,
+                counts_refused: bool,
+                statuses: bool,
+                events in proptest::collection::vec(event(3), 0..400),
+            ) {
+                let events: Vec<Event> = events
+                    .into_iter()
+                    .map(|e| match e {
+                        Event::Request(n) => Event::Request(n % nodes),
+                        Event::Tick(n) => Event::Tick(n % nodes),
+                        other => other,
+                    })
+                    .collect();
+                let passed = run(&events, nodes, counts_refused, statuses);
+                prop_assert!(passed <= N + nodes as u32 * (N / SHARE_DIVISOR), "{passed}");
+            }
+        }
+    }
 }
