@@ -138,34 +138,28 @@ def test_failure_open_admits_and_reports_once_the_service_is_back(rls):
         assert envoy.request("GET", "/", headers=[("x-api-key", "open-key")]).status == 200
         rls.stop_server()
         try:
-            got = codes(spread([envoy], ["open-key"], 20, workers=4))
+            # More than the node's allowance: the rest are admitted as the service fails.
+            got = codes(spread([envoy], ["open-key"], 60, workers=4))
         finally:
             rls.start_server()
-        assert got == {200: 20}
+        assert got == {200: 60}
         assert envoy.stat("apikey_filter.rate_limit_service.error") >= 1
         assert envoy.stat("apikey_filter.quota.failure_open") >= 1
-        # Nothing is lost from the day's count: the 20 arrive once the service is back
-        # (its call counter started again with it), and the service's own count says 21.
-        wait_until(lambda: rls.calls()["hits"] >= 20, timeout=15)
+        # Nothing is lost from the day's count: the 60 arrive once the service is back
+        # (its call counter started again with it), and the service's own count says 61.
+        wait_until(lambda: rls.calls()["hits"] >= 60, timeout=15)
         client = RlsClient(rls.grpc_port)
         try:
             probe = client(descriptor(("key_id", "k_open"), ("window", "day"), limit=(1000, DAY)), hits=1)
         finally:
             client.close()
-        assert probe["statuses"][0]["remaining"] == 1000 - 21 - 1
+        assert probe["statuses"][0]["remaining"] == 1000 - 61 - 1
 
 
 def test_failure_closed_answers_503_and_a_slow_service_never_holds_a_request(rls):
     keys = {"closed-key": record("k_closed", [{"requests": 1000, "unit": "day"}])}
     config = rls_config(failure_mode="closed", sync_interval_ms=0, timeout_ms=100)
     with nodes(rls, config, keys, count=1) as (envoy,):
-        rls.stop_server()
-        try:
-            down = envoy.request("GET", "/", headers=[("x-api-key", "closed-key")])
-        finally:
-            rls.start_server()
-        assert (down.status, down.json()["error"]["code"]) == (503, "rate_limit_service_unavailable")
-        time.sleep(1.1)  # the failure pause
         rls.set_mode("slow", ms=2000)
         try:
             started = time.monotonic()
@@ -176,6 +170,14 @@ def test_failure_closed_answers_503_and_a_slow_service_never_holds_a_request(rls
         assert (slow.status, slow.json()["error"]["code"]) == (503, "rate_limit_service_unavailable")
         assert held < 1.0, held  # timeout_ms is 100; the service answers after 2 s
         assert envoy.stat("apikey_filter.rate_limit_service.error.timeout") == 1
+        time.sleep(1.1)  # the failure pause
+        rls.stop_server()
+        try:
+            down = envoy.request("GET", "/", headers=[("x-api-key", "closed-key")])
+        finally:
+            rls.start_server()
+        assert (down.status, down.json()["error"]["code"]) == (503, "rate_limit_service_unavailable")
+        assert envoy.stat("apikey_filter.rate_limit_service.error.grpc_status") == 1
 
 
 @pytest.mark.parametrize("mode,kind", [("garbage", "bad_answer"), ("grpc-error", "grpc_status")])

@@ -7,10 +7,12 @@
 use super::ports::{Clock, GrpcCall, Host, RequestIo, SharedStore, Stats};
 use super::request::{admit, refuse, Handled, RateHeaders, Request};
 use super::stats::{Counter, Histogram, RlsFailureKind};
-use super::worker::{Worker, LEASE_MARGIN_MS};
+use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
 use crate::keys::known_key::{KeyQuotas, KnownKey};
-use crate::quotas::allowance::{Checked, Decision, QuotaState};
+use crate::quotas::allowance::{
+    rate_items, Checked, Decision, Known, QuotaState, REPORT_EVERY_INTERVALS,
+};
 use crate::quotas::rls::{self, Answer, Failure, Verdict};
 use crate::quotas::rls_messages;
 use crate::quotas::store;
@@ -52,6 +54,26 @@ pub struct QuotaAsk {
     pub carried: u32,
 }
 
+/// A share of the node's allowance for a key that this worker admits from on its own.
+pub(super) struct Lent {
+    left: u32,
+    used: u32,
+    /// What the node knew of the quotas when it lent the share, and what it had admitted
+    /// unreported: the RateLimit items of the requests admitted from it.
+    known: Vec<Known>,
+    unreported: u32,
+    lent_at_ms: u64,
+}
+
+/// A key this worker admitted requests of, for its tick.
+pub(super) struct Unreported {
+    known: Rc<KnownKey>,
+    /// The node's state asked for a report when this worker last saw it.
+    due: bool,
+    /// When the tick last looked at the key.
+    visited_ms: u64,
+}
+
 /// A call to the rate limit service in flight.
 pub(super) enum QuotaCall {
     /// A request's own call, for itself.
@@ -74,28 +96,9 @@ fn table(config: &Config) -> Table {
     Table::quotas(config.cache.max_entries)
 }
 
-/// The request path: the key's allowance on the node decides, or sends the request to ask.
-pub fn take_quota(
-    host: &(impl SharedStore + Stats),
-    service: &RateLimitService,
-    config: &Config,
-    quotas: &KeyQuotas,
-    now_ms: u64,
-) -> QuotaStep {
-    let decided = store::update(host, table(config), quotas.id, now_ms, |state| {
-        let decision = state.decide(now_ms, service.mode());
-        (decision, state.rate_items(&quotas.list, now_ms))
-    });
-    match decided {
-        Some((decision, items)) => step_of(host, decision, items),
-        // No slot for the key (the table is busy): it asks, request by request.
-        None => QuotaStep::Ask { carried: 0 },
-    }
-}
-
 fn step_of(stats: &impl Stats, decision: Decision, items: Items) -> QuotaStep {
     match decision {
-        Decision::Admit => {
+        Decision::Admit { .. } => {
             stats.count(Counter::QuotaAllowance);
             QuotaStep::Admitted(items)
         }
@@ -176,6 +179,106 @@ pub fn refuse_quota(
 }
 
 impl<H: Host> Worker<H> {
+    /// Counts a request against its key's quotas: from this worker's share of the node's
+    /// allowance (no shared data), else from the node's allowance, else by asking the
+    /// service. `None`: it waits for the answer; else what became of it.
+    pub(super) fn count_quotas(
+        &self,
+        context_id: u32,
+        io: &mut impl RequestIo,
+        request: Request,
+        known: Rc<KnownKey>,
+        rate_headers: Option<RateHeaders>,
+    ) -> Option<Handled> {
+        let config = request.config.clone();
+        let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            return Some(Handled::Answered);
+        };
+        let now_ms = request.now_ms;
+        if let Some(items) = self.admit_lent(quotas, now_ms) {
+            self.host.count(Counter::QuotaAllowance);
+            admit(&self.host, io, &request, &known);
+            return Some(Handled::Forward(with_quota_items(
+                rate_headers,
+                quotas,
+                items,
+            )));
+        }
+        // This worker's share is used up: it is settled, and the node decides.
+        let used = remove_if_any(&self.lent, quotas.id).map_or(0, |l| l.used);
+        let mode = service.mode();
+        let decided = store::update(&self.host, table(&config), quotas.id, now_ms, |state| {
+            state.settle(used, 0, now_ms, mode);
+            let decision = state.decide(now_ms, mode);
+            let unreported = state.spent.saturating_add(state.reporting);
+            (
+                decision,
+                state.known.clone(),
+                unreported,
+                state.report_wanted(),
+            )
+        });
+        let Some((decision, known_now, unreported, report_wanted)) = decided else {
+            // No slot for the key (the table is busy): it asks, request by request.
+            self.give_back_used(quotas.id, used, 0);
+            let ask = QuotaAsk {
+                rate_headers,
+                carried: 0,
+            };
+            return self.ask_quotas(context_id, io, request, known, ask);
+        };
+        if report_wanted {
+            self.note_unreported(&known, true);
+        }
+        let items = rate_items(&known_now, unreported, &quotas.list, now_ms);
+        if let Decision::Admit { lent } = decision {
+            if lent > 0 {
+                let share = Lent {
+                    left: lent,
+                    used: 0,
+                    known: known_now,
+                    unreported,
+                    lent_at_ms: now_ms,
+                };
+                self.lent.borrow_mut().insert(quotas.id, share);
+            }
+        }
+        match step_of(&self.host, decision, items) {
+            QuotaStep::Admitted(items) => {
+                admit(&self.host, io, &request, &known);
+                Some(Handled::Forward(with_quota_items(
+                    rate_headers,
+                    quotas,
+                    items,
+                )))
+            }
+            QuotaStep::Ask { carried } => {
+                let ask = QuotaAsk {
+                    rate_headers,
+                    carried,
+                };
+                self.ask_quotas(context_id, io, request, known, ask)
+            }
+            refused => {
+                refuse_quota(&self.host, io, &config, quotas, rate_headers, refused);
+                Some(Handled::Answered)
+            }
+        }
+    }
+
+    /// One request from this worker's share of the node's allowance: its RateLimit items.
+    fn admit_lent(&self, quotas: &KeyQuotas, now_ms: u64) -> Option<Items> {
+        let mut lent = self.lent.borrow_mut();
+        if lent.is_empty() {
+            return None;
+        }
+        let share = lent.get_mut(&quotas.id).filter(|share| share.left > 0)?;
+        share.left -= 1;
+        share.used += 1;
+        let unreported = share.unreported.saturating_add(share.used);
+        Some(rate_items(&share.known, unreported, &quotas.list, now_ms))
+    }
+
     /// Sends a request's own call about its quotas. `None`: it waits for the answer;
     /// else what became of it at once (the call could not be sent).
     pub(super) fn ask_quotas(
@@ -230,7 +333,7 @@ impl<H: Host> Worker<H> {
         &self,
         io: &mut impl RequestIo,
         request: &Request,
-        known: &KnownKey,
+        known: &Rc<KnownKey>,
         ask: QuotaAsk,
         answer: Answer,
     ) -> Handled {
@@ -269,6 +372,9 @@ impl<H: Host> Worker<H> {
                 let failing = |state: &mut QuotaState| state.on_check_failed(carried, now_ms, mode);
                 let decision = store::update(&self.host, table(config), quotas.id, now_ms, failing)
                     .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
+                if decision == Decision::AdmitUnasked {
+                    self.note_unreported(known, true);
+                }
                 step_of(&self.host, decision, None)
             }
         };
@@ -375,7 +481,7 @@ impl<H: Host> Worker<H> {
     ) {
         self.count_key(known, &handled);
         if let Handled::Forward(rate_headers) = handled {
-            self.note_unreported(known);
+            self.note_unreported(known, false);
             if let Some(rate_headers) = rate_headers {
                 self.rate_headers
                     .borrow_mut()
@@ -385,16 +491,24 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// Remembers a key this worker admitted requests of, so that its tick reports them.
-    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>) {
+    /// Remembers a key this worker admitted requests of, so that its tick reports them;
+    /// `due`: the node's state asks for a report now.
+    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>, due: bool) {
         let Some(quotas) = &known.quotas else {
             return;
         };
         let mut unreported = self.unreported.borrow_mut();
-        if unreported.contains_key(&quotas.id) {
+        if let Some(entry) = unreported.get_mut(&quotas.id) {
+            entry.due |= due;
             return;
         }
-        unreported.insert(quotas.id, known.clone());
+        let now_ms = self.host.now_ms();
+        let entry = Unreported {
+            known: known.clone(),
+            due,
+            visited_ms: now_ms,
+        };
+        unreported.insert(quotas.id, entry);
         drop(unreported);
         if self.report_due_ms.get().is_none() {
             let interval_ms = self.config().and_then(|c| {
@@ -402,7 +516,6 @@ impl<H: Host> Worker<H> {
                     .as_ref()
                     .map(RateLimitService::report_interval_ms)
             });
-            let now_ms = self.host.now_ms();
             self.report_due_ms
                 .set(interval_ms.map(|interval| now_ms + interval));
             self.reschedule(now_ms);
@@ -424,26 +537,85 @@ impl<H: Host> Worker<H> {
         };
         let interval_ms = service.report_interval_ms();
         let hold_ms = service.timeout_ms + LEASE_MARGIN_MS;
-        let keys: Vec<Rc<KnownKey>> = self.unreported.borrow().values().cloned().collect();
+        let mode = service.mode();
+        // A share held this long goes back whole, so that none is held for ever.
+        let expired_at_ms = now_ms.saturating_sub(interval_ms * REPORT_EVERY_INTERVALS);
+        // A key is looked at when its node asked for a report, and at least every
+        // REPORT_EVERY_INTERVALS: one compare-and-swap per key then, not per interval.
+        let every_ms = interval_ms * REPORT_EVERY_INTERVALS;
+        let keys: Vec<Rc<KnownKey>> = self
+            .unreported
+            .borrow()
+            .values()
+            .filter(|u| u.due || now_ms >= u.visited_ms.saturating_add(every_ms))
+            .map(|u| u.known.clone())
+            .collect();
         for known in keys {
             let Some(quotas) = &known.quotas else {
                 continue;
             };
+            // What this worker admitted from its share goes to the node, in the same
+            // compare-and-swap as the report's claim; it keeps the rest of the share.
+            let (used, unused) = self.take_used(quotas.id, expired_at_ms);
             let claimed = store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                s.settle(used, unused, now_ms, mode);
                 let claim = s.claim_report(now_ms, interval_ms, hold_ms);
-                (claim, s.spent == 0 && s.reporting == 0)
+                let owes_nothing = s.spent == 0 && s.reporting == 0;
+                (claim, owes_nothing, claim.is_none() && s.report_wanted())
             });
+            let holds_share = self.lent.borrow().contains_key(&quotas.id);
+            if let Some(entry) = self.unreported.borrow_mut().get_mut(&quotas.id) {
+                entry.visited_ms = now_ms;
+                entry.due = claimed.is_some_and(|(_, _, still_wanted)| still_wanted);
+            }
             match claimed {
-                Some((Some(hits), _)) => self.send_report(&config, known.clone(), hits, now_ms),
-                Some((None, false)) => {}
-                // Nothing owed on the node any more (or no state left): done with the key.
-                _ => {
+                Some((Some(hits), ..)) => self.send_report(&config, known.clone(), hits, now_ms),
+                // Nothing owed on the node any more, and no share held: done with the key.
+                Some((None, true, _)) if !holds_share => {
                     self.unreported.borrow_mut().remove(&quotas.id);
                 }
+                Some(_) => {}
+                // The store refused: the share's count stays with this worker.
+                None => self.give_back_used(quotas.id, used, unused),
             }
         }
         let next = (!self.unreported.borrow().is_empty()).then_some(now_ms + interval_ms);
         self.report_due_ms.set(next);
+    }
+
+    /// Takes what this worker admitted from its share of `id`, and the rest of the
+    /// share too when it was lent before `expired_at_ms`.
+    fn take_used(&self, id: u64, expired_at_ms: u64) -> (u32, u32) {
+        let mut lent = self.lent.borrow_mut();
+        let Some(share) = lent.get_mut(&id) else {
+            return (0, 0);
+        };
+        let used = std::mem::take(&mut share.used);
+        share.unreported = share.unreported.saturating_add(used);
+        if share.lent_at_ms > expired_at_ms {
+            return (used, 0);
+        }
+        let unused = share.left;
+        lent.remove(&id);
+        (used, unused)
+    }
+
+    fn give_back_used(&self, id: u64, used: u32, unused: u32) {
+        let mut lent = self.lent.borrow_mut();
+        match lent.get_mut(&id) {
+            Some(share) => share.used += used,
+            None if used > 0 || unused > 0 => {
+                let share = Lent {
+                    left: unused,
+                    used,
+                    known: Vec::new(),
+                    unreported: 0,
+                    lent_at_ms: 0,
+                };
+                lent.insert(id, share);
+            }
+            None => {}
+        }
     }
 
     fn send_report(&self, config: &Config, known: Rc<KnownKey>, hits: u32, now_ms: u64) {

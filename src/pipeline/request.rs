@@ -3,7 +3,6 @@
 //! the bucket, and the identity headers. Each step acts on the request through `RequestIo` and counts through
 //! `Stats`, so that every row of the status table is tested natively.
 use super::ports::{Clock, LogField, RequestIo, SharedStore, Stats};
-use super::quotas::{refuse_quota, take_quota, with_quota_items, QuotaAsk, QuotaStep};
 use super::stats::Counter;
 use super::warnings::Warnings;
 use crate::config::{BucketSpec, Config, FailureMode};
@@ -51,9 +50,9 @@ pub enum Handled {
     Forward(Option<RateHeaders>),
     /// It has been answered here.
     Answered,
-    /// Its key passed every check and took its token; the rate limit service must now
-    /// be asked about its quotas.
-    AskQuotas(QuotaAsk),
+    /// Its key passed every check and took its token (these fields); it must now be
+    /// counted against its quotas (`pipeline::quotas`).
+    CountQuotas(Option<RateHeaders>),
 }
 
 /// The RateLimit fields of a response to a request that took a token or was counted
@@ -155,24 +154,9 @@ pub fn finish<H: Clock + SharedStore + Stats>(
             Some(headers)
         }
     };
-    let rate_headers = match (&known.quotas, &config.rate_limit_service) {
-        (Some(quotas), Some(service)) => {
-            match take_quota(host, service, config, quotas, request.now_ms) {
-                QuotaStep::Admitted(items) => with_quota_items(rate_headers, quotas, items),
-                QuotaStep::Ask { carried } => {
-                    return Handled::AskQuotas(QuotaAsk {
-                        rate_headers,
-                        carried,
-                    })
-                }
-                refused => {
-                    refuse_quota(host, io, config, quotas, rate_headers, refused);
-                    return Handled::Answered;
-                }
-            }
-        }
-        _ => rate_headers,
-    };
+    if known.quotas.is_some() && config.rate_limit_service.is_some() {
+        return Handled::CountQuotas(rate_headers);
+    }
     admit(host, io, request, known);
     Handled::Forward(rate_headers)
 }

@@ -9,7 +9,7 @@
 //! request waiting on a key even after the client that caused it has gone.
 use super::per_key::PerKeyStats;
 use super::ports::{Callout, Host, LogField, RequestIo};
-use super::quotas::QuotaCall;
+use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
     deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
     Outcome, RateHeaders, Request,
@@ -95,9 +95,11 @@ pub struct Worker<H: Host> {
     pub(super) quota_calls: RefCell<HashMap<u32, QuotaCall>>,
     /// Keys with quotas this worker admitted requests of unasked, by quota id: its tick
     /// reports them.
-    pub(super) unreported: RefCell<HashMap<u64, Rc<KnownKey>>>,
+    pub(super) unreported: RefCell<HashMap<u64, Unreported>>,
     /// When the tick next reports (None: nothing to report).
     pub(super) report_due_ms: Cell<Option<u64>>,
+    /// Shares of nodes' allowances this worker admits from on its own, by quota id.
+    pub(super) lent: RefCell<HashMap<u64, Lent>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -117,6 +119,7 @@ impl<H: Host> Worker<H> {
             quota_calls: RefCell::default(),
             unreported: RefCell::default(),
             report_due_ms: Cell::default(),
+            lent: RefCell::default(),
         }
     }
 
@@ -279,9 +282,10 @@ impl<H: Host> Worker<H> {
                 let outcome = Outcome::Known(&known);
                 let handled = finish(&self.host, &self.warnings, io, &request, headers, outcome);
                 let handled = match handled {
-                    Handled::AskQuotas(ask) => {
-                        let asked = self.ask_quotas(context_id, io, request, known.clone(), ask);
-                        match asked {
+                    Handled::CountQuotas(rate_headers) => {
+                        let counted =
+                            self.count_quotas(context_id, io, request, known.clone(), rate_headers);
+                        match counted {
                             Some(handled) => handled,
                             None => return Flow::Pause, // waits for its answer
                         }
@@ -290,7 +294,7 @@ impl<H: Host> Worker<H> {
                 };
                 self.count_key(&known, &handled);
                 if matches!(handled, Handled::Forward(_)) {
-                    self.note_unreported(&known);
+                    self.note_unreported(&known, false);
                 }
                 handled
             }
@@ -308,7 +312,7 @@ impl<H: Host> Worker<H> {
         };
         match handled {
             Handled::Forward(rate_headers) => Flow::Forward(rate_headers),
-            Handled::Answered | Handled::AskQuotas(_) => Flow::Pause,
+            Handled::Answered | Handled::CountQuotas(_) => Flow::Pause,
         }
     }
 
@@ -671,9 +675,15 @@ impl<H: Host> Worker<H> {
                 continue;
             };
             let handled = match handled {
-                Handled::AskQuotas(ask) => {
-                    let asked = self.ask_quotas(context_id, &mut io, request, known.clone(), ask);
-                    match asked {
+                Handled::CountQuotas(rate_headers) => {
+                    let counted = self.count_quotas(
+                        context_id,
+                        &mut io,
+                        request,
+                        known.clone(),
+                        rate_headers,
+                    );
+                    match counted {
                         Some(handled) => handled,
                         None => continue, // waits for its answer
                     }
@@ -709,10 +719,13 @@ impl<H: Host> Worker<H> {
 
 /// Every request ends with these lookups, often in empty maps (they hold only requests
 /// waiting on the key service, or between their token and their response): skip the hashing.
-fn remove_if_any<T>(map: &RefCell<HashMap<u32, T>>, context_id: u32) -> Option<T> {
+pub(super) fn remove_if_any<K: std::hash::Hash + Eq, T>(
+    map: &RefCell<HashMap<K, T>>,
+    key: K,
+) -> Option<T> {
     let mut map = map.borrow_mut();
     if map.is_empty() {
         return None;
     }
-    map.remove(&context_id)
+    map.remove(&key)
 }

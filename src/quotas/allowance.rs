@@ -3,21 +3,37 @@
 //! and what the service last said. Pure arithmetic: `quotas::store` keeps it in shared
 //! data with compare-and-swap, so every worker of the node works on one state.
 //!
-//! The allowance: after each answer a node may hold, admitted unasked and not yet
-//! reported, at most `min(left / SHARE_DIVISOR, 2 × recent + 2)` requests, where `left`
-//! is the smallest `limit_remaining` the service answered (the smallest quota when it
-//! answers no statuses) and `recent` what the node admitted in the current or the last
-//! `sync_interval_ms`, whichever is more. Every call reports what the node admitted unasked: the tick's report once
-//! per interval, and a request that finds the allowance spent carries it in its own call.
-//! So a node holds about two intervals of its own traffic, never more than a tenth of
-//! what is left, and nothing once fewer than `SHARE_DIVISOR` requests are left: then
-//! every request asks. Across M nodes at most `N + Σ allowances` pass in a window.
+//! The allowance: after each answer a node may hold, admitted and not yet counted by the
+//! service (not reported, in a call, lent to a worker, or still to admit), at most
+//! `min(left / SHARE_DIVISOR, 2 × recent + MIN_ALLOWANCE)` requests, where `left` is the
+//! smallest `limit_remaining` the service answered (the smallest quota when it answers no
+//! statuses) and `recent` what the node admitted in the current or the last
+//! `sync_interval_ms`, whichever is more. Every call reports what the node admitted: the
+//! tick's report, due once an interval has passed and half of the allowance is admitted
+//! (at least every `REPORT_EVERY_INTERVALS`), and a request that finds the allowance
+//! spent carries it in its own call. So a node holds about two intervals of its own
+//! traffic, never more than a tenth of what is left, and nothing once fewer than
+//! `SHARE_DIVISOR` requests are left: then every request asks. Across M nodes at most
+//! `N + Σ allowances` pass in a window.
+//!
+//! Workers borrow a share of the node's allowance (`Decision::Admit { lent }`) and admit
+//! from it without touching shared data; what they admitted is settled on their tick or
+//! when they borrow again.
 use crate::quotas::quota::Quota;
 use crate::quotas::rls::Verdict;
 use crate::storage::bytes::Reader;
 
 /// A node takes at most this fraction of what is left of a quota as its allowance.
 pub const SHARE_DIVISOR: u32 = 10;
+/// An allowance is at least this (within a tenth of what is left), so that a key of low
+/// traffic is reported in batches, not request by request.
+pub const MIN_ALLOWANCE: u32 = 32;
+/// A worker borrows this fraction of the node's allowance at a time, to admit from
+/// without touching shared data.
+pub const WORKER_SHARE: u32 = 2;
+/// A node reports a key at least every this many intervals while it has admitted any;
+/// sooner once half of what it may hold is admitted.
+pub const REPORT_EVERY_INTERVALS: u64 = 10;
 /// After a failed call, the node makes no call for the key for this long.
 pub const PAUSE_MS: u64 = 1_000;
 
@@ -42,6 +58,8 @@ pub struct QuotaState {
     pub reporting: u32,
     /// Admitted, carried in requests' own calls now.
     pub asking: u32,
+    /// Lent to workers, to admit from on their own; settled when they come back.
+    pub lent: u32,
     /// A worker is reporting until then (its call's timeout and a margin).
     pub claim_until_ms: u64,
     pub last_report_ms: u64,
@@ -81,8 +99,9 @@ impl Mode {
 /// What to do with a request that has quotas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Admitted from the node's allowance.
-    Admit,
+    /// Admitted from the node's allowance; `lent` more lent to the worker, to admit
+    /// from on its own (see `settle`).
+    Admit { lent: u32 },
     /// Ask the service for this request, carrying the requests the node admitted
     /// unasked since its last call (taken out of `spent`; given back if the call fails),
     /// so that no node holds more unreported requests than one allowance.
@@ -121,8 +140,11 @@ impl QuotaState {
         if !exact && self.grant > 0 {
             self.grant -= 1;
             self.spent = self.spent.saturating_add(1);
-            self.count_admitted(now_ms, mode);
-            return Decision::Admit;
+            self.count_admitted(1, now_ms, mode);
+            let lent = self.grant / WORKER_SHARE;
+            self.grant -= lent;
+            self.lent = self.lent.saturating_add(lent);
+            return Decision::Admit { lent };
         }
         if now_ms < self.failing_until_ms {
             return self.while_failing(now_ms, mode);
@@ -144,7 +166,7 @@ impl QuotaState {
             return Decision::Unavailable;
         }
         self.spent = self.spent.saturating_add(1);
-        self.count_admitted(now_ms, mode);
+        self.count_admitted(1, now_ms, mode);
         Decision::AdmitUnasked
     }
 
@@ -175,7 +197,7 @@ impl QuotaState {
             }
             return Checked::Denied { retry_after_s };
         }
-        self.count_admitted(now_ms, mode);
+        self.count_admitted(1, now_ms, mode);
         if !mode.exact() {
             self.grant = self.allowance(quotas, now_ms);
         }
@@ -192,8 +214,17 @@ impl QuotaState {
         self.spent = self
             .spent
             .saturating_add(std::mem::take(&mut self.reporting));
+        // Due once an interval has passed and half of what the node may hold is
+        // admitted (so that the answer brings a new allowance before it runs out), or
+        // when the last report is many intervals old.
+        let half_used = self.report_wanted();
+        let long_ago = now_ms
+            >= self
+                .last_report_ms
+                .saturating_add(interval_ms.saturating_mul(REPORT_EVERY_INTERVALS));
         if self.spent == 0
             || now_ms < self.last_report_ms.saturating_add(interval_ms)
+            || !(half_used || long_ago)
             || now_ms < self.failing_until_ms
         {
             return None;
@@ -239,6 +270,15 @@ impl QuotaState {
         self.while_failing(now_ms, mode)
     }
 
+    /// A worker brings back what it was lent: `used` admitted (now the node's to report),
+    /// `unused` back into the allowance.
+    pub fn settle(&mut self, used: u32, unused: u32, now_ms: u64, mode: Mode) {
+        self.lent = self.lent.saturating_sub(used.saturating_add(unused));
+        self.spent = self.spent.saturating_add(used);
+        self.grant = self.grant.saturating_add(unused);
+        self.count_admitted(used, now_ms, mode);
+    }
+
     /// Requests a call carried that will never be answered (its request went away):
     /// they are reported later.
     pub fn give_back(&mut self, carried: u32) {
@@ -246,11 +286,18 @@ impl QuotaState {
         self.spent = self.spent.saturating_add(carried);
     }
 
+    /// Half of what the node may hold is admitted unreported: a report would bring a new
+    /// allowance before this one runs out.
+    pub fn report_wanted(&self) -> bool {
+        self.spent > 0 && self.spent >= self.grant
+    }
+
     /// Nothing here is owed to the service or refused: the slot may go to another key.
     pub fn idle(&self, now_ms: u64) -> bool {
         self.spent == 0
             && self.reporting == 0
             && self.asking == 0
+            && self.lent == 0
             && now_ms >= self.blocked_until_ms
             && now_ms >= self.claim_until_ms
     }
@@ -258,24 +305,8 @@ impl QuotaState {
     /// `(r, t)` of each quota's RateLimit item: left as last known here, seconds until
     /// its window ends. `None` without statuses.
     pub fn rate_items(&self, quotas: &[Quota], now_ms: u64) -> Option<Vec<(u32, u64)>> {
-        if self.known.len() != quotas.len() || quotas.is_empty() {
-            return None;
-        }
         let unreported = self.spent.saturating_add(self.reporting);
-        Some(
-            self.known
-                .iter()
-                .zip(quotas)
-                .map(|(k, q)| {
-                    if now_ms < k.resets_at_ms {
-                        let left = k.remaining.saturating_sub(unreported);
-                        (left, seconds_until(k.resets_at_ms, now_ms))
-                    } else {
-                        (q.requests, window_left_s(q, now_ms))
-                    }
-                })
-                .collect(),
-        )
+        rate_items(&self.known, unreported, quotas, now_ms)
     }
 
     fn learn(&mut self, verdict: &Verdict, quotas: &[Quota], now_ms: u64) {
@@ -296,8 +327,8 @@ impl QuotaState {
             .collect();
     }
 
-    /// Counts a request the node admitted, in the interval it falls in.
-    fn count_admitted(&mut self, now_ms: u64, mode: Mode) {
+    /// Counts `n` requests the node admitted, in the interval they fall in.
+    fn count_admitted(&mut self, n: u32, now_ms: u64, mode: Mode) {
         let interval_ms = mode.sync_interval_ms;
         if now_ms >= self.interval_started_ms.saturating_add(interval_ms) {
             let just_before = now_ms < self.interval_started_ms.saturating_add(2 * interval_ms);
@@ -305,7 +336,7 @@ impl QuotaState {
             self.admitted_now = 0;
             self.interval_started_ms = now_ms;
         }
-        self.admitted_now = self.admitted_now.saturating_add(1);
+        self.admitted_now = self.admitted_now.saturating_add(n);
     }
 
     /// How many more requests the node may admit unasked: at most a tenth of what is
@@ -323,14 +354,15 @@ impl QuotaState {
         .unwrap_or(0);
         let recent = self.admitted_now.max(self.admitted_before);
         (left / SHARE_DIVISOR)
-            .min(recent.saturating_mul(2).saturating_add(2))
+            .min(recent.saturating_mul(2).saturating_add(MIN_ALLOWANCE))
             .saturating_sub(self.spent)
             .saturating_sub(self.asking)
             .saturating_sub(self.reporting)
+            .saturating_sub(self.lent)
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(85 + 12 * self.known.len());
+        let mut out = Vec::with_capacity(89 + 12 * self.known.len());
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&self.key.to_le_bytes());
         for n in [
@@ -338,6 +370,7 @@ impl QuotaState {
             self.spent,
             self.reporting,
             self.asking,
+            self.lent,
             self.admitted_now,
             self.admitted_before,
         ] {
@@ -371,6 +404,7 @@ impl QuotaState {
             spent: r.u32()?,
             reporting: r.u32()?,
             asking: r.u32()?,
+            lent: r.u32()?,
             admitted_now: r.u32()?,
             admitted_before: r.u32()?,
             claim_until_ms: r.u64()?,
@@ -389,6 +423,28 @@ impl QuotaState {
         }
         Some(state)
     }
+}
+
+/// `(r, t)` of each quota's RateLimit item from what the service last said (`known`) and
+/// what was admitted since (`unreported`). `None` without statuses.
+pub fn rate_items(
+    known: &[Known],
+    unreported: u32,
+    quotas: &[Quota],
+    now_ms: u64,
+) -> Option<Vec<(u32, u64)>> {
+    if known.len() != quotas.len() || quotas.is_empty() {
+        return None;
+    }
+    let item = |(k, q): (&Known, &Quota)| {
+        if now_ms < k.resets_at_ms {
+            let left = k.remaining.saturating_sub(unreported);
+            (left, seconds_until(k.resets_at_ms, now_ms))
+        } else {
+            (q.requests, window_left_s(q, now_ms))
+        }
+    };
+    Some(known.iter().zip(quotas).map(item).collect())
 }
 
 /// Seconds until the window of `quota` that holds `now_ms` ends, windows aligned on the
@@ -481,6 +537,17 @@ mod tests {
         }
     }
 
+    /// Admits `n` requests from the node's allowance, taking no share for workers.
+    fn admit_n(s: &mut QuotaState, n: u32, now_ms: u64) {
+        for _ in 0..n {
+            let lent = match s.decide(now_ms, BATCHED) {
+                Decision::Admit { lent } => lent,
+                other => panic!("{other:?}"),
+            };
+            s.settle(0, lent, now_ms, BATCHED);
+        }
+    }
+
     #[test]
     fn a_new_key_asks_then_spends_its_allowance_locally() {
         let mut s = QuotaState::new(1);
@@ -489,18 +556,34 @@ mod tests {
             s.on_check(&said(false, 999), &[DAY], 1, 0, BATCHED),
             Checked::Admitted
         );
-        // recent = 1: an allowance of 2 × 1 + 2.
-        assert_eq!(s.grant, 4);
-        for _ in 0..4 {
-            assert_eq!(s.decide(1, BATCHED), Decision::Admit);
-        }
-        assert_eq!(s.spent, 4);
-        // Spent: the next request's call carries the four, and the allowance grows
-        // with what the node admitted since its last call.
-        assert_eq!(s.decide(1, BATCHED), Decision::Ask { carried: 4 });
+        // recent = 1: an allowance of 2 × 1 + MIN_ALLOWANCE.
+        assert_eq!(s.grant, 2 + MIN_ALLOWANCE);
+        admit_n(&mut s, 2 + MIN_ALLOWANCE, 1);
+        assert_eq!(s.spent, 2 + MIN_ALLOWANCE);
+        // Spent: the next request's call carries them, and the allowance grows with
+        // what the node admitted in this interval.
+        assert_eq!(
+            s.decide(1, BATCHED),
+            Decision::Ask {
+                carried: 2 + MIN_ALLOWANCE
+            }
+        );
         assert_eq!(s.spent, 0);
-        s.on_check(&said(false, 994), &[DAY], 5, 2, BATCHED);
-        assert_eq!(s.grant, 2 * 6 + 2, "the six admitted in this interval");
+        s.on_check(&said(false, 5000), &[DAY], 3 + MIN_ALLOWANCE, 2, BATCHED);
+        let admitted = 4 + MIN_ALLOWANCE;
+        assert_eq!(s.grant, 2 * admitted + MIN_ALLOWANCE);
+    }
+
+    #[test]
+    fn a_worker_borrows_half_and_settles_what_it_used() {
+        let mut s = QuotaState::new(1);
+        s.grant = 41;
+        assert_eq!(s.decide(0, BATCHED), Decision::Admit { lent: 20 });
+        assert_eq!((s.grant, s.lent, s.spent), (20, 20, 1));
+        // It admitted 7 of the 20 on its own and gives the rest back.
+        s.settle(7, 13, 0, BATCHED);
+        assert_eq!((s.grant, s.lent, s.spent), (33, 0, 8));
+        assert_eq!(s.admitted_now, 8);
     }
 
     #[test]
@@ -524,7 +607,7 @@ mod tests {
         };
         let mut s = QuotaState::new(1);
         s.on_check(&limitador(false), &[small], 1, 0, BATCHED);
-        assert_eq!(s.grant, 3);
+        assert_eq!(s.grant, 30 / SHARE_DIVISOR);
         assert_eq!(s.rate_items(&[small], 0), None);
     }
 
@@ -556,24 +639,26 @@ mod tests {
     }
 
     #[test]
-    fn one_report_per_interval_carries_what_was_spent() {
+    fn a_report_is_due_once_an_interval_passed_and_half_the_allowance_is_admitted() {
         let mut s = QuotaState::new(1);
-        s.grant = 100;
-        for _ in 0..7 {
-            s.decide(0, BATCHED);
-        }
-        assert_eq!(s.claim_report(1_000, 1_000, 1_100), Some(7));
+        s.on_check(&said(false, 990), &[DAY], 1, 0, BATCHED);
+        s.last_report_ms = 0;
+        let held = s.grant;
+        admit_n(&mut s, held / 2 - 1, 0);
+        assert_eq!(s.claim_report(1_000, 1_000, 1_100), None, "less than half");
+        admit_n(&mut s, 1, 1_000);
+        assert_eq!(s.claim_report(1_000, 1_000, 1_100), Some(held / 2));
         // Claimed: nobody else reports until it lands or its claim runs out.
-        s.decide(1_001, BATCHED);
+        admit_n(&mut s, 1, 1_001);
         assert_eq!(s.claim_report(1_050, 1_000, 1_100), None);
-        s.on_report(&said(false, 993), &[DAY], 1_100, BATCHED);
+        s.on_report(&said(false, 990 - held / 2), &[DAY], 1_100, BATCHED);
         assert_eq!((s.reporting, s.spent), (0, 1));
-        // Sized by the busier interval (7 requests), less the one admitted since the
-        // report was claimed.
-        assert_eq!(s.grant, (2 * 7 + 2).min(992 / SHARE_DIVISOR) - 1);
-        // The next one waits for the interval.
-        assert_eq!(s.claim_report(1_900, 1_000, 1_100), None);
-        assert_eq!(s.claim_report(2_000, 1_000, 1_100), Some(1));
+        // Sized by the busier interval, less the one admitted since the claim.
+        let busier = s.admitted_now.max(s.admitted_before);
+        assert_eq!(s.grant, 2 * busier + MIN_ALLOWANCE - 1);
+        // A key of little traffic is reported every REPORT_EVERY_INTERVALS.
+        assert_eq!(s.claim_report(2_000, 1_000, 1_100), None);
+        assert_eq!(s.claim_report(11_000, 1_000, 1_100), Some(1));
     }
 
     #[test]
@@ -635,8 +720,7 @@ mod tests {
     fn rate_items_subtract_what_was_spent_since_the_answer() {
         let mut s = QuotaState::new(1);
         s.on_check(&said(false, 100), &[DAY], 1, 0, BATCHED);
-        s.decide(0, BATCHED);
-        s.decide(0, BATCHED);
+        admit_n(&mut s, 2, 0);
         assert_eq!(s.rate_items(&[DAY], 1_000), Some(vec![(98, 599)]));
         // Past the window: a new one, as far as this node knows.
         assert_eq!(
@@ -706,23 +790,30 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Event {
-            Request(usize),
+            /// A request on (node, worker).
+            Request(usize, usize),
             Answer(usize),
             Tick(usize),
             Wait(u64),
         }
 
+        const WORKERS: usize = 2;
+
         fn event(nodes: usize) -> impl Strategy<Value = Event> {
             prop_oneof![
-                6 => (0..nodes).prop_map(Event::Request),
+                6 => (0..nodes, 0..WORKERS).prop_map(|(n, w)| Event::Request(n, w)),
                 4 => (0..16usize).prop_map(Event::Answer),
                 1 => (0..nodes).prop_map(Event::Tick),
                 1 => (1..400u64).prop_map(Event::Wait),
             ]
         }
 
+        /// A worker's share: (left, used).
+        type Share = (u32, u32);
+
         fn run(events: &[Event], nodes: usize, counts_refused: bool, statuses: bool) -> u32 {
             let mut states = vec![QuotaState::new(1); nodes];
+            let mut shares: Vec<[Share; WORKERS]> = vec![[(0, 0); WORKERS]; nodes];
             let mut service = Service {
                 counted: 0,
                 counts_refused,
@@ -732,14 +823,30 @@ mod tests {
             let (mut now, mut passed) = (0u64, 0u32);
             for e in events {
                 match *e {
-                    Event::Request(node) => match states[node].decide(now, BATCHED) {
-                        Decision::Admit | Decision::AdmitUnasked => passed += 1,
-                        Decision::Ask { carried } => calls.push(Call::Check {
-                            node,
-                            hits: carried + 1,
-                        }),
-                        Decision::Deny { .. } | Decision::Unavailable => {}
-                    },
+                    Event::Request(node, worker) => {
+                        let share = &mut shares[node][worker];
+                        if share.0 > 0 {
+                            // From the worker's own share (pipeline::quotas).
+                            share.0 -= 1;
+                            share.1 += 1;
+                            passed += 1;
+                            continue;
+                        }
+                        let used = std::mem::take(&mut share.1);
+                        states[node].settle(used, 0, now, BATCHED);
+                        match states[node].decide(now, BATCHED) {
+                            Decision::Admit { lent } => {
+                                *share = (lent, 0);
+                                passed += 1;
+                            }
+                            Decision::AdmitUnasked => passed += 1,
+                            Decision::Ask { carried } => calls.push(Call::Check {
+                                node,
+                                hits: carried + 1,
+                            }),
+                            Decision::Deny { .. } | Decision::Unavailable => {}
+                        }
+                    }
                     Event::Answer(i) if !calls.is_empty() => match calls.remove(i % calls.len()) {
                         Call::Check { node, hits } => {
                             let verdict = service.answer(hits);
@@ -754,6 +861,11 @@ mod tests {
                     },
                     Event::Answer(_) => {}
                     Event::Tick(node) => {
+                        // The worker keeps the rest of its share (pipeline::quotas).
+                        for share in shares[node].iter_mut() {
+                            let used = std::mem::take(&mut share.1);
+                            states[node].settle(used, 0, now, BATCHED);
+                        }
                         if states[node].claim_report(now, 1_000, 60_000).is_some() {
                             calls.push(Call::Report { node });
                         }
@@ -776,7 +888,7 @@ mod tests {
                 let events: Vec<Event> = events
                     .into_iter()
                     .map(|e| match e {
-                        Event::Request(n) => Event::Request(n % nodes),
+                        Event::Request(n, w) => Event::Request(n % nodes, w),
                         Event::Tick(n) => Event::Tick(n % nodes),
                         other => other,
                     })

@@ -5,6 +5,8 @@ use prost::Message;
 
 /// An answer larger than this is not an RLS answer for a few descriptors.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// How early Envoy's timer may fire by the filter's clock.
+const TIMER_SLACK_MS: u64 = 10;
 /// gRPC statuses the filter tells apart.
 const GRPC_OK: u32 = 0;
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
@@ -96,7 +98,8 @@ impl Failure {
         match status {
             GRPC_OK => Failure::BadAnswer,
             GRPC_DEADLINE_EXCEEDED => Failure::Timeout,
-            _ if waited_ms >= timeout_ms => Failure::Timeout,
+            // Envoy's timer may fire a little before the filter's clock says so.
+            _ if waited_ms.saturating_add(TIMER_SLACK_MS) >= timeout_ms => Failure::Timeout,
             _ => Failure::Grpc(status),
         }
     }
@@ -238,6 +241,7 @@ mod tests {
         assert_eq!(Failure::from_status(4, 10, 100), Failure::Timeout);
         assert_eq!(Failure::from_status(14, 10, 100), Failure::Grpc(14));
         assert_eq!(Failure::from_status(14, 100, 100), Failure::Timeout);
+        assert_eq!(Failure::from_status(14, 95, 100), Failure::Timeout);
         assert_eq!(
             Failure::from_status(0, 10, 100),
             Failure::BadAnswer,
