@@ -122,10 +122,13 @@ def test_a_dead_feed_falls_back_to_cache_ttl():
         time.sleep(1.5)
         assert all_of(s, "feed-dead", n=4) == {None}
         assert lookups_of(s, "feed-dead") == 1, "past cache.ttl_s, trusted while the feed is healthy"
+        assert filter_stats(s)["key_service.changes.age_s"] <= 1
         s.keyservice.set_changes_mode("status", status=503)
         time.sleep(3 * INTERVAL_MS / 1000 + 0.3)
         assert all_of(s, "feed-dead", n=4) == {None}
         assert lookups_of(s, "feed-dead") == 2, "feed dead: cache.ttl_s again"
+        # How old the last good poll is, for dashboards and alerts.
+        wait_until(lambda: filter_stats(s)["key_service.changes.age_s"] >= 2, "the feed's age to grow")
 
 
 @pytest.mark.parametrize("mode", ["malformed", "bad_hashes", "huge", "hang", "status"])

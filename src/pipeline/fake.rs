@@ -7,7 +7,7 @@ use super::ports::{
     Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
     Wake,
 };
-use super::stats::{counter_names, Counter, Histogram};
+use super::stats::{counter_names, Counter, Gauge, Histogram};
 use crate::storage::shared_store::fake::FakeStore;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -113,6 +113,7 @@ pub struct FakeHost {
     pub tick_ms: Cell<u64>,
     counters: RefCell<Vec<u64>>,
     pub histograms: RefCell<Vec<(Histogram, u64)>>,
+    pub gauges: RefCell<HashMap<&'static str, u64>>,
     /// Counters defined at run time: (name, count).
     pub defined: RefCell<Vec<(String, u64)>>,
     pub requests: Requests,
@@ -133,6 +134,7 @@ impl FakeHost {
             tick_ms: Cell::new(0),
             counters: RefCell::new(vec![0; counter_names().len()]),
             histograms: RefCell::default(),
+            gauges: RefCell::default(),
             defined: RefCell::default(),
             requests: Requests::default(),
             unparked: Cell::new(0),
@@ -145,6 +147,12 @@ impl FakeHost {
             .into_iter()
             .zip(self.counters.borrow().iter().copied())
             .chain(self.defined.borrow().iter().cloned())
+            .chain(
+                self.gauges
+                    .borrow()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), *v)),
+            )
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -265,6 +273,10 @@ impl Stats for FakeHost {
     fn count_n(&self, counter: Counter, n: u64) {
         assert!(n > 0, "Envoy refuses to add 0");
         self.counters.borrow_mut()[counter.index()] += n;
+    }
+
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        self.gauges.borrow_mut().insert(gauge.name(), value);
     }
 
     fn record(&self, histogram: Histogram, value: u64) {

@@ -9,7 +9,7 @@
 //! found keys are trusted; each worker follows it from the feed state on its tick and from
 //! the news, off the request path.
 use super::ports::Host;
-use super::stats::Counter;
+use super::stats::{Counter, Gauge};
 use super::worker::{Payload, Worker};
 use crate::config::ChangeFeed;
 use crate::flights::coordinator::{FeedNews, FlightKey, Message};
@@ -30,6 +30,8 @@ pub struct FeedView {
     pub last_ok_ms: u64,
     /// When this worker next looks at the feed state (None: the feed is off).
     pub next_check_ms: Option<u64>,
+    /// When this worker started following the feed (the age of a feed never answered).
+    pub following_since_ms: u64,
 }
 
 impl<H: Host> Worker<H> {
@@ -53,7 +55,9 @@ impl<H: Host> Worker<H> {
             let (state, _) = self.read_state();
             self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
         }
-        self.feed.borrow_mut().next_check_ms = Some(now_ms);
+        let mut view = self.feed.borrow_mut();
+        view.next_check_ms = Some(now_ms);
+        view.following_since_ms = now_ms;
     }
 
     /// Follows the node's feed state, and polls when a poll is due and this worker wins it.
@@ -71,6 +75,12 @@ impl<H: Host> Worker<H> {
         }
         let (state, cas) = self.read_state();
         self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
+        let since_ms = match self.feed.borrow().last_ok_ms {
+            0 => self.feed.borrow().following_since_ms,
+            last_ok_ms => last_ok_ms,
+        };
+        let age_s = now_ms.saturating_sub(since_ms) / 1000;
+        self.host.set_gauge(Gauge::ChangesAgeS, age_s);
         let polling = self.flights.borrow().get(&FlightKey::FeedPoll).is_some();
         let mut next_check_ms = state.polled_at_ms.saturating_add(feed.interval_ms);
         if state.poll_due(now_ms, feed.interval_ms) && !polling {

@@ -1,7 +1,7 @@
 //! What the pipeline needs from the host, as small traits. The wasm layer implements
 //! them with proxy-wasm calls; the tests with a fake host; a dynamic module would with
 //! its own ABI. Each port answers a refusal with a value, never a panic.
-use super::stats::{Counter, Histogram};
+use super::stats::{Counter, Gauge, Histogram};
 pub use crate::storage::shared_store::{SetError, SharedStore};
 
 /// The host's wall clock.
@@ -56,6 +56,7 @@ pub trait Stats {
     /// Adds `n` (more than 0) to `counter`.
     fn count_n(&self, counter: Counter, n: u64);
     fn record(&self, histogram: Histogram, value: u64);
+    fn set_gauge(&self, gauge: Gauge, value: u64);
     /// Defines a counter named at run time (per-key stats: `name` without the prefix);
     /// its id, `None` when the host refuses.
     fn define_counter(&self, name: &str) -> Option<u32>;

@@ -173,6 +173,24 @@ impl Histogram {
     }
 }
 
+/// Values set rather than counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gauge {
+    /// Seconds since the change feed's last good poll (since the worker started
+    /// following it, before one), set on the worker's tick while the feed is on.
+    ChangesAgeS,
+}
+
+impl Gauge {
+    pub const ALL: [Gauge; 1] = [Gauge::ChangesAgeS];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Gauge::ChangesAgeS => "key_service.changes.age_s",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +254,7 @@ mod tests {
             defined.insert(name.to_string());
         }
         defined.extend(Histogram::ALL.iter().map(|h| h.name().to_string()));
+        defined.extend(Gauge::ALL.iter().map(|g| g.name().to_string()));
         assert_eq!(listed, defined);
     }
 }

@@ -654,6 +654,29 @@ impl Test {
 }
 
 #[test]
+fn every_worker_tells_how_old_the_feeds_last_good_poll_is() {
+    let t = Test::new();
+    let (a, b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));
+    assert!(t.poll(&a, "200", &feed_answer("c-1", &[])));
+    for _ in 0..3 {
+        t.advance(1_000);
+        assert!(t.poll(&a, "503", "") || t.poll(&b, "503", ""));
+    }
+    t.advance(1_000);
+    b.on_tick();
+    a.on_tick();
+    let age = |w: &Worker<FakeHost>| w.host().stat("key_service.changes.age_s");
+    assert_eq!((age(&a), age(&b)), (4, 4), "four seconds of failed polls");
+    t.advance(1_000);
+    let answer = feed_answer("c-2", &[]);
+    assert!(t.poll(&a, "200", &answer) || t.poll(&b, "200", &answer));
+    t.advance(1_000);
+    a.on_tick();
+    b.on_tick();
+    assert_eq!((age(&a), age(&b)), (1, 1), "a second after the good poll");
+}
+
+#[test]
 fn one_worker_per_node_polls_each_interval_with_the_cursor() {
     let t = Test::new();
     let (a, b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));

@@ -16,6 +16,7 @@ const GRPC_RECEIVE_BUFFER: u32 = 5;
 const PLUGIN_CONFIGURATION: u32 = 7;
 /// Metric types.
 pub const COUNTER: u32 = 0;
+pub const GAUGE: u32 = 1;
 pub const HISTOGRAM: u32 = 2;
 /// Stream types.
 const HTTP_REQUEST: u32 = 0;

@@ -4,7 +4,7 @@ use crate::pipeline::ports::{
     Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
     Wake,
 };
-use crate::pipeline::stats::{counter_names, Counter, Histogram, PREFIX};
+use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::request::header_map;
 
 /// A worker's host: its stats' ids, and the context it returns to.
@@ -12,6 +12,7 @@ pub struct WasmHost {
     root_id: u32,
     counters: Vec<Option<u32>>,
     histograms: Vec<Option<u32>>,
+    gauges: Vec<Option<u32>>,
 }
 
 impl WasmHost {
@@ -29,6 +30,10 @@ impl WasmHost {
             histograms: Histogram::ALL
                 .iter()
                 .map(|h| define(abi::HISTOGRAM, h.name()))
+                .collect(),
+            gauges: Gauge::ALL
+                .iter()
+                .map(|g| define(abi::GAUGE, g.name()))
                 .collect(),
         }
     }
@@ -134,6 +139,12 @@ impl Stats for WasmHost {
 
     fn record(&self, histogram: Histogram, value: u64) {
         if let Some(Some(id)) = self.histograms.get(histogram as usize) {
+            abi::record_metric(*id, value);
+        }
+    }
+
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        if let Some(Some(id)) = self.gauges.get(gauge as usize) {
             abi::record_metric(*id, value);
         }
     }
