@@ -474,7 +474,24 @@ def _remove(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Stack:
+class Service:
+    """A set of processes used as a context manager: start() on entry (and close() if
+    that fails half way), close() on exit. close() must stop whatever was started."""
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Stack(Service):
     """Envoy + apikey_filter.wasm + key service + recording upstream, on 127.0.0.1.
 
     Attributes once started: listen_port, admin_port, key_service_port, upstream_port,
@@ -505,18 +522,6 @@ class Stack:
         self.envoy = self._keyservice_proc = self._upstream_proc = None
 
     # -- lifecycle ----------------------------------------------------------------------
-
-    def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def start(self):
         _check_wasm()

@@ -22,7 +22,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from harness import (HOST, POLL_S, SCRIPTS, HarnessError, Process, _JsonClient, _remove,
+from harness import (HOST, POLL_S, SCRIPTS, HarnessError, Process, Service, _JsonClient, _remove,
                      free_port)
 
 START_TIMEOUT_S = 20
@@ -48,7 +48,7 @@ def _redis_ready(port):
         return False
 
 
-class RlsService:
+class RlsService(Service):
     """Attributes once started: grpc_port, admin_port, redis_port, tmp (logs), binary."""
 
     def __init__(self, statuses=True, limits_file=None):
@@ -60,18 +60,6 @@ class RlsService:
         self.binary = None
 
     # -- lifecycle ----------------------------------------------------------------------
-
-    def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def start(self):
         self.binary = rls_server_binary()

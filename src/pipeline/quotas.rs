@@ -30,11 +30,32 @@ pub enum QuotaStep {
     Ask {
         carried: u32,
     },
-    Refused {
-        denial: Denial,
-        retry_after_s: Option<u64>,
-        items: Items,
-    },
+    Refused(Refusal),
+}
+
+/// Why a request is refused for its quotas, and what its answer tells.
+pub struct Refusal {
+    denial: Denial,
+    retry_after_s: Option<u64>,
+    items: Items,
+}
+
+impl Refusal {
+    fn spent(retry_after_s: u64, items: Items) -> Refusal {
+        Refusal {
+            denial: Denial::QuotaExceeded,
+            retry_after_s: Some(retry_after_s),
+            items,
+        }
+    }
+
+    fn unavailable() -> Refusal {
+        Refusal {
+            denial: Denial::RateLimitServiceUnavailable,
+            retry_after_s: None,
+            items: None,
+        }
+    }
 }
 
 /// How a gRPC call ended, as the host delivers it.
@@ -107,16 +128,10 @@ fn step_of(stats: &impl Stats, decision: Decision, items: Items) -> QuotaStep {
             QuotaStep::Admitted(items)
         }
         Decision::Ask { carried } => QuotaStep::Ask { carried },
-        Decision::Deny { retry_after_s } => QuotaStep::Refused {
-            denial: Denial::QuotaExceeded,
-            retry_after_s: Some(retry_after_s),
-            items,
-        },
-        Decision::Unavailable => QuotaStep::Refused {
-            denial: Denial::RateLimitServiceUnavailable,
-            retry_after_s: None,
-            items: None,
-        },
+        Decision::Deny { retry_after_s } => {
+            QuotaStep::Refused(Refusal::spent(retry_after_s, items))
+        }
+        Decision::Unavailable => QuotaStep::Refused(Refusal::unavailable()),
     }
 }
 
@@ -156,18 +171,10 @@ pub fn refuse_quota(
     config: &Config,
     quotas: &KeyQuotas,
     bucket: Option<RateHeaders>,
-    step: QuotaStep,
+    refusal: Refusal,
 ) {
-    let QuotaStep::Refused {
-        denial,
-        retry_after_s,
-        items,
-    } = step
-    else {
-        return;
-    };
-    let headers = with_quota_items(bucket, quotas, items);
-    let retry_after = retry_after_s.map(|s| s.to_string());
+    let headers = with_quota_items(bucket, quotas, refusal.items);
+    let retry_after = refusal.retry_after_s.map(|s| s.to_string());
     let mut extra = Vec::with_capacity(3);
     if let Some(retry_after) = &retry_after {
         extra.push(("retry-after", retry_after.as_str()));
@@ -175,7 +182,7 @@ pub fn refuse_quota(
     if let Some(headers) = &headers {
         extra.extend(headers.fields());
     }
-    refuse(host, io, config, denial, &extra);
+    refuse(host, io, config, refusal.denial, &extra);
 }
 
 impl<H: Host> Worker<H> {
@@ -259,8 +266,8 @@ impl<H: Host> Worker<H> {
                 };
                 self.ask_quotas(context_id, io, request, known, ask)
             }
-            refused => {
-                refuse_quota(&self.host, io, &config, quotas, rate_headers, refused);
+            QuotaStep::Refused(refusal) => {
+                refuse_quota(&self.host, io, &config, quotas, rate_headers, refusal);
                 Some(Handled::Answered)
             }
         }
@@ -360,11 +367,9 @@ impl<H: Host> Worker<H> {
                         .unwrap_or_else(|| check(&mut QuotaState::new(quotas.id)));
                 match checked {
                     Checked::Admitted => QuotaStep::Admitted(items),
-                    Checked::Denied { retry_after_s } => QuotaStep::Refused {
-                        denial: Denial::QuotaExceeded,
-                        retry_after_s: Some(retry_after_s),
-                        items,
-                    },
+                    Checked::Denied { retry_after_s } => {
+                        QuotaStep::Refused(Refusal::spent(retry_after_s, items))
+                    }
                 }
             }
             Err(failure) => {
@@ -383,8 +388,15 @@ impl<H: Host> Worker<H> {
                 admit(&self.host, io, request, known);
                 Handled::Forward(with_quota_items(rate_headers, quotas, items))
             }
-            refused => {
-                refuse_quota(&self.host, io, config, quotas, rate_headers, refused);
+            QuotaStep::Refused(refusal) => {
+                refuse_quota(&self.host, io, config, quotas, rate_headers, refusal);
+                Handled::Answered
+            }
+            // A failed call is answered by `failure_mode` (`on_check_failed`), never asked
+            // again: refused like the closed mode, should it ever get here.
+            QuotaStep::Ask { .. } => {
+                let refusal = Refusal::unavailable();
+                refuse_quota(&self.host, io, config, quotas, rate_headers, refusal);
                 Handled::Answered
             }
         }

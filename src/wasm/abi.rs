@@ -312,7 +312,6 @@ pub fn send_local_response(status: u32, body: &str, headers: &[u8]) {
 /// Sends an HTTP callout; its token, or the status the host refused it with.
 pub fn http_call(cluster: &str, headers: &[u8], timeout_ms: u64) -> Result<u32, u32> {
     let mut token = 0u32;
-    let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
     let status = unsafe {
         proxy_http_call(
             cluster.as_ptr(),
@@ -323,10 +322,19 @@ pub fn http_call(cluster: &str, headers: &[u8], timeout_ms: u64) -> Result<u32, 
             0,
             std::ptr::null(),
             0,
-            timeout,
+            timeout_of(timeout_ms),
             &mut token,
         )
     };
+    token_or(status, token)
+}
+
+fn timeout_of(timeout_ms: u64) -> u32 {
+    u32::try_from(timeout_ms).unwrap_or(u32::MAX)
+}
+
+/// A call's token if the host took it, else its status.
+fn token_or(status: u32, token: u32) -> Result<u32, u32> {
     if status == OK {
         Ok(token)
     } else {
@@ -344,7 +352,6 @@ pub fn grpc_call(
     timeout_ms: u64,
 ) -> Result<u32, u32> {
     let mut token = 0u32;
-    let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
     // No initial metadata: an empty header map is four zero bytes (no pairs).
     let metadata = [0u8; 4];
     let status = unsafe {
@@ -359,15 +366,11 @@ pub fn grpc_call(
             metadata.len(),
             message.as_ptr(),
             message.len(),
-            timeout,
+            timeout_of(timeout_ms),
             &mut token,
         )
     };
-    if status == OK {
-        Ok(token)
-    } else {
-        Err(status)
-    }
+    token_or(status, token)
 }
 
 /// The first `size` bytes of the gRPC message being delivered.
