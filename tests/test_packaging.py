@@ -1,6 +1,6 @@
 """What ships besides the .wasm: the docker-compose harness (envoy/docker-compose.yaml, the
-Envoy config rendered for it, the rate limit service's configuration in envoy/ratelimit/), the
-Istio manifests (envoy/istio/) and the supported Envoy range (envoy/SUPPORTED_VERSIONS).
+Envoy config rendered for it, the rate limit service's configuration in envoy/ratelimit/, the
+Prometheus and Grafana of observability/ with their dashboards), the Istio manifests (envoy/istio/) and the supported Envoy range (envoy/SUPPORTED_VERSIONS).
 Docker and Kubernetes do not run here, so these check structure and cross-references, and let
 the real Envoy judge every Envoy config we ship: `envoy --mode validate` loads the .wasm and
 runs the filter's on_configure, so a refused filter configuration fails validation
@@ -10,7 +10,8 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -25,6 +26,9 @@ COMPOSE_ENVOY = ENVOY_DIR / "compose" / "envoy.yaml"
 ISTIO = ENVOY_DIR / "istio"
 DEMO_FILTER_CONFIG = ENVOY_DIR / "demo" / "filter-config.json"
 RATELIMIT_CONFIG = ENVOY_DIR / "ratelimit" / "envoyproxy-ratelimit.yaml"
+PROMETHEUS_DIR = ROOT / "observability" / "prometheus"
+GRAFANA_DIR = ROOT / "observability" / "grafana"
+DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 ISTIO_CLUSTER = re.compile(r"^outbound\|(\d+)\|\|([a-z0-9.-]+)$")  # Istio's name for a Service port's cluster
 
 
@@ -98,12 +102,15 @@ def test_compose_file_structure():
     """What `docker compose up` needs, cross-checked with the rendered Envoy config."""
     compose = load_yaml(COMPOSE_FILE)
     services = compose["services"]
-    assert set(services) == {"envoy", "keyservice", "upstream", "ratelimit", "redis"}
+    assert set(services) == {"envoy", "keyservice", "upstream", "ratelimit", "redis", "prometheus", "grafana"}
     assert services["envoy"]["image"] == f"envoyproxy/envoy:v{supported_versions()['newest']}"
     assert services["keyservice"]["image"] == services["upstream"]["image"] == "python:3.11-slim"
     # envoyproxy/ratelimit tags only commits (no releases): pinned to one, never master/latest.
     assert re.fullmatch(r"envoyproxy/ratelimit:[0-9a-f]{8,40}", services["ratelimit"]["image"])
     assert services["redis"]["image"] == "redis:7-alpine"
+    # Pinned releases, never latest.
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", services["grafana"]["image"])
 
     mounts = {}  # (service, target in the container) -> source on the host
     for name, service in services.items():
@@ -165,6 +172,118 @@ def test_compose_file_structure():
     assert "wget" in services["ratelimit"]["healthcheck"]["test"]  # busybox's: the image is Alpine's
     ratelimit_config = load_yaml(RATELIMIT_CONFIG)
     assert ratelimit_config["domain"] == rls["domain"]
+
+
+def compose_mounts(service):
+    """{target in the container: source on the host} of a compose service's binds."""
+    volumes = load_yaml(COMPOSE_FILE)["services"][service].get("volumes", [])
+    return {v["target"]: (ENVOY_DIR / v["source"]).resolve() for v in volumes}
+
+
+def test_compose_prometheus_scrapes_envoy_with_the_rules():
+    """observability/prometheus/prometheus.yml and rules.yml, mounted where the configuration
+    finds them; its `envoy` job scrapes the compose Envoy's admin port."""
+    services = load_yaml(COMPOSE_FILE)["services"]
+    prometheus = services["prometheus"]
+    mounts = compose_mounts("prometheus")
+    [config_target] = [a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")]
+    assert mounts[config_target] == PROMETHEUS_DIR / "prometheus.yml"
+    assert mounts[str(PurePosixPath(config_target).parent / "rules.yml")] == PROMETHEUS_DIR / "rules.yml"
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    for rule_file in config["rule_files"]:  # relative to the configuration file, as Prometheus reads them
+        target = PurePosixPath(config_target).parent / rule_file
+        assert str(target) in mounts and mounts[str(target)].is_file(), rule_file
+
+    envoy = load_yaml(COMPOSE_ENVOY)
+    admin_port = envoy["admin"]["address"]["socket_address"]["port_value"]
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "envoy"]
+    assert job["metrics_path"] == "/stats/prometheus"
+    assert [t for c in job["static_configs"] for t in c["targets"]] == [f"envoy:{admin_port}"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]  # loopback only, as Envoy's
+    assert "wget" in prometheus["healthcheck"]["test"]  # busybox's: the image has no curl
+
+
+def datasource_refs(node):
+    """Every `datasource` reference of a dashboard, Grafana's own (annotations) left out."""
+    if isinstance(node, dict):
+        ref = node.get("datasource")
+        if isinstance(ref, dict) and ref.get("type") != "grafana":
+            yield ref
+        for value in node.values():
+            yield from datasource_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from datasource_refs(value)
+
+
+def test_compose_grafana_provisions_the_data_source_and_the_dashboards():
+    services = load_yaml(COMPOSE_FILE)["services"]
+    grafana = services["grafana"]
+    mounts = compose_mounts("grafana")
+    provisioning = GRAFANA_DIR / "provisioning"
+    assert mounts["/etc/grafana/provisioning/datasources"] == provisioning / "datasources"
+    assert mounts["/etc/grafana/provisioning/dashboards"] == provisioning / "dashboards"
+
+    # The data source: the compose Prometheus, at the port it listens on, with its scrape
+    # interval (Grafana's $__rate_interval is at least four of them).
+    [datasource] = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert datasource["type"] == "prometheus"
+    url = urlparse(datasource["url"])
+    prometheus_port = int(services["prometheus"]["ports"][0].rsplit(":", 1)[1])
+    assert (url.hostname, url.port) == ("prometheus", prometheus_port)
+    scrape_interval = load_yaml(PROMETHEUS_DIR / "prometheus.yml")["global"]["scrape_interval"]
+    assert datasource["jsonData"]["timeInterval"] == scrape_interval
+
+    # The dashboards: a file provider reading the mounted directory; the home dashboard is one.
+    [provider] = load_yaml(provisioning / "dashboards" / "apikey-filter.yml")["providers"]
+    assert provider["type"] == "file"
+    assert mounts[provider["options"]["path"]] == GRAFANA_DIR / "dashboards"
+    env = grafana["environment"]
+    home = PurePosixPath(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert (mounts[str(home.parent)] / home.name).is_file(), home
+    assert (env["GF_AUTH_ANONYMOUS_ENABLED"], env["GF_AUTH_ANONYMOUS_ORG_ROLE"]) == ("true", "Viewer")
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    assert grafana["depends_on"]["prometheus"] == {"condition": "service_healthy"}
+
+    # Every panel, target and variable names the provisioned data source by its uid.
+    for path in DASHBOARDS:
+        refs = list(datasource_refs(json.loads(path.read_text())))
+        assert refs and all(r == {"type": "prometheus", "uid": datasource["uid"]} for r in refs), path.name
+
+
+GRAFANA_VARIABLES = {"__rate_interval", "__range", "__interval"}
+
+
+def test_dashboards_are_the_three_with_their_pictures():
+    assert [p.stem for p in DASHBOARDS] == ["debug", "executive", "on-call"]
+    uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
+    assert len(set(uids)) == len(uids), uids
+    for path in DASHBOARDS:  # the README's pictures (scripts/dashboard-pictures)
+        assert (ROOT / "docs" / "dashboards" / f"{path.stem}.png").is_file(), path.stem
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_is_well_formed(path):
+    """Parses; unique panel ids; every panel described, with queries; on the 24-column grid;
+    no variable used that the dashboard does not define. tests/test_prometheus.py runs the
+    queries against a real Prometheus."""
+    board = json.loads(path.read_text())
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), f"{path.name}: panel ids repeat: {ids}"
+    variables = GRAFANA_VARIABLES | {v["name"] for v in board.get("templating", {}).get("list", [])}
+    for panel in panels:
+        where = f"{path.name}, panel {panel['id']} ({panel.get('title')})"
+        assert panel["title"] and panel["description"].strip(), where
+        assert panel["targets"], where
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), where
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, where
+        for target in panel["targets"]:
+            assert target["expr"].strip(), where
+            used = set(re.findall(r"\$\{?(\w+)", target["expr"] + panel["title"]))
+            assert used <= variables, f"{where}: undefined {used - variables}"
 
 
 def test_ratelimit_config_describes_the_filters_descriptors():
