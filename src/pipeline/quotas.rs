@@ -214,18 +214,17 @@ impl<H: Host> Worker<H> {
         // This worker's share is used up: it is settled, and the node decides.
         let used = remove_if_any(&self.lent, quotas.id).map_or(0, |l| l.used);
         let mode = service.mode();
+        let interval_ms = service.report_interval_ms();
         let decided = store::update(&self.host, table(&config), quotas.id, now_ms, |state| {
             state.settle(used, 0, now_ms, mode);
-            let decision = state.decide(now_ms, mode);
+            let decision = state.decide(now_ms, mode, &quotas.list);
             let unreported = state.spent.saturating_add(state.reporting);
-            (
-                decision,
-                state.known.clone(),
-                unreported,
-                state.report_wanted(),
-            )
+            let report_at = state
+                .report_wanted()
+                .then(|| state.report_possible_at_ms(interval_ms));
+            (decision, state.known.clone(), unreported, report_at)
         });
-        let Some((decision, known_now, unreported, report_wanted)) = decided else {
+        let Some((decision, known_now, unreported, report_at)) = decided else {
             // No slot for the key (the table is busy): it asks, request by request.
             self.give_back_used(quotas.id, used, 0);
             let ask = QuotaAsk {
@@ -234,8 +233,8 @@ impl<H: Host> Worker<H> {
             };
             return self.ask_quotas(context_id, io, request, known, ask);
         };
-        if report_wanted {
-            self.note_unreported(&known, true);
+        if report_at.is_some() {
+            self.note_unreported(&known, report_at);
         }
         let items = rate_items(&known_now, unreported, &quotas.list, now_ms);
         if let Decision::Admit { lent } = decision {
@@ -374,11 +373,16 @@ impl<H: Host> Worker<H> {
             }
             Err(failure) => {
                 self.count_failure(failure, known, now_ms);
-                let failing = |state: &mut QuotaState| state.on_check_failed(carried, now_ms, mode);
-                let decision = store::update(&self.host, table(config), quotas.id, now_ms, failing)
-                    .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
+                let interval_ms = service.report_interval_ms();
+                let failing = |state: &mut QuotaState| {
+                    let decision = state.on_check_failed(carried, now_ms, mode);
+                    (decision, state.report_possible_at_ms(interval_ms))
+                };
+                let (decision, report_at) =
+                    store::update(&self.host, table(config), quotas.id, now_ms, failing)
+                        .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
                 if decision == Decision::AdmitUnasked {
-                    self.note_unreported(known, true);
+                    self.note_unreported(known, Some(report_at));
                 }
                 step_of(&self.host, decision, None)
             }
@@ -493,7 +497,7 @@ impl<H: Host> Worker<H> {
     ) {
         self.count_key(known, &handled);
         if let Handled::Forward(rate_headers) = handled {
-            self.note_unreported(known, false);
+            self.note_unreported(known, None);
             if let Some(rate_headers) = rate_headers {
                 self.rate_headers
                     .borrow_mut()
@@ -504,32 +508,43 @@ impl<H: Host> Worker<H> {
     }
 
     /// Remembers a key this worker admitted requests of, so that its tick reports them;
-    /// `due`: the node's state asks for a report now.
-    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>, due: bool) {
+    /// `report_at`: the node's state asks for a report, which can be claimed then.
+    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>, report_at: Option<u64>) {
         let Some(quotas) = &known.quotas else {
             return;
         };
-        let mut unreported = self.unreported.borrow_mut();
-        if let Some(entry) = unreported.get_mut(&quotas.id) {
-            entry.due |= due;
-            return;
-        }
         let now_ms = self.host.now_ms();
-        let entry = Unreported {
-            known: known.clone(),
-            due,
-            visited_ms: now_ms,
-        };
-        unreported.insert(quotas.id, entry);
+        let mut unreported = self.unreported.borrow_mut();
+        match unreported.get_mut(&quotas.id) {
+            // The request path's common case: nothing new to plan.
+            Some(_) if report_at.is_none() => return,
+            Some(entry) => entry.due = true,
+            None => {
+                let entry = Unreported {
+                    known: known.clone(),
+                    due: report_at.is_some(),
+                    visited_ms: now_ms,
+                };
+                unreported.insert(quotas.id, entry);
+            }
+        }
         drop(unreported);
-        if self.report_due_ms.get().is_none() {
-            let interval_ms = self.config().and_then(|c| {
-                c.rate_limit_service
-                    .as_ref()
-                    .map(RateLimitService::report_interval_ms)
-            });
-            self.report_due_ms
-                .set(interval_ms.map(|interval| now_ms + interval));
+        let Some(interval_ms) = self.config().and_then(|c| {
+            c.rate_limit_service
+                .as_ref()
+                .map(RateLimitService::report_interval_ms)
+        }) else {
+            return;
+        };
+        // A wanted report is claimed as soon as it can be, not on the next round of the
+        // tick: the rest of the allowance lasts about an interval.
+        let due_ms = report_at.unwrap_or(now_ms + interval_ms);
+        if self
+            .report_due_ms
+            .get()
+            .is_none_or(|planned| due_ms < planned)
+        {
+            self.report_due_ms.set(Some(due_ms));
             self.reschedule(now_ms);
         }
     }
@@ -552,16 +567,25 @@ impl<H: Host> Worker<H> {
         let mode = service.mode();
         // A share held this long goes back whole, so that none is held for ever.
         let expired_at_ms = now_ms.saturating_sub(interval_ms * REPORT_EVERY_INTERVALS);
-        // A key is looked at when its node asked for a report, and at least every
-        // REPORT_EVERY_INTERVALS: one compare-and-swap per key then, not per interval.
+        // A key is looked at when its node asked for a report, when this worker admitted
+        // from its share since the last tick (so that the node sizes its allowance by
+        // what was admitted in the interval, not when shares happen to come back), and
+        // at least every REPORT_EVERY_INTERVALS: an idle key costs no compare-and-swap.
         let every_ms = interval_ms * REPORT_EVERY_INTERVALS;
+        let lent = self.lent.borrow();
         let keys: Vec<Rc<KnownKey>> = self
             .unreported
             .borrow()
-            .values()
-            .filter(|u| u.due || now_ms >= u.visited_ms.saturating_add(every_ms))
-            .map(|u| u.known.clone())
+            .iter()
+            .filter(|(id, u)| {
+                u.due
+                    || lent.get(id).is_some_and(|share| share.used > 0)
+                    || now_ms >= u.visited_ms.saturating_add(every_ms)
+            })
+            .map(|(_, u)| u.known.clone())
             .collect();
+        drop(lent);
+        let mut next_ms = now_ms + interval_ms;
         for known in keys {
             let Some(quotas) = &known.quotas else {
                 continue;
@@ -573,12 +597,18 @@ impl<H: Host> Worker<H> {
                 s.settle(used, unused, now_ms, mode);
                 let claim = s.claim_report(now_ms, interval_ms, hold_ms);
                 let owes_nothing = s.spent == 0 && s.reporting == 0;
-                (claim, owes_nothing, claim.is_none() && s.report_wanted())
+                let wanted_at = (claim.is_none() && s.report_wanted())
+                    .then(|| s.report_possible_at_ms(interval_ms));
+                (claim, owes_nothing, wanted_at)
             });
             let holds_share = self.lent.borrow().contains_key(&quotas.id);
+            let wanted_at = claimed.and_then(|(_, _, wanted_at)| wanted_at);
             if let Some(entry) = self.unreported.borrow_mut().get_mut(&quotas.id) {
                 entry.visited_ms = now_ms;
-                entry.due = claimed.is_some_and(|(_, _, still_wanted)| still_wanted);
+                entry.due = wanted_at.is_some();
+            }
+            if let Some(at) = wanted_at {
+                next_ms = next_ms.min(at);
             }
             match claimed {
                 Some((Some(hits), ..)) => self.send_report(&config, known.clone(), hits, now_ms),
@@ -591,7 +621,7 @@ impl<H: Host> Worker<H> {
                 None => self.give_back_used(quotas.id, used, unused),
             }
         }
-        let next = (!self.unreported.borrow().is_empty()).then_some(now_ms + interval_ms);
+        let next = (!self.unreported.borrow().is_empty()).then_some(next_ms);
         self.report_due_ms.set(next);
     }
 

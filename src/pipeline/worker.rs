@@ -294,7 +294,7 @@ impl<H: Host> Worker<H> {
                 };
                 self.count_key(&known, &handled);
                 if matches!(handled, Handled::Forward(_)) {
-                    self.note_unreported(&known, false);
+                    self.note_unreported(&known, None);
                 }
                 handled
             }

@@ -9,12 +9,13 @@
 //! smallest `limit_remaining` the service answered (the smallest quota when it answers no
 //! statuses) and `recent` what the node admitted in the current or the last
 //! `sync_interval_ms`, whichever is more. Every call reports what the node admitted: the
-//! tick's report, due once an interval has passed and half of the allowance is admitted
-//! (at least every `REPORT_EVERY_INTERVALS`), and a request that finds the allowance
-//! spent carries it in its own call. So a node holds about two intervals of its own
-//! traffic, never more than a tenth of what is left, and nothing once fewer than
-//! `SHARE_DIVISOR` requests are left: then every request asks. Across M nodes at most
-//! `N + Σ allowances` pass in a window.
+//! tick's report, due an interval after the node's last call once half of what it holds
+//! is admitted (at least every `REPORT_EVERY_INTERVALS`), and a request that finds the
+//! allowance spent carries it in its own call, while the requests arriving before its
+//! answer are admitted up to the tenth (`may_overdraw`) instead of each calling. So a node
+//! holds about two intervals of its own traffic, never more than a tenth of what is left,
+//! and nothing once fewer than `SHARE_DIVISOR` requests are left: then every request
+//! asks. Across M nodes at most `N + Σ allowances` pass in a window.
 //!
 //! Workers borrow a share of the node's allowance (`Decision::Admit { lent }`) and admit
 //! from it without touching shared data; what they admitted is settled on their tick or
@@ -130,12 +131,17 @@ impl QuotaState {
     }
 
     /// A request's decision.
-    pub fn decide(&mut self, now_ms: u64, mode: Mode) -> Decision {
+    pub fn decide(&mut self, now_ms: u64, mode: Mode, quotas: &[Quota]) -> Decision {
         let exact = mode.exact();
         if !exact && now_ms < self.blocked_until_ms {
             return Decision::Deny {
                 retry_after_s: seconds_until(self.blocked_until_ms, now_ms),
             };
+        }
+        if !exact && self.grant == 0 && self.may_overdraw(quotas, now_ms) {
+            self.spent = self.spent.saturating_add(1);
+            self.count_admitted(1, now_ms, mode);
+            return Decision::Admit { lent: 0 };
         }
         if !exact && self.grant > 0 {
             self.grant -= 1;
@@ -153,6 +159,8 @@ impl QuotaState {
         let carried = if exact {
             0
         } else {
+            // This call is the node's report: the next is due an interval later.
+            self.last_report_ms = now_ms;
             std::mem::take(&mut self.spent)
         };
         self.asking = self.asking.saturating_add(carried);
@@ -289,7 +297,16 @@ impl QuotaState {
     /// Half of what the node may hold is admitted unreported: a report would bring a new
     /// allowance before this one runs out.
     pub fn report_wanted(&self) -> bool {
-        self.spent > 0 && self.spent >= self.grant
+        self.spent > 0 && self.spent >= self.grant.saturating_add(self.lent)
+    }
+
+    /// The earliest time `claim_report` can claim a report that is wanted: an interval
+    /// after the last one, once no other claim holds and the service is not paused.
+    pub fn report_possible_at_ms(&self, interval_ms: u64) -> u64 {
+        self.last_report_ms
+            .saturating_add(interval_ms)
+            .max(self.claim_until_ms)
+            .max(self.failing_until_ms)
     }
 
     /// Nothing here is owed to the service or refused: the slot may go to another key.
@@ -343,6 +360,24 @@ impl QuotaState {
     /// left and about two intervals of its recent traffic, less what it admitted that the
     /// service has not counted yet (not reported, or in calls now).
     fn allowance(&self, quotas: &[Quota], now_ms: u64) -> u32 {
+        let recent = self.admitted_now.max(self.admitted_before);
+        self.ceiling(quotas, now_ms)
+            .min(recent.saturating_mul(2).saturating_add(MIN_ALLOWANCE))
+            .saturating_sub(self.uncounted())
+    }
+
+    /// The allowance ran out before the answer that brings the next one: while a call
+    /// that carries the node's admissions is in flight, a request is admitted up to the
+    /// ceiling rather than each making a call of its own. Traffic outgrew the allowance;
+    /// the answer sizes the next one to it.
+    fn may_overdraw(&self, quotas: &[Quota], now_ms: u64) -> bool {
+        let in_flight = self.asking > 0 || self.reporting > 0;
+        in_flight && self.uncounted() < self.ceiling(quotas, now_ms)
+    }
+
+    /// What the node may hold at most: a tenth of what is left (the smallest quota
+    /// without statuses); nothing while every request must ask.
+    fn ceiling(&self, quotas: &[Quota], now_ms: u64) -> u32 {
         if now_ms < self.asks_until_ms {
             return 0;
         }
@@ -350,15 +385,16 @@ impl QuotaState {
             self.known.iter().map(|k| k.remaining).min()
         } else {
             quotas.iter().map(|q| q.requests).min()
-        }
-        .unwrap_or(0);
-        let recent = self.admitted_now.max(self.admitted_before);
-        (left / SHARE_DIVISOR)
-            .min(recent.saturating_mul(2).saturating_add(MIN_ALLOWANCE))
-            .saturating_sub(self.spent)
-            .saturating_sub(self.asking)
-            .saturating_sub(self.reporting)
-            .saturating_sub(self.lent)
+        };
+        left.unwrap_or(0) / SHARE_DIVISOR
+    }
+
+    /// Admitted and not counted by the service yet: not reported, in calls now, or lent.
+    fn uncounted(&self) -> u32 {
+        self.spent
+            .saturating_add(self.asking)
+            .saturating_add(self.reporting)
+            .saturating_add(self.lent)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -540,7 +576,7 @@ mod tests {
     /// Admits `n` requests from the node's allowance, taking no share for workers.
     fn admit_n(s: &mut QuotaState, n: u32, now_ms: u64) {
         for _ in 0..n {
-            let lent = match s.decide(now_ms, BATCHED) {
+            let lent = match s.decide(now_ms, BATCHED, &[DAY]) {
                 Decision::Admit { lent } => lent,
                 other => panic!("{other:?}"),
             };
@@ -551,7 +587,7 @@ mod tests {
     #[test]
     fn a_new_key_asks_then_spends_its_allowance_locally() {
         let mut s = QuotaState::new(1);
-        assert_eq!(s.decide(0, BATCHED), Decision::Ask { carried: 0 });
+        assert_eq!(s.decide(0, BATCHED, &[DAY]), Decision::Ask { carried: 0 });
         assert_eq!(
             s.on_check(&said(false, 999), &[DAY], 1, 0, BATCHED),
             Checked::Admitted
@@ -563,7 +599,7 @@ mod tests {
         // Spent: the next request's call carries them, and the allowance grows with
         // what the node admitted in this interval.
         assert_eq!(
-            s.decide(1, BATCHED),
+            s.decide(1, BATCHED, &[DAY]),
             Decision::Ask {
                 carried: 2 + MIN_ALLOWANCE
             }
@@ -575,10 +611,59 @@ mod tests {
     }
 
     #[test]
+    fn while_a_call_is_in_flight_a_spent_allowance_is_overdrawn_up_to_the_ceiling() {
+        let mut s = QuotaState::new(1);
+        s.on_check(&said(false, 400), &[DAY], 1, 0, BATCHED);
+        let grant = s.grant;
+        admit_n(&mut s, grant, 0);
+        let held = s.spent;
+        assert_eq!(
+            s.decide(1, BATCHED, &[DAY]),
+            Decision::Ask { carried: held },
+            "the first request past the allowance asks, carrying it"
+        );
+        // Until that answer, the others are admitted without calls of their own, up to
+        // a tenth of what is left.
+        for _ in held..400 / SHARE_DIVISOR {
+            assert_eq!(s.decide(1, BATCHED, &[DAY]), Decision::Admit { lent: 0 });
+        }
+        assert_eq!(
+            s.decide(1, BATCHED, &[DAY]),
+            Decision::Ask { carried: 40 - held }
+        );
+        // Nothing in flight: a request asks.
+        let mut idle = QuotaState::new(1);
+        idle.on_check(&said(false, 400), &[DAY], 1, 0, BATCHED);
+        idle.grant = 0;
+        assert_eq!(
+            idle.decide(1, BATCHED, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
+    }
+
+    #[test]
+    fn a_call_that_carries_admissions_is_the_intervals_report() {
+        let mut s = QuotaState::new(1);
+        s.on_check(&said(false, 990), &[DAY], 1, 0, BATCHED);
+        let grant = s.grant;
+        admit_n(&mut s, grant, 500);
+        assert!(matches!(
+            s.decide(600, BATCHED, &[DAY]),
+            Decision::Ask { .. }
+        ));
+        s.on_check(&said(false, 900), &[DAY], 36, 610, BATCHED);
+        let grant = s.grant;
+        admit_n(&mut s, grant, 1_000);
+        assert_eq!(s.claim_report(1_000, 1_000, 1_100), None);
+        assert_eq!(s.report_possible_at_ms(1_000), 1_600);
+        assert!(s.claim_report(1_600, 1_000, 1_100).is_some());
+    }
+
+    #[test]
     fn a_worker_borrows_half_and_settles_what_it_used() {
         let mut s = QuotaState::new(1);
         s.grant = 41;
-        assert_eq!(s.decide(0, BATCHED), Decision::Admit { lent: 20 });
+        assert_eq!(s.decide(0, BATCHED, &[DAY]), Decision::Admit { lent: 20 });
         assert_eq!((s.grant, s.lent, s.spent), (20, 20, 1));
         // It admitted 7 of the 20 on its own and gives the rest back.
         s.settle(7, 13, 0, BATCHED);
@@ -596,7 +681,10 @@ mod tests {
         let mut near = QuotaState::new(1);
         near.on_check(&said(false, 9), &[DAY], 1, 0, BATCHED);
         assert_eq!(near.grant, 0);
-        assert_eq!(near.decide(0, BATCHED), Decision::Ask { carried: 0 });
+        assert_eq!(
+            near.decide(0, BATCHED, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
     }
 
     #[test]
@@ -617,14 +705,20 @@ mod tests {
         let checked = s.on_check(&said(true, 0), &[DAY], 1, 5_000, BATCHED);
         assert_eq!(checked, Checked::Denied { retry_after_s: 600 });
         assert_eq!(
-            s.decide(6_000, BATCHED),
+            s.decide(6_000, BATCHED, &[DAY]),
             Decision::Deny { retry_after_s: 599 }
         );
-        assert_eq!(s.decide(605_000, BATCHED), Decision::Ask { carried: 0 });
+        assert_eq!(
+            s.decide(605_000, BATCHED, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
 
         let mut exact = QuotaState::new(1);
         exact.on_check(&said(true, 0), &[DAY], 1, 5_000, EXACT);
-        assert_eq!(exact.decide(6_000, EXACT), Decision::Ask { carried: 0 });
+        assert_eq!(
+            exact.decide(6_000, EXACT, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
     }
 
     #[test]
@@ -668,8 +762,8 @@ mod tests {
         assert_eq!(s.claim_report(1_000, 1_000, 1_100), Some(5));
         s.on_report_failed(1_050);
         assert_eq!((s.spent, s.reporting), (5, 0));
-        assert_eq!(s.decide(1_100, CLOSED), Decision::Unavailable);
-        assert_eq!(s.decide(1_100, BATCHED), Decision::AdmitUnasked);
+        assert_eq!(s.decide(1_100, CLOSED, &[DAY]), Decision::Unavailable);
+        assert_eq!(s.decide(1_100, BATCHED, &[DAY]), Decision::AdmitUnasked);
         assert_eq!(s.claim_report(2_000, 1_000, 1_100), None, "paused");
         assert_eq!(s.claim_report(2_100, 1_000, 1_100), Some(6));
     }
@@ -689,12 +783,18 @@ mod tests {
         s.claim_report(1_000, 1_000, 1_100);
         s.on_report(&limitador(true), &[DAY], 1_050, BATCHED);
         assert_eq!(s.grant, 0);
-        assert_eq!(s.decide(1_060, BATCHED), Decision::Ask { carried: 0 });
+        assert_eq!(
+            s.decide(1_060, BATCHED, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
         // A status that says the quota is spent refuses at once.
         s.spent = 1;
         s.claim_report(3_000, 1_000, 1_100);
         s.on_report(&said(true, 0), &[DAY], 3_050, BATCHED);
-        assert!(matches!(s.decide(3_060, BATCHED), Decision::Deny { .. }));
+        assert!(matches!(
+            s.decide(3_060, BATCHED, &[DAY]),
+            Decision::Deny { .. }
+        ));
     }
 
     #[test]
@@ -711,7 +811,10 @@ mod tests {
         // An answer that admits one request grants nothing until the day is over.
         s.on_check(&limitador(false), &[minute, DAY], 1, 70_000, BATCHED);
         assert_eq!(s.grant, 0);
-        assert_eq!(s.decide(70_000, BATCHED), Decision::Ask { carried: 0 });
+        assert_eq!(
+            s.decide(70_000, BATCHED, &[DAY]),
+            Decision::Ask { carried: 0 }
+        );
         s.on_check(&limitador(false), &[minute, DAY], 1, 86_400_100, BATCHED);
         assert!(s.grant > 0);
     }
@@ -834,7 +937,7 @@ mod tests {
                         }
                         let used = std::mem::take(&mut share.1);
                         states[node].settle(used, 0, now, BATCHED);
-                        match states[node].decide(now, BATCHED) {
+                        match states[node].decide(now, BATCHED, &[QUOTA]) {
                             Decision::Admit { lent } => {
                                 *share = (lent, 0);
                                 passed += 1;

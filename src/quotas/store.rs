@@ -98,7 +98,7 @@ mod tests {
         let (s, table) = store(16);
         update(&s, table, 7, 0, |q| q.grant = 3);
         let taken: Vec<_> = (0..5)
-            .map(|_| update(&s, table, 7, 0, |q| q.decide(0, BATCHED)))
+            .map(|_| update(&s, table, 7, 0, |q| q.decide(0, BATCHED, &[])))
             .collect();
         let admitted = taken
             .iter()
@@ -137,10 +137,10 @@ mod tests {
         let mut raced = false;
         *s.interleave.borrow_mut() = Some(Box::new(move |s: &FakeStore| {
             if !std::mem::replace(&mut raced, true) {
-                update(s, table, 9, 0, |q| q.decide(0, BATCHED));
+                update(s, table, 9, 0, |q| q.decide(0, BATCHED, &[]));
             }
         }));
-        let decided = update(&s, table, 9, 0, |q| q.decide(0, BATCHED));
+        let decided = update(&s, table, 9, 0, |q| q.decide(0, BATCHED, &[]));
         // The other worker's request is carried in this one's call.
         let carried_one = crate::quotas::allowance::Decision::Ask { carried: 1 };
         assert_eq!(decided, Some(carried_one));

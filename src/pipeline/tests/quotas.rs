@@ -297,3 +297,77 @@ fn keys_without_quotas_and_filters_without_a_service_never_call() {
     t.cold(&w2, "sk", "200", DAILY);
     assert!(calls(&w).is_empty() && calls(&w2).is_empty());
 }
+
+/// Steady traffic for `seconds` on two workers of a node, `per_ms_a` requests each
+/// millisecond on one and one every `every_b_ms` on the other, with the service answering
+/// after `latency_ms` and the workers ticking when they ask to: the gRPC calls the node
+/// sent in each second (interval).
+fn steady_calls(per_ms_a: u32, every_b_ms: u64, latency_ms: u64, seconds: u64) -> Vec<usize> {
+    let t = Test::new();
+    let big = r#"{"key_id": "k_alice", "quotas": [{"requests": 100000000, "unit": "day"}]}"#;
+    let cfg = rls_config(1_000, "open");
+    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.cold(&a, "sk", "200", big);
+    let workers = [&a, &b];
+    let mut answered: Vec<usize> = vec![0, 0];
+    let mut pending: Vec<(u64, usize, u32)> = Vec::new();
+    let mut next_tick = [0u64; 2];
+    let mut per_interval = Vec::new();
+    let mut sent_before = 0;
+    for ms in 0..seconds * 1_000 {
+        t.advance(1);
+        for _ in 0..per_ms_a {
+            t.get(&a, "sk");
+        }
+        if ms % every_b_ms == 0 {
+            t.get(&b, "sk");
+        }
+        for (i, w) in workers.iter().enumerate() {
+            let sent = calls(w);
+            for call in &sent[answered[i]..] {
+                pending.push((ms + latency_ms, i, call.token));
+            }
+            answered[i] = sent.len();
+            if ms >= next_tick[i] {
+                w.on_tick();
+                next_tick[i] = ms + w.host().tick_ms.get().max(1);
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.0 <= ms);
+        pending = later;
+        for (_, i, token) in due {
+            let message = ok(99_000_000);
+            *workers[i].host().grpc_answer.borrow_mut() = message.clone();
+            workers[i].on_grpc_answer(token, GrpcOutcome::Message(message.len()));
+        }
+        if ms % 1_000 == 999 {
+            let sent: usize = workers.iter().map(|w| calls(w).len()).sum();
+            per_interval.push(sent - sent_before);
+            sent_before = sent;
+        }
+    }
+    per_interval
+}
+
+#[test]
+fn steady_traffic_makes_one_call_per_interval() {
+    let loads = [
+        (1, 3, 2),
+        (1, 1, 2),
+        (2, 5, 5),
+        (1, 10, 20),
+        (3, 1, 50),
+        (1, 2, 100),
+        (5, 1, 10),
+        (1, 50, 1),
+    ];
+    for (per_ms_a, every_b_ms, latency_ms) in loads {
+        let per_interval = steady_calls(per_ms_a, every_b_ms, latency_ms, 8);
+        // After the first seconds, in which the allowance grows to the traffic.
+        assert!(
+            per_interval[2..].iter().all(|&n| n <= 1),
+            "{per_ms_a} a ms, one every {every_b_ms} ms, answered in {latency_ms} ms: \
+             {per_interval:?}"
+        );
+    }
+}
