@@ -11,7 +11,7 @@ use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
 use crate::keys::known_key::{KeyQuotas, KnownKey};
 use crate::quotas::allowance::{
-    rate_items, Checked, Decision, Known, QuotaState, REPORT_EVERY_INTERVALS,
+    rate_items, Checked, Decision, Known, QuotaState, MIN_ALLOWANCE, REPORT_EVERY_INTERVALS,
 };
 use crate::quotas::rls::{self, Answer, Failure, Verdict};
 use crate::quotas::rls_messages;
@@ -568,9 +568,10 @@ impl<H: Host> Worker<H> {
         // A share held this long goes back whole, so that none is held for ever.
         let expired_at_ms = now_ms.saturating_sub(interval_ms * REPORT_EVERY_INTERVALS);
         // A key is looked at when its node asked for a report, when this worker admitted
-        // from its share since the last tick (so that the node sizes its allowance by
-        // what was admitted in the interval, not when shares happen to come back), and
-        // at least every REPORT_EVERY_INTERVALS: an idle key costs no compare-and-swap.
+        // a good part of a small allowance from its share since the last tick (so that
+        // the node sizes its allowance by what was admitted in the interval, not when
+        // shares happen to come back; below that MIN_ALLOWANCE sizes it anyway), and at
+        // least every REPORT_EVERY_INTERVALS: a quiet key costs no compare-and-swap.
         let every_ms = interval_ms * REPORT_EVERY_INTERVALS;
         let lent = self.lent.borrow();
         let keys: Vec<Rc<KnownKey>> = self
@@ -579,7 +580,9 @@ impl<H: Host> Worker<H> {
             .iter()
             .filter(|(id, u)| {
                 u.due
-                    || lent.get(id).is_some_and(|share| share.used > 0)
+                    || lent
+                        .get(id)
+                        .is_some_and(|share| share.used >= MIN_ALLOWANCE / 2)
                     || now_ms >= u.visited_ms.saturating_add(every_ms)
             })
             .map(|(_, u)| u.known.clone())

@@ -297,7 +297,7 @@ impl QuotaState {
     /// Half of what the node may hold is admitted unreported: a report would bring a new
     /// allowance before this one runs out.
     pub fn report_wanted(&self) -> bool {
-        self.spent > 0 && self.spent >= self.grant.saturating_add(self.lent)
+        self.spent > 0 && self.spent >= self.grant
     }
 
     /// The earliest time `claim_report` can claim a report that is wanted: an interval
