@@ -78,11 +78,16 @@ def count_a_known_mix_of_requests(stack):
 
 def test_the_access_log_says_who_called_and_never_holds_the_key(stack):
     assert send(stack, "obs-valid-6d1c", "/whoami").status == 200
+    assert send(stack, "obs-valid-6d1c", "/admin/whoami").status == 403
     assert send(stack, "obs-unknown-2", "/whoami").status == 401
     stack.wait_for("access", fingerprint("obs-unknown-2"))
     lines = [line for line in stack.access_log().splitlines() if "/whoami" in line]
+    # An accepted key is named by the identity headers the filter set; a refused one
+    # by its fingerprint too, and by its identity when it is known.
     allowed = next(line for line in lines if '" 200 ' in line)
-    assert f"key_id=k_obs owner=acme key={fingerprint('obs-valid-6d1c')}" in allowed
+    assert "key_id=k_obs owner=acme key=- " in allowed
+    refused = next(line for line in lines if '" 403 ' in line)
+    assert f"key_id=k_obs owner=acme key={fingerprint('obs-valid-6d1c')}" in refused
     denied = next(line for line in lines if '" 401 ' in line)
     assert f"key_id=- owner=- key={fingerprint('obs-unknown-2')}" in denied
     log = stack.access_log()

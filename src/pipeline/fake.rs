@@ -4,8 +4,7 @@
 //! made on it), a clock the test moves, callouts the test answers, queues the test
 //! delivers, stats by name, and requests that record what was done to them.
 use super::ports::{
-    Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
-    Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
 };
 use super::stats::{counter_names, Counter, Gauge, Histogram};
 use crate::storage::shared_store::fake::FakeStore;
@@ -57,7 +56,8 @@ pub struct RequestLog {
     pub removed: Vec<String>,
     pub set: Vec<(String, Vec<u8>)>,
     pub response_headers: Vec<(String, String)>,
-    pub log_fields: Vec<(LogField, String)>,
+    /// The fingerprint it named for the access log.
+    pub log_fingerprint: Option<String>,
     pub reply: Option<Reply>,
     pub resumed: bool,
     /// Its client went away.
@@ -353,8 +353,8 @@ impl RequestIo for FakeRequest {
         });
     }
 
-    fn set_log_field(&mut self, field: LogField, value: &str) {
-        self.log(|r| r.log_fields.push((field, value.to_string())));
+    fn log_fingerprint(&mut self, fingerprint: &str) {
+        self.log(|r| r.log_fingerprint = Some(fingerprint.to_string()));
     }
 
     fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]) {

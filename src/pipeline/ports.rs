@@ -68,24 +68,9 @@ pub trait Stats {
     }
 }
 
-/// Access-log fields the filter sets in the request's filter state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogField {
-    Fingerprint,
-    KeyId,
-    Owner,
-}
-
-impl LogField {
-    /// The filter-state name (the access log reads `wasm.<name>`).
-    pub fn name(self) -> &'static str {
-        match self {
-            LogField::Fingerprint => "apikey_filter.fingerprint",
-            LogField::KeyId => "apikey_filter.key_id",
-            LogField::Owner => "apikey_filter.owner",
-        }
-    }
-}
+/// The filter-state name of a refused key's fingerprint (the access log reads
+/// `wasm.<name>`).
+pub const FINGERPRINT_LOG_FIELD: &str = "apikey_filter.fingerprint";
 
 /// One request: what it carries beyond its headers, header edits and replies.
 pub trait RequestIo {
@@ -94,7 +79,10 @@ pub trait RequestIo {
     fn remove_header(&mut self, name: &str);
     fn set_header(&mut self, name: &str, value: &[u8]);
     fn add_response_header(&mut self, name: &str, value: &str);
-    fn set_log_field(&mut self, field: LogField, value: &str);
+    /// Names, for the access log, a key the filter answered itself or forwarded without
+    /// identity (`FINGERPRINT_LOG_FIELD`); an accepted key is named by its identity
+    /// headers, at no cost.
+    fn log_fingerprint(&mut self, fingerprint: &str);
     /// Answers the request here with a local reply.
     fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]);
     /// Lets a paused request go on upstream.

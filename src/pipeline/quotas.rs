@@ -5,7 +5,7 @@
 //! for each key it admitted some of: one report per key per interval for the whole node,
 //! claimed in the key's shared state, and the answer sets the next allowance.
 use super::ports::{Clock, GrpcCall, Host, RequestIo, SharedStore, Stats};
-use super::request::{admit, refuse, Handled, RateHeaders, Request};
+use super::request::{admit, log_key, refuse, Handled, RateHeaders, Request};
 use super::stats::{Counter, Histogram, RlsFailureKind};
 use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
@@ -168,7 +168,7 @@ pub fn with_quota_items(
 pub fn refuse_quota(
     host: &(impl Clock + SharedStore + Stats),
     io: &mut impl RequestIo,
-    config: &Config,
+    request: &Request,
     quotas: &KeyQuotas,
     bucket: Option<RateHeaders>,
     refusal: Refusal,
@@ -182,7 +182,8 @@ pub fn refuse_quota(
     if let Some(headers) = &headers {
         extra.extend(headers.fields());
     }
-    refuse(host, io, config, refusal.denial, &extra);
+    log_key(io, request);
+    refuse(host, io, &request.config, refusal.denial, &extra);
 }
 
 impl<H: Host> Worker<H> {
@@ -266,7 +267,7 @@ impl<H: Host> Worker<H> {
                 self.ask_quotas(context_id, io, request, known, ask)
             }
             QuotaStep::Refused(refusal) => {
-                refuse_quota(&self.host, io, &config, quotas, rate_headers, refusal);
+                refuse_quota(&self.host, io, &request, quotas, rate_headers, refusal);
                 Some(Handled::Answered)
             }
         }
@@ -393,14 +394,14 @@ impl<H: Host> Worker<H> {
                 Handled::Forward(with_quota_items(rate_headers, quotas, items))
             }
             QuotaStep::Refused(refusal) => {
-                refuse_quota(&self.host, io, config, quotas, rate_headers, refusal);
+                refuse_quota(&self.host, io, request, quotas, rate_headers, refusal);
                 Handled::Answered
             }
             // A failed call is answered by `failure_mode` (`on_check_failed`), never asked
             // again: refused like the closed mode, should it ever get here.
             QuotaStep::Ask { .. } => {
                 let refusal = Refusal::unavailable();
-                refuse_quota(&self.host, io, config, quotas, rate_headers, refusal);
+                refuse_quota(&self.host, io, request, quotas, rate_headers, refusal);
                 Handled::Answered
             }
         }

@@ -2,7 +2,7 @@
 //! brute-force budget, the key's verdict, revoked / expired / address / referrer / scopes,
 //! the bucket, and the identity headers. Each step acts on the request through `RequestIo` and counts through
 //! `Stats`, so that every row of the status table is tested natively.
-use super::ports::{Clock, LogField, RequestIo, SharedStore, Stats};
+use super::ports::{Clock, RequestIo, SharedStore, Stats};
 use super::stats::Counter;
 use super::warnings::Warnings;
 use crate::config::{BucketSpec, Config, FailureMode};
@@ -108,10 +108,12 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     let known = match outcome {
         Outcome::Known(known) => known,
         Outcome::Deny(denial) => {
+            log_key(io, request);
             deny(host, io, config, request.client.as_deref(), denial);
             return Handled::Answered;
         }
         Outcome::ForwardAnonymous => {
+            log_key(io, request);
             log::debug!(
                 "key {}: key service failing, forwarded without identity (failure_mode open)",
                 fingerprint(&request.key_hash)
@@ -122,8 +124,11 @@ pub fn finish<H: Clock + SharedStore + Stats>(
         }
     };
     let record = &known.record;
-    io.set_log_field(LogField::KeyId, &record.key_id);
-    io.set_log_field(LogField::Owner, &record.owner);
+    // Set before any check: a request refused here is not forwarded, and its access log
+    // line names the key as an accepted one's does.
+    let names = &config.identity_headers;
+    set_identity(io, &names.key_id, &record.key_id);
+    set_identity(io, &names.owner, &record.owner);
     let scopes = required_scopes(&config.rules, request.rule);
     let mut origin = RequestOrigin {
         io,
@@ -131,6 +136,7 @@ pub fn finish<H: Clock + SharedStore + Stats>(
         headers,
     };
     if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes, &mut origin) {
+        log_key(io, request);
         deny(host, io, config, request.client.as_deref(), denial);
         return Handled::Answered;
     }
@@ -148,6 +154,7 @@ pub fn finish<H: Clock + SharedStore + Stats>(
                 let retry_after = take.retry_after_s.to_string();
                 let [policy, state] = headers.fields();
                 let extra = [("retry-after", retry_after.as_str()), policy, state];
+                log_key(io, request);
                 refuse(host, io, config, Denial::RateLimited, &extra);
                 return Handled::Answered;
             }
@@ -161,25 +168,30 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     Handled::Forward(rate_headers)
 }
 
-/// Sets the identity headers of a request whose key passed every check, and counts it.
+/// Completes the identity headers of a request whose key passed every check (`finish`
+/// set the others), and counts it.
 pub fn admit(host: &impl Stats, io: &mut impl RequestIo, request: &Request, known: &KnownKey) {
-    let record = &known.record;
     log::debug!(
         "key {} ({}): allowed",
         fingerprint(&request.key_hash),
-        record.key_id
+        known.record.key_id
     );
     let names = &request.config.identity_headers;
-    for (name, value) in [
-        (&names.key_id, record.key_id.as_str()),
-        (&names.owner, record.owner.as_str()),
-        (&names.scopes, known.scopes_header.as_str()),
-    ] {
-        if !value.is_empty() {
-            io.set_header(name, value.as_bytes());
-        }
-    }
+    set_identity(io, &names.scopes, &known.scopes_header);
     host.count(Counter::Allowed);
+}
+
+/// An identity header; one whose value would be empty is left out.
+fn set_identity(io: &mut impl RequestIo, name: &str, value: &str) {
+    if !value.is_empty() {
+        io.set_header(name, value.as_bytes());
+    }
+}
+
+/// Names the request's key for the access log, by its fingerprint: for a request not
+/// accepted (an accepted one is named by its identity headers).
+pub fn log_key(io: &mut impl RequestIo, request: &Request) {
+    io.log_fingerprint(fingerprint(&request.key_hash).as_str());
 }
 
 /// Where a request comes from, as `authorize` asks for it.

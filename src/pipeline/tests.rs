@@ -234,6 +234,7 @@ fn a_found_key_is_forwarded_with_its_identity_and_only_the_hash_leaves() {
         log.header_set("x-api-key-scopes").as_deref(),
         Some("orders:read")
     );
+    assert_eq!(log.log_fingerprint, None, "named by its identity headers");
 
     // The second request is a cache hit, forwarded at once, with its RateLimit fields.
     let (id, flow) = t.get(&w, "sk-1");
@@ -281,6 +282,11 @@ fn an_unknown_key_is_401_and_remembered() {
     assert_denied(&reply.unwrap(), 401, "api_key_invalid");
     let (id, _) = t.get(&w, "nope");
     assert_denied(&reply_of(&w, id), 401, "api_key_invalid");
+    let fingerprint = &hash_hex(&hash_key(b"nope"))[..12];
+    assert_eq!(
+        w.host().log_of(id).log_fingerprint.as_deref(),
+        Some(fingerprint)
+    );
     assert_eq!(w.host().callouts.borrow().len(), 1);
     assert_eq!(w.host().stat("cache.negative_hit"), 1);
     assert_eq!(w.host().stat("denied.api_key_invalid"), 2);
@@ -312,6 +318,11 @@ fn a_key_lacking_a_scope_a_rule_demands_is_403() {
     let (id, flow) = t.send(&w, "POST", "/orders/1", &[("x-api-key", "sk")]);
     assert_eq!(flow, Flow::Pause);
     assert_denied(&reply_of(&w, id), 403, "permission_denied");
+    // For the access log: who it was, and which key (the request is not forwarded).
+    let log = w.host().log_of(id);
+    assert_eq!(log.header_set("x-api-key-id").as_deref(), Some("k_alice"));
+    let fingerprint = &hash_hex(&hash_key(b"sk"))[..12];
+    assert_eq!(log.log_fingerprint.as_deref(), Some(fingerprint));
     let (_, flow) = t.send(&w, "GET", "/orders/1", &[("x-api-key", "sk")]);
     assert!(matches!(flow, Flow::Forward(_)), "no rule for GET");
 }

@@ -8,7 +8,7 @@
 //! the answer to the context that made it. Owned by the worker, one callout serves every
 //! request waiting on a key even after the client that caused it has gone.
 use super::per_key::PerKeyStats;
-use super::ports::{Callout, Host, LogField, RequestIo};
+use super::ports::{Callout, Host, RequestIo};
 use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
     deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
@@ -262,7 +262,6 @@ impl<H: Host> Worker<H> {
         else {
             return self.deny(io, &config, client, Denial::KeyServiceUnavailable);
         };
-        io.set_log_field(LogField::Fingerprint, fingerprint(&key_hash).as_str());
         let mut request = Request {
             client: client.map(str::to_string),
             key_hash,

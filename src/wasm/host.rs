@@ -1,8 +1,8 @@
 //! The pipeline's host ports as proxy-wasm calls: nothing here decides anything.
 use super::abi;
 use crate::pipeline::ports::{
-    Callout, Callouts, Clock, GrpcCall, Host, LogField, RequestIo, SetError, SharedStore, Stats,
-    Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
+    FINGERPRINT_LOG_FIELD,
 };
 use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::request::header_map;
@@ -185,8 +185,8 @@ impl RequestIo for WasmRequest {
     /// Filter state for access logs, read as `%FILTER_STATE(wasm.<name>:PLAIN)%` (Envoy
     /// puts properties a wasm filter sets under `wasm.`). A path of one segment is its
     /// bytes as they are.
-    fn set_log_field(&mut self, field: LogField, value: &str) {
-        abi::set_property(field.name(), value);
+    fn log_fingerprint(&mut self, fingerprint: &str) {
+        abi::set_property(FINGERPRINT_LOG_FIELD, fingerprint);
     }
 
     fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]) {
