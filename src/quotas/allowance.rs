@@ -610,12 +610,19 @@ mod tests {
         assert_eq!(s.grant, 2 * admitted + MIN_ALLOWANCE);
     }
 
+    /// A key whose service said `remaining` at 0, and whose allowance was then admitted
+    /// whole at `now_ms`.
+    fn allowance_spent(remaining: u32, now_ms: u64) -> QuotaState {
+        let mut s = QuotaState::new(1);
+        s.on_check(&said(false, remaining), &[DAY], 1, 0, BATCHED);
+        let grant = s.grant;
+        admit_n(&mut s, grant, now_ms);
+        s
+    }
+
     #[test]
     fn while_a_call_is_in_flight_a_spent_allowance_is_overdrawn_up_to_the_ceiling() {
-        let mut s = QuotaState::new(1);
-        s.on_check(&said(false, 400), &[DAY], 1, 0, BATCHED);
-        let grant = s.grant;
-        admit_n(&mut s, grant, 0);
+        let mut s = allowance_spent(400, 0);
         let held = s.spent;
         assert_eq!(
             s.decide(1, BATCHED, &[DAY]),
@@ -643,10 +650,7 @@ mod tests {
 
     #[test]
     fn a_call_that_carries_admissions_is_the_intervals_report() {
-        let mut s = QuotaState::new(1);
-        s.on_check(&said(false, 990), &[DAY], 1, 0, BATCHED);
-        let grant = s.grant;
-        admit_n(&mut s, grant, 500);
+        let mut s = allowance_spent(990, 500);
         assert!(matches!(
             s.decide(600, BATCHED, &[DAY]),
             Decision::Ask { .. }
