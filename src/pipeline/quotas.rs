@@ -514,11 +514,13 @@ impl<H: Host> Worker<H> {
         let Some(quotas) = &known.quotas else {
             return;
         };
-        let now_ms = self.host.now_ms();
         let mut unreported = self.unreported.borrow_mut();
+        // The request path's common case, with no host call: nothing new to plan.
+        if report_at.is_none() && unreported.contains_key(&quotas.id) {
+            return;
+        }
+        let now_ms = self.host.now_ms();
         match unreported.get_mut(&quotas.id) {
-            // The request path's common case: nothing new to plan.
-            Some(_) if report_at.is_none() => return,
             Some(entry) => entry.due = true,
             None => {
                 let entry = Unreported {
