@@ -286,9 +286,9 @@ const kind = COLD ? "cold" : "cached";
 let coldKeys = 0;
 const measuredKey = (i) => COLD ? `bench-cold-${coldKeys++}` : keys[i % HOT_KEYS];
 // One request per hot key, each counted on its own; the median one is reported. A worker
-// keeps its copies of keys direct-mapped under a secret drawn at start, so now and then two
-// of the hundred keys share a place and each of their requests reads shared data again: a
-// cost of those keys, not of a cached request.
+// places its copies of keys by a secret drawn at start, so now and then a key finds no room
+// among them and each of its requests reads shared data again: a cost of that key, not of
+// a cached request.
 counting = true;
 const countedRequests = [];
 for (let i = 0; i < HOT_KEYS; i++) {

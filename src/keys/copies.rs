@@ -38,7 +38,10 @@ pub struct Copy {
     pub known: Rc<KnownKey>,
 }
 
-/// Direct-mapped: a key has one place, and a newer copy takes it from whoever held it.
+/// A key has two places, one from each half of its id: a copy goes to the one that holds
+/// the key already, else to an empty one, else it takes the first from whoever held it.
+/// With one place each, two busy keys that shared it would take it from each other on
+/// every request and read shared data each time; with two, that needs three keys sharing.
 pub struct Copies {
     places: Vec<Option<Box<Copy>>>,
     secret: RandomState,
@@ -60,10 +63,9 @@ impl Copies {
 
     /// The key's copy, if this worker has one.
     pub fn get(&self, id: CopyId) -> Option<&Copy> {
-        self.places
-            .get(self.place_of(id))?
-            .as_deref()
-            .filter(|copy| copy.id == id)
+        self.places_of(id)
+            .into_iter()
+            .find_map(|place| self.copy_at(place).filter(|copy| copy.id == id))
     }
 
     /// Keeps a copy of a found entry the node-wide cache holds as stored at `stored_at_ms`.
@@ -80,7 +82,15 @@ impl Copies {
         if text > MAX_COPIED_TEXT_BYTES {
             return;
         }
-        let place = self.place_of(id);
+        let places = self.places_of(id);
+        let place = places
+            .into_iter()
+            .find(|&place| self.copy_at(place).is_some_and(|copy| copy.id == id))
+            .or_else(|| {
+                let empty = |place: &usize| self.places.get(*place).is_some_and(Option::is_none);
+                places.into_iter().find(empty)
+            })
+            .unwrap_or(places[0]);
         if let Some(slot) = self.places.get_mut(place) {
             *slot = Some(Box::new(Copy {
                 id,
@@ -109,8 +119,13 @@ impl Copies {
         self.places.iter_mut().for_each(|place| *place = None);
     }
 
-    fn place_of(&self, id: CopyId) -> usize {
-        (id.0[0] % self.places.len().max(1) as u64) as usize
+    fn copy_at(&self, place: usize) -> Option<&Copy> {
+        self.places.get(place)?.as_deref()
+    }
+
+    fn places_of(&self, id: CopyId) -> [usize; 2] {
+        let places = self.places.len().max(1) as u64;
+        id.0.map(|half| (half % places) as usize)
     }
 }
 
@@ -147,6 +162,27 @@ mod tests {
         put(&mut copies, "key-b", 0, known("b"));
         assert_eq!(get(&copies, "key-b"), Some((0, known("b"))));
         assert_eq!(get(&copies, "key-a"), None, "its place was taken");
+    }
+
+    #[test]
+    fn two_keys_that_share_a_place_both_keep_their_copies() {
+        let mut copies = Copies::new(16);
+        let places = |copies: &Copies, key: &str| copies.places_of(copies.id_of(key.as_bytes()));
+        let a = "key-a";
+        let [a_first, a_second] = places(&copies, a);
+        let b = (0..10_000)
+            .map(|i| format!("key-{i}"))
+            .find(|b| {
+                let [b_first, b_second] = places(&copies, b);
+                b_first == a_first && b_second != a_second && b_second != a_first
+            })
+            .expect("a key sharing key-a's first place");
+        put(&mut copies, a, 0, known("a"));
+        put(&mut copies, &b, 0, known("b"));
+        put(&mut copies, a, 60_000, known("a2"));
+        assert_eq!(get(&copies, a), Some((60_000, known("a2"))));
+        assert_eq!(get(&copies, &b), Some((0, known("b"))));
+        assert_eq!(copies.places.iter().flatten().count(), 2, "one copy each");
     }
 
     #[test]
