@@ -138,11 +138,6 @@ impl QuotaState {
                 retry_after_s: seconds_until(self.blocked_until_ms, now_ms),
             };
         }
-        if !exact && self.grant == 0 && self.may_overdraw(quotas, now_ms) {
-            self.spent = self.spent.saturating_add(1);
-            self.count_admitted(1, now_ms, mode);
-            return Decision::Admit { lent: 0 };
-        }
         if !exact && self.grant > 0 {
             self.grant -= 1;
             self.spent = self.spent.saturating_add(1);
@@ -154,6 +149,11 @@ impl QuotaState {
         }
         if now_ms < self.failing_until_ms {
             return self.while_failing(now_ms, mode);
+        }
+        if !exact && self.may_overdraw(quotas, now_ms) {
+            self.spent = self.spent.saturating_add(1);
+            self.count_admitted(1, now_ms, mode);
+            return Decision::Admit { lent: 0 };
         }
         // The exact mode reports what it admitted while the service failed on its tick.
         let carried = if exact {
@@ -638,6 +638,14 @@ mod tests {
             s.decide(1, BATCHED, &[DAY]),
             Decision::Ask { carried: 40 - held }
         );
+        // While the service fails, `failure_mode` answers, not the ceiling.
+        let mut failing = allowance_spent(400, 0);
+        assert!(matches!(
+            failing.decide(1, CLOSED, &[DAY]),
+            Decision::Ask { .. }
+        ));
+        failing.failing_until_ms = 1_000;
+        assert_eq!(failing.decide(2, CLOSED, &[DAY]), Decision::Unavailable);
         // Nothing in flight: a request asks.
         let mut idle = QuotaState::new(1);
         idle.on_check(&said(false, 400), &[DAY], 1, 0, BATCHED);
