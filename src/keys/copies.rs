@@ -83,13 +83,10 @@ impl Copies {
             return;
         }
         let places = self.places_of(id);
-        let place = places
-            .into_iter()
-            .find(|&place| self.copy_at(place).is_some_and(|copy| copy.id == id))
-            .or_else(|| {
-                let empty = |place: &usize| self.places.get(*place).is_some_and(Option::is_none);
-                places.into_iter().find(empty)
-            })
+        let holds_it = |place: &usize| self.copy_at(*place).is_some_and(|copy| copy.id == id);
+        let is_free = |place: &usize| self.places.get(*place).is_some_and(Option::is_none);
+        let place = (places.into_iter().find(holds_it))
+            .or_else(|| places.into_iter().find(is_free))
             .unwrap_or(places[0]);
         if let Some(slot) = self.places.get_mut(place) {
             *slot = Some(Box::new(Copy {

@@ -68,10 +68,6 @@ pub trait Stats {
     }
 }
 
-/// The filter-state name of a refused key's fingerprint (the access log reads
-/// `wasm.<name>`).
-pub const FINGERPRINT_LOG_FIELD: &str = "apikey_filter.fingerprint";
-
 /// One request: what it carries beyond its headers, header edits and replies.
 pub trait RequestIo {
     /// Envoy's downstream remote address (`source.address`, `ip:port`).
@@ -80,8 +76,7 @@ pub trait RequestIo {
     fn set_header(&mut self, name: &str, value: &[u8]);
     fn add_response_header(&mut self, name: &str, value: &str);
     /// Names, for the access log, a key the filter answered itself or forwarded without
-    /// identity (`FINGERPRINT_LOG_FIELD`); an accepted key is named by its identity
-    /// headers, at no cost.
+    /// identity; an accepted key is named by its identity headers, at no cost.
     fn log_fingerprint(&mut self, fingerprint: &str);
     /// Answers the request here with a local reply.
     fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]);

@@ -520,17 +520,14 @@ impl<H: Host> Worker<H> {
             return;
         }
         let now_ms = self.host.now_ms();
-        match unreported.get_mut(&quotas.id) {
-            Some(entry) => entry.due = true,
-            None => {
-                let entry = Unreported {
-                    known: known.clone(),
-                    due: report_at.is_some(),
-                    visited_ms: now_ms,
-                };
-                unreported.insert(quotas.id, entry);
-            }
-        }
+        unreported
+            .entry(quotas.id)
+            .and_modify(|entry| entry.due = true)
+            .or_insert_with(|| Unreported {
+                known: known.clone(),
+                due: report_at.is_some(),
+                visited_ms: now_ms,
+            });
         drop(unreported);
         let Some(interval_ms) = self.config().and_then(|c| {
             c.rate_limit_service

@@ -2,7 +2,6 @@
 use super::abi;
 use crate::pipeline::ports::{
     Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
-    FINGERPRINT_LOG_FIELD,
 };
 use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::request::header_map;
@@ -186,7 +185,7 @@ impl RequestIo for WasmRequest {
     /// puts properties a wasm filter sets under `wasm.`). A path of one segment is its
     /// bytes as they are.
     fn log_fingerprint(&mut self, fingerprint: &str) {
-        abi::set_property(FINGERPRINT_LOG_FIELD, fingerprint);
+        abi::set_property("apikey_filter.fingerprint", fingerprint);
     }
 
     fn reply(&mut self, status: u32, body: &str, headers: &[(&str, &str)]) {
