@@ -69,9 +69,51 @@ def render_text(values, template=TEMPLATE):
     return PLACEHOLDER.sub(lambda m: str(merged[m.group(1)]), text)
 
 
-def render(values, out_path, template=TEMPLATE):
-    """Render the template with `values` (NAME -> value; FILTER_CONFIG may be a dict) to out_path."""
+WASM_FILTER_START = "          - name: envoy.filters.http.wasm\n"
+ROUTER_FILTER_START = "          - name: envoy.filters.http.router\n"
+WASM_FINGERPRINT = "%FILTER_STATE(wasm.apikey_filter.fingerprint:PLAIN)%"
+MODULE_FILTER = """\
+          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config:
+                # libapikey_filter.so, found in $ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+                name: apikey_filter
+                do_not_close: true
+              filter_name: apikey_filter
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: |
+                  {config}
+"""
+# Prometheus then names the module's stats as the .wasm's (apikey_filter_allowed, not
+# envoy_dynamicmodulescustom_apikey_filter_allowed), so one set of dashboards serves both.
+MODULE_RUNTIME = """
+layered_runtime:
+  layers:
+  - name: static
+    static_layer:
+      envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true
+"""
+
+
+def as_module(text, filter_config):
+    """The same Envoy configuration, loading libapikey_filter.so (Envoy 1.40's dynamic
+    modules filter) instead of the .wasm: the filter block, and the access log's filter
+    state name (a wasm filter's properties are under `wasm.`)."""
+    start = text.index(WASM_FILTER_START)
+    end = text.index(ROUTER_FILTER_START, start)
+    module = MODULE_FILTER.replace("{config}", filter_config_line(filter_config))
+    text = text[:start] + module + text[end:] + MODULE_RUNTIME
+    return text.replace(WASM_FINGERPRINT, "%FILTER_STATE(apikey_filter.fingerprint:PLAIN)%")
+
+
+def render(values, out_path, template=TEMPLATE, build="wasm"):
+    """Render the template with `values` (NAME -> value; FILTER_CONFIG may be a dict) to
+    out_path; build="module" loads libapikey_filter.so instead of the .wasm."""
     text = render_text(values, template)
+    if build == "module":
+        text = as_module(text, values["FILTER_CONFIG"])
     Path(out_path).write_text(text)
     return Path(out_path)
 
@@ -81,6 +123,9 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fill a placeholder")
     ap.add_argument("--filter-config", metavar="FILE", help="JSON file inserted as FILTER_CONFIG (on one line)")
     ap.add_argument("--template", default=str(TEMPLATE))
+    ap.add_argument("--build", choices=("wasm", "module"), default="wasm",
+                    help="load the .wasm (WASM_PATH) or libapikey_filter.so (Envoy 1.40+; set "
+                         "ENVOY_DYNAMIC_MODULES_SEARCH_PATH to its folder; WASM_PATH is then unused)")
     ap.add_argument("-o", "--output", required=True, metavar="OUT")
     args = ap.parse_args(argv)
 
@@ -93,7 +138,7 @@ def main(argv=None):
     if args.filter_config:
         values["FILTER_CONFIG"] = json.loads(Path(args.filter_config).read_text())
     try:
-        render(values, args.output, args.template)
+        render(values, args.output, args.template, args.build)
     except RenderError as e:
         print(f"render_envoy: {e}", file=sys.stderr)
         return 2

@@ -3,11 +3,20 @@
 //! building such a string.
 
 /// Appends `n` in decimal.
-pub fn push(out: &mut String, n: u64) {
-    if n >= 10 {
-        push(out, n / 10);
+pub fn push(out: &mut String, mut n: u64) {
+    // Written from the right; u64::MAX has 20 digits.
+    let mut digits = [0u8; 20];
+    let mut used = 0;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        used += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
-    out.push(char::from(b'0' + (n % 10) as u8));
+    let digits = digits.get(digits.len() - used..).unwrap_or_default();
+    out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
 #[cfg(test)]

@@ -38,6 +38,10 @@ pub mod storage;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 
+/// The dynamic module host (`libapikey_filter.so`), built with `--features dynamic-module`.
+#[cfg(all(feature = "dynamic-module", not(target_arch = "wasm32")))]
+mod native;
+
 /// A `## heading` section of the README, for the tests that hold it to the code.
 #[cfg(test)]
 pub fn readme_section(heading: &str) -> &'static str {

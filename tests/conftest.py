@@ -10,7 +10,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from harness import WASM_PATH  # noqa: E402
+from harness import FILTER_PATH  # noqa: E402
 
 DEFAULT_TIMEOUT_S = 120
 # These run the helper servers on their own; they need neither the .wasm nor Envoy.
@@ -29,5 +29,5 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(session, config, items):
     needs_wasm = any(item.path.name not in NO_ENVOY_MODULES for item in items)
-    if needs_wasm and not WASM_PATH.is_file():
-        pytest.exit(f"{WASM_PATH} not found: run scripts/build first", returncode=2)
+    if needs_wasm and not FILTER_PATH.is_file():
+        pytest.exit(f"{FILTER_PATH} not found: run scripts/build (or scripts/build-module) first", returncode=2)

@@ -35,6 +35,17 @@ SCRIPTS = ROOT / "scripts"
 # APIKEY_WASM=FILE runs the tests against another build (a debug one, an older release).
 DEFAULT_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "apikey_filter.wasm"
 WASM_PATH = Path(os.environ.get("APIKEY_WASM") or DEFAULT_WASM).resolve()
+# APIKEY_BUILD=module runs the same tests against libapikey_filter.so, Envoy 1.40's dynamic
+# module (scripts/build-module), instead of the .wasm.
+BUILD = os.environ.get("APIKEY_BUILD") or "wasm"
+MODULE_PATH = (ROOT / "target" / "module" / "libapikey_filter.so").resolve()
+if BUILD == "module":
+    os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(MODULE_PATH.parent)
+FILTER_PATH = MODULE_PATH if BUILD == "module" else WASM_PATH
+# Where Envoy puts the filter's stats: a wasm filter's under wasmcustom., a dynamic module's
+# under dynamicmodulescustom. (Prometheus drops both: apikey_filter_allowed from either).
+STATS_NAMESPACE = "dynamicmodulescustom." if BUILD == "module" else "wasmcustom."
+STATS_PREFIX = STATS_NAMESPACE + "apikey_filter."
 HOST = "127.0.0.1"
 POLL_S = 0.05  # every wait polls at this pace: start-up must stay quick on 2 cores
 START_TIMEOUT_S = 20
@@ -352,8 +363,8 @@ def envoy_histograms(admin_port):
 
 
 def _check_wasm():
-    if not WASM_PATH.is_file():
-        raise HarnessError(f"{WASM_PATH} not found: run scripts/build first")
+    if not FILTER_PATH.is_file():
+        raise HarnessError(f"{FILTER_PATH} not found: run scripts/build (or scripts/build-module) first")
 
 
 def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_service_port,
@@ -374,7 +385,7 @@ def _render(tmp, filter_config, listen_port, admin_port, upstream_port, key_serv
         "FILTER_CONFIG": filter_config,
         "LISTEN_ADDRESS": f'"{listen_address}"' if ":" in listen_address else listen_address,  # YAML
         **({"RLS_PORT": rls_port} if rls_port else {}),
-    }, config)
+    }, config, build=BUILD)
     if lds:
         _move_listener_to_lds(config, Path(tmp) / "lds.yaml")
     return config
@@ -674,11 +685,19 @@ class Stack(Service):
         return envoy_stats(self.admin_port)
 
     def stat(self, name, default=0):
-        """One counter or gauge. "apikey_filter.allowed" also finds "wasmcustom.apikey_filter.allowed"."""
+        """One counter or gauge. "apikey_filter.allowed" also finds "wasmcustom.apikey_filter.allowed"
+        (or the module's "dynamicmodulescustom.apikey_filter.allowed")."""
         stats = self.stats()
         if name in stats:
             return stats[name]
-        return stats.get("wasmcustom." + name, default)
+        return stats.get(STATS_NAMESPACE + name, default)
+
+    def filter_stats(self, nonzero=False):
+        """The filter's own counters and gauges without their prefix, {"allowed": 3, ...}:
+        the .wasm's are wasmcustom.apikey_filter.*, the module's apikey_filter.*."""
+        prefix = STATS_PREFIX
+        return {k[len(prefix):]: v for k, v in self.stats().items()
+                if k.startswith(prefix) and (v or not nonzero)}
 
     def histograms(self):
         """{name: {"p50": v, "p99": v, ...}} of cumulative quantiles (see envoy_histograms)."""

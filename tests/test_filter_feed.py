@@ -19,8 +19,7 @@ def feed_config(cache=HOUR, **extra):
 
 
 def filter_stats(stack):
-    prefix = "wasmcustom.apikey_filter."
-    return {k[len(prefix):]: v for k, v in stack.stats().items() if k.startswith(prefix)}
+    return stack.filter_stats()
 
 
 def send(stack, key, path="/"):

@@ -28,8 +28,7 @@ def stack():
 
 
 def filter_stats(stack):
-    prefix = "wasmcustom.apikey_filter."
-    return {k[len(prefix):]: v for k, v in stack.stats().items() if k.startswith(prefix) and v}
+    return stack.filter_stats(nonzero=True)
 
 
 def send(stack, key=None, path="/"):

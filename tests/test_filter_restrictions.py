@@ -116,16 +116,16 @@ def test_a_key_bound_to_referrers(stack):
 
 
 def test_refusals_by_restriction_are_counted(stack):
-    stats = {k: v for k, v in stack.stats().items() if k.startswith("wasmcustom.apikey_filter.denied.")}
-    assert stats["wasmcustom.apikey_filter.denied.address_not_allowed"] >= 1
-    assert stats["wasmcustom.apikey_filter.denied.referrer_not_allowed"] >= 1
+    stats = stack.filter_stats()
+    assert stats["denied.address_not_allowed"] >= 1
+    assert stats["denied.referrer_not_allowed"] >= 1
 
 
 def test_a_record_with_a_restriction_that_does_not_parse_is_a_key_service_failure():
     keys = {key_hash("bound-broken"): {"key_id": "kb", "allowed_referrers": ["https://*.*/"]}}
     with Stack({"key_service": SERVICE}, keys=keys, concurrency=1) as s:
         assert code(send(s, "bound-broken")) == "key_service_unavailable"
-        assert s.stats()["wasmcustom.apikey_filter.key_service.error.bad_record"] == 1
+        assert s.filter_stats()["key_service.error.bad_record"] == 1
 
 
 def test_ipv6_clients():

@@ -11,7 +11,11 @@ no filter state for an accepted request."""
 import re
 import subprocess
 
-from harness import ROOT, WASM_PATH
+import pytest
+
+from harness import BUILD, ROOT, WASM_PATH
+
+pytestmark = pytest.mark.skipif(BUILD != "wasm", reason="counts the .wasm's proxy-wasm host calls")
 
 DATA_CALLS = 2
 ALL_CALLS = 12

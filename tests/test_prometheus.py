@@ -40,8 +40,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import (HOST, ROOT, SCRIPTS, HarnessError, Process, Stack, _remove, free_port, http_request,
-                     key_hash)
+from harness import (BUILD, HOST, ROOT, SCRIPTS, HarnessError, Process, Stack, _remove, free_port,
+                     http_request, key_hash)
 from rls_service import RlsService
 
 PROM_DIR = ROOT / "observability" / "prometheus"
@@ -435,6 +435,9 @@ def check_expression(prom, where, expr):
 
 def test_every_rule_and_dashboard_expression_returns_data_from_a_real_envoy(binaries):
     rules = rule_expressions()
+    if BUILD == "module":
+        # The dynamic module runs in no wasm VM: the alert on VM crashes has nothing to read.
+        rules = [(where, expr) for where, expr in rules if "envoy_wasm_" not in expr]
     panels, label_values = dashboard_expressions()
     keys = {key_hash(raw): record for raw, record in KEYS.items()}
     with RlsService() as rls, \
@@ -479,8 +482,9 @@ def test_every_rule_and_dashboard_expression_returns_data_from_a_real_envoy(bina
             assert not problems, (f"{len(problems)} problem(s) with {len(rules)} rule and {len(panels)} "
                                   "dashboard expressions:\n" + "\n".join(problems))
             assert used >= {"apikey_filter_allowed", "apikey_filter_key_service_changes_age_s",
-                            "apikey_filter_key_denied", "envoy_wasm_apikey_filter_vm_reload_backoff",
-                            "apikey_filter_key_service_latency_ms_bucket"}
+                            "apikey_filter_key_denied", "apikey_filter_key_service_latency_ms_bucket"}
+            if BUILD == "wasm":
+                assert "envoy_wasm_apikey_filter_vm_reload_backoff" in used
 
             # Two alerts the load trips for real (held pending by their `for`).
             def pending():

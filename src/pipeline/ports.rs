@@ -19,7 +19,9 @@ pub struct Callout<'a> {
 
 /// A unary gRPC call the host sends on the worker's (or a request's) behalf.
 pub struct GrpcCall<'a> {
-    /// A serialized `envoy.config.core.v3.GrpcService` naming the cluster.
+    pub cluster: &'a str,
+    /// A serialized `envoy.config.core.v3.GrpcService` naming `cluster` (proxy-wasm's
+    /// way to name it).
     pub service: &'a [u8],
     pub service_name: &'a str,
     pub method: &'a str,

@@ -327,6 +327,7 @@ impl<H: Host> Worker<H> {
             hits,
         );
         self.host.send_grpc(&GrpcCall {
+            cluster: &service.cluster,
             service: &rls::grpc_service(&service.cluster),
             service_name: rls_messages::SERVICE,
             method: rls_messages::METHOD,

@@ -483,6 +483,21 @@ fn a_callout_the_host_refuses_to_send_is_counted_and_answered() {
 }
 
 #[test]
+fn a_callout_the_host_took_but_could_not_send_is_answered_as_never_sent() {
+    // The dynamic module sends callouts later, from Envoy's main thread.
+    let t = Test::new();
+    let w = t.worker(1, &config(""));
+    let (id, _) = t.get(&w, "sk");
+    t.deliver(&w);
+    let token = w.host().callouts.borrow()[0].token;
+    w.on_callout_refused(token);
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.not_sent"), 1);
+    w.on_callout_refused(token);
+    assert_eq!(w.host().stat("key_service.error"), 1, "counted once");
+}
+
+#[test]
 fn an_answer_over_64_kib_is_a_failure_and_is_not_read() {
     let t = Test::new();
     let w = t.worker(1, &config(""));

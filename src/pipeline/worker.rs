@@ -542,14 +542,29 @@ impl<H: Host> Worker<H> {
             headers,
             timeout_ms: service.timeout_ms,
         };
-        match (self.host.send_callout(&callout), key) {
-            (Some(token), _) => self.flights.borrow_mut().sent(key, token),
-            (None, FlightKey::Lookup(key_hash)) => {
+        match self.host.send_callout(&callout) {
+            Some(token) => self.flights.borrow_mut().sent(key, token),
+            None => self.not_sent(key),
+        }
+    }
+
+    fn not_sent(&self, key: FlightKey) {
+        match key {
+            FlightKey::Lookup(key_hash) => {
                 self.on_answer(key_hash, Answer::Failed(Failure::NotSent))
             }
-            (None, FlightKey::FeedPoll) => {
+            FlightKey::FeedPoll => {
                 self.on_poll_answer(feed::FeedAnswer::Failed(Failure::NotSent.describe()))
             }
+        }
+    }
+
+    /// Callout `token`, accepted by the host, could not be sent after all (a host that
+    /// sends callouts later, from another thread).
+    pub fn on_callout_refused(&self, token: u32) {
+        let key = self.flights.borrow_mut().answered(token);
+        if let Some(key) = key {
+            self.not_sent(key);
         }
     }
 

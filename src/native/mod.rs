@@ -1,0 +1,651 @@
+//! The dynamic module host (`libapikey_filter.so`, Envoy 1.40's
+//! `envoy.filters.http.dynamic_modules`): the ABI's entry points, and the pipeline's
+//! ports as Envoy calls (`host`, over `abi`; the main thread's part in `node`).
+//!
+//! One worker per filter configuration serves every worker thread, behind a lock: the
+//! node-wide state the `.wasm` keeps in shared data (entries, buckets, leases) lives in
+//! the process (`storage::process_store`), and the worker's own (copies, flights, parked
+//! requests) is simply shared. A hook holds the lock only while the worker decides; what
+//! the worker does to a request is carried out after the lock is released, on the
+//! request's own thread.
+//!
+//! Every entry point catches panics: a panic here would take Envoy down with it.
+mod abi;
+mod actions;
+mod host;
+mod node;
+
+use crate::pipeline::request::reply;
+use crate::pipeline::worker::Flow;
+use crate::request::denial::Denial;
+use crate::request::header_map::Header;
+use abi::{Buffer, EnvoyPtr, HeaderPair};
+use actions::{carry_out_current, Ended, Parked};
+use host::{Answer, NativeRequest};
+use node::Node;
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// `on_http_filter_request_headers` statuses.
+const CONTINUE: u32 = 0;
+/// Holds the request, its body included, until the filter lets it go (as proxy-wasm's
+/// pause does).
+const STOP_ALL_ITERATION_AND_WATERMARK: u32 = 4;
+
+const LOG_INFO: u32 = 2;
+const LOG_CRITICAL: u32 = 5;
+
+/// Runs a hook, turning a panic into `fallback` (and a log line).
+fn guarded<T>(fallback: T, hook: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(hook)).unwrap_or(fallback)
+}
+
+thread_local! {
+    /// The request headers' buffers, reused from one request to the next (empty between).
+    static REUSED_HEADERS: RefCell<(Vec<HeaderPair>, Vec<Header<'static>>)> = RefCell::default();
+}
+
+/// One request.
+struct Stream {
+    node: Arc<Node>,
+    context_id: u32,
+    /// RateLimit fields for its response, when it took a token without waiting.
+    rate_headers: Option<RateFields>,
+    /// Set while it waits (on the key service or the rate limit service), and after:
+    /// the worker knows it.
+    parked: Option<Arc<Parked>>,
+}
+
+/// The RateLimit-Policy and RateLimit values, in one string.
+struct RateFields {
+    both: String,
+    policy_len: usize,
+}
+
+struct HostLogger;
+
+static LOGGER: HostLogger = HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        abi::log(level_of(record.level()), &record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+fn level_of(level: log::Level) -> u32 {
+    match level {
+        log::Level::Trace => 0,
+        log::Level::Debug => 1,
+        log::Level::Info => LOG_INFO,
+        log::Level::Warn => 3,
+        log::Level::Error => 4,
+    }
+}
+
+/// Follows Envoy's own log level, so debug lines cost nothing unless asked for.
+fn follow_host_log_level() {
+    let levels = [
+        log::Level::Trace,
+        log::Level::Debug,
+        log::Level::Info,
+        log::Level::Warn,
+        log::Level::Error,
+    ];
+    let max = levels
+        .into_iter()
+        .find(|l| abi::log_enabled(level_of(*l)))
+        .map_or(log::LevelFilter::Off, |l| l.to_level_filter());
+    log::set_max_level(max);
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
+    guarded(std::ptr::null(), || {
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Info);
+        std::panic::set_hook(Box::new(|info| {
+            abi::log(LOG_CRITICAL, &format!("apikey-filter panicked: {info}"));
+        }));
+        abi::ABI_VERSION.as_ptr()
+    })
+}
+
+/// # Safety
+/// Envoy's: `config` lives until `..._config_destroy`; the buffers for the call.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    config: EnvoyPtr,
+    _name: Buffer,
+    raw: Buffer,
+) -> *const c_void {
+    guarded(std::ptr::null(), || {
+        follow_host_log_level();
+        // SAFETY: Envoy's promise above; on the main thread.
+        match unsafe { Node::new(config, raw.bytes()) } {
+            Some(node) => Arc::into_raw(node) as *const c_void,
+            None => std::ptr::null(),
+        }
+    })
+}
+
+/// # Safety
+/// `node` came from `..._config_new`.
+unsafe fn node<'a>(node: *const c_void) -> &'a Node {
+    // SAFETY: the caller's promise; the node lives until `..._config_destroy`.
+    unsafe { &*(node as *const Node) }
+}
+
+/// # Safety
+/// Envoy's: called once, after every stream of the configuration.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(node: *const c_void) {
+    guarded((), || {
+        // SAFETY: made by `Arc::into_raw` in `..._config_new`, given back once.
+        let node = unsafe { Arc::from_raw(node as *const Node) };
+        node.destroy();
+    })
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    event: u64,
+) {
+    // SAFETY: Envoy's promise.
+    guarded((), || unsafe { node(node_ptr) }.on_scheduled(event))
+}
+
+/// # Safety
+/// Envoy's: the headers and body for the call.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    callout_id: u64,
+    _result: u32,
+    headers: *const HeaderPair,
+    headers_size: usize,
+    chunks: *const Buffer,
+    chunks_size: usize,
+) {
+    guarded((), || {
+        // SAFETY: Envoy's promise.
+        let (headers, chunks) =
+            unsafe { (pairs(headers, headers_size), slice(chunks, chunks_size)) };
+        let status = headers
+            .iter()
+            .find(|(name, _)| *name == b":status")
+            .map(|(_, value)| value.to_vec());
+        // SAFETY: Envoy's promise.
+        let body = chunks
+            .iter()
+            .flat_map(|c| unsafe { c.bytes() })
+            .copied()
+            .collect();
+        // SAFETY: Envoy's promise.
+        unsafe { node(node_ptr) }.on_callout_done(callout_id, Answer { status, body });
+    })
+}
+
+/// # Safety
+/// `ptr` points at `size` items (or is null), for the call.
+unsafe fn slice<'a, T>(ptr: *const T, size: usize) -> &'a [T] {
+    if ptr.is_null() || size == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts(ptr, size) }
+    }
+}
+
+/// # Safety
+/// `ptr` points at `size` header pairs Envoy lends (or is null), for the call.
+unsafe fn pairs<'a>(ptr: *const HeaderPair, size: usize) -> Vec<Header<'a>> {
+    // SAFETY: the caller's promise.
+    unsafe { slice(ptr, size) }
+        .iter()
+        // SAFETY: the caller's promise.
+        .map(|p| unsafe { (p.key.bytes(), p.value.bytes()) })
+        .collect()
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    stream_id: u64,
+    headers: *const HeaderPair,
+    headers_size: usize,
+    _end_stream: bool,
+) {
+    guarded((), || {
+        // SAFETY: Envoy's promise.
+        let headers = unsafe { pairs(headers, headers_size) };
+        // SAFETY: Envoy's promise.
+        unsafe { node(node_ptr) }.on_stream_headers(stream_id, &headers);
+    })
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    stream_id: u64,
+    data: *const Buffer,
+    data_size: usize,
+    _end_stream: bool,
+) {
+    guarded((), || {
+        // SAFETY: Envoy's promise.
+        let node = unsafe { node(node_ptr) };
+        // SAFETY: Envoy's promise.
+        for chunk in unsafe { slice(data, data_size) } {
+            // SAFETY: Envoy's promise.
+            node.on_stream_data(stream_id, unsafe { chunk.bytes() });
+        }
+    })
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    stream_id: u64,
+    trailers: *const HeaderPair,
+    trailers_size: usize,
+) {
+    guarded((), || {
+        // SAFETY: Envoy's promise.
+        let trailers = unsafe { pairs(trailers, trailers_size) };
+        // SAFETY: Envoy's promise.
+        unsafe { node(node_ptr) }.on_stream_trailers(stream_id, &trailers);
+    })
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    stream_id: u64,
+) {
+    // SAFETY: Envoy's promise.
+    guarded((), || unsafe { node(node_ptr) }.on_stream_end(stream_id))
+}
+
+/// # Safety
+/// Envoy's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+    _config: EnvoyPtr,
+    node_ptr: *const c_void,
+    stream_id: u64,
+    _reason: u32,
+) {
+    // SAFETY: Envoy's promise.
+    guarded((), || unsafe { node(node_ptr) }.on_stream_end(stream_id))
+}
+
+/// # Safety
+/// Envoy's: `node_ptr` is a live configuration's, `filter` the new stream's.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    node_ptr: *const c_void,
+    _filter: EnvoyPtr,
+) -> *const c_void {
+    static NEXT_CONTEXT: AtomicU32 = AtomicU32::new(1);
+    guarded(std::ptr::null(), || {
+        // SAFETY: made by `Arc::into_raw`; the configuration outlives its streams.
+        let node = unsafe {
+            Arc::increment_strong_count(node_ptr as *const Node);
+            Arc::from_raw(node_ptr as *const Node)
+        };
+        let stream = Stream {
+            node,
+            context_id: NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed),
+            rate_headers: None,
+            parked: None,
+        };
+        Box::into_raw(Box::new(stream)) as *const c_void
+    })
+}
+
+/// # Safety
+/// `stream` came from `..._filter_new` and is not destroyed.
+unsafe fn stream<'a>(stream: *const c_void) -> &'a mut Stream {
+    // SAFETY: the caller's promise; Envoy calls a stream's hooks on one thread, one at a
+    // time.
+    unsafe { &mut *(stream as *mut Stream) }
+}
+
+/// # Safety
+/// Envoy's, on the stream's thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter: EnvoyPtr,
+    stream_ptr: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guarded(STOP_ALL_ITERATION_AND_WATERMARK, || {
+        // SAFETY: Envoy's promise.
+        let stream = unsafe { stream(stream_ptr) };
+        let (mut lent, views) = REUSED_HEADERS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        // SAFETY: Envoy's promise: lent until the hook returns or a header changes, and
+        // the headers change only after `headers` is gone.
+        unsafe { abi::headers(filter, abi::REQUEST_HEADER, &mut lent) };
+        let mut headers: Vec<Header> = views;
+        // SAFETY: as above.
+        headers.extend(
+            lent.iter()
+                .map(|p| unsafe { (p.key.bytes(), p.value.bytes()) }),
+        );
+        let context_id = stream.context_id;
+        let decided = stream.node.with_worker(|worker| {
+            let host = worker.host();
+            let flow = worker.on_request(context_id, &mut host.begin(context_id, filter), &headers);
+            host.end();
+            match flow {
+                Flow::Forward(rate_headers) => Some(rate_headers.map(|r| {
+                    let [(_, policy), (_, state)] = r.fields();
+                    RateFields {
+                        both: format!("{policy}{state}"),
+                        policy_len: policy.len(),
+                    }
+                })),
+                Flow::Pause => {
+                    if !actions::with_current(|log| log.has_ending()) {
+                        // It waits: woken on its thread through its scheduler.
+                        let parked = Arc::new(Parked::default());
+                        // SAFETY: on the stream's thread, in its hook.
+                        unsafe {
+                            parked.set_scheduler(abi::stream_scheduler(filter));
+                            let _ = parked.client_address.set(host::client_address(filter));
+                        }
+                        host.park(context_id, parked.clone());
+                        stream.parked = Some(parked);
+                    }
+                    None
+                }
+            }
+        });
+        if decided.is_none() {
+            // No worker: a key that cannot be checked is not forwarded.
+            reply(
+                &mut NativeRequest::current(std::ptr::null_mut()),
+                "",
+                Denial::KeyServiceUnavailable,
+                &[],
+            );
+        }
+        actions::with_current(|log| {
+            log.add_where_absent(|name| headers.iter().any(|(n, _)| *n == name))
+        });
+        // Kept for the next request, empty: Envoy's bytes are not to be held.
+        headers.clear();
+        let views = headers.into_iter().map(|_| (&[][..], &[][..])).collect();
+        REUSED_HEADERS.with(|r| *r.borrow_mut() = (lent, views));
+        // SAFETY: Envoy's promise, on the stream's thread.
+        let ended = unsafe { carry_out_current(filter) };
+        match decided {
+            Some(Some(rate_headers)) => {
+                stream.rate_headers = rate_headers;
+                CONTINUE
+            }
+            Some(None) if ended == Ended::Resumed => CONTINUE,
+            _ => STOP_ALL_ITERATION_AND_WATERMARK,
+        }
+    })
+}
+
+/// # Safety
+/// Envoy's, on the stream's thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter: EnvoyPtr,
+    stream_ptr: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guarded(CONTINUE, || {
+        // SAFETY: Envoy's promise.
+        let stream = unsafe { stream(stream_ptr) };
+        if let Some(RateFields { both, policy_len }) = stream.rate_headers.take() {
+            let (policy, state) = both.split_at(policy_len.min(both.len()));
+            // SAFETY: Envoy's promise.
+            unsafe {
+                abi::add_header(
+                    filter,
+                    abi::RESPONSE_HEADER,
+                    b"ratelimit-policy",
+                    policy.as_bytes(),
+                );
+                abi::add_header(filter, abi::RESPONSE_HEADER, b"ratelimit", state.as_bytes());
+            }
+        }
+        if stream.parked.is_some() {
+            let context_id = stream.context_id;
+            stream.node.with_worker(|worker| {
+                worker.on_response(context_id, None, &mut NativeRequest::current(filter));
+            });
+            // SAFETY: Envoy's promise.
+            unsafe { carry_out_current(filter) };
+        }
+        CONTINUE
+    })
+}
+
+/// # Safety
+/// Envoy's, on the stream's thread: the worker acted on the parked request.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter: EnvoyPtr,
+    stream_ptr: *const c_void,
+    _event: u64,
+) {
+    guarded((), || {
+        // SAFETY: Envoy's promise.
+        let stream = unsafe { stream(stream_ptr) };
+        let Some(parked) = &stream.parked else {
+            return;
+        };
+        // SAFETY: Envoy's promise.
+        if unsafe { parked.carry_out(filter) } == Ended::Resumed {
+            // SAFETY: Envoy's promise.
+            unsafe { abi::continue_decoding(filter) };
+        }
+    })
+}
+
+/// Forgets a parked request: the worker lets it go, and its scheduler is deleted.
+fn forget(stream: &mut Stream) {
+    let Some(parked) = stream.parked.take() else {
+        return;
+    };
+    let context_id = stream.context_id;
+    stream.node.with_worker(|worker| {
+        worker.forget(context_id);
+        worker.host().unpark_for_good(context_id);
+    });
+    // Nothing commits it any more: that takes the worker's lock, and the request is
+    // no longer there to find.
+    let scheduler = parked.scheduler();
+    if !scheduler.is_null() {
+        parked.set_scheduler(std::ptr::null_mut());
+        // SAFETY: made in the request headers hook, deleted once.
+        unsafe { abi::delete_stream_scheduler(scheduler) };
+    }
+}
+
+/// # Safety
+/// Envoy's, on the stream's thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    _filter: EnvoyPtr,
+    stream_ptr: *const c_void,
+) {
+    // SAFETY: Envoy's promise.
+    guarded((), || forget(unsafe { stream(stream_ptr) }))
+}
+
+/// # Safety
+/// Envoy's: the stream's last call.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream_ptr: *const c_void) {
+    guarded((), || {
+        // SAFETY: made by `Box::into_raw` in `..._filter_new`, given back once.
+        let mut stream = unsafe { Box::from_raw(stream_ptr as *mut Stream) };
+        forget(&mut stream);
+    })
+}
+
+// Hooks the filter has no use for; Envoy 1.40 requires a module to export them.
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: EnvoyPtr,
+    _: *const c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: EnvoyPtr,
+    _: *const c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+    _: u32,
+    _: *const HeaderPair,
+    _: usize,
+    _: *const Buffer,
+    _: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+    _: *const HeaderPair,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+    _: *const Buffer,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+    _: *const HeaderPair,
+    _: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u64,
+    _: u32,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: EnvoyPtr,
+    _: *const c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: EnvoyPtr,
+    _: *const c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
+    _: EnvoyPtr,
+    _: *const c_void,
+    _: u32,
+    _: Buffer,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    _: Buffer,
+    _: Buffer,
+) -> *const c_void {
+    std::ptr::null()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_: *const c_void) {}
