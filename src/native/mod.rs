@@ -345,75 +345,106 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     stream_ptr: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    guarded(STOP_ALL_ITERATION_AND_WATERMARK, || {
+    let decided = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: Envoy's promise.
-        let stream = unsafe { stream(stream_ptr) };
-        let (mut lent, views) = REUSED_HEADERS.with(|r| std::mem::take(&mut *r.borrow_mut()));
-        // SAFETY: Envoy's promise: lent until the hook returns or a header changes, and
-        // the headers change only after `headers` is gone.
-        unsafe { abi::headers(filter, abi::REQUEST_HEADER, &mut lent) };
-        let mut headers: Vec<Header> = views;
-        // SAFETY: as above.
-        headers.extend(
-            lent.iter()
-                .map(|p| unsafe { (p.key.bytes(), p.value.bytes()) }),
-        );
-        let context_id = stream.context_id;
-        let decided = stream.node.with_worker(|worker| {
-            let host = worker.host();
-            let flow = worker.on_request(context_id, &mut host.begin(context_id, filter), &headers);
-            host.end();
-            match flow {
-                Flow::Forward(rate_headers) => Some(rate_headers.map(|r| {
-                    let [(_, policy), (_, state)] = r.fields();
-                    RateFields {
-                        both: format!("{policy}{state}"),
-                        policy_len: policy.len(),
-                    }
-                })),
-                Flow::Pause => {
-                    if !actions::with_current(|log| log.has_ending()) {
-                        // It waits: woken on its thread through its scheduler.
-                        let parked = Arc::new(Parked::default());
-                        // SAFETY: on the stream's thread, in its hook.
-                        unsafe {
-                            parked.set_scheduler(abi::stream_scheduler(filter));
-                            let _ = parked.client_address.set(host::client_address(filter));
-                        }
-                        host.park(context_id, parked.clone());
-                        stream.parked = Some(parked);
-                    }
-                    None
-                }
-            }
-        });
-        if decided.is_none() {
-            // No worker: a key that cannot be checked is not forwarded.
-            reply(
-                &mut NativeRequest::current(std::ptr::null_mut()),
-                "",
-                Denial::KeyServiceUnavailable,
-                &[],
-            );
-        }
-        actions::with_current(|log| {
-            log.add_where_absent(|name| headers.iter().any(|(n, _)| *n == name))
-        });
-        // Kept for the next request, empty: Envoy's bytes are not to be held.
-        headers.clear();
-        let views = headers.into_iter().map(|_| (&[][..], &[][..])).collect();
-        REUSED_HEADERS.with(|r| *r.borrow_mut() = (lent, views));
-        // SAFETY: Envoy's promise, on the stream's thread.
-        let ended = unsafe { carry_out_current(filter) };
-        match decided {
-            Some(Some(rate_headers)) => {
-                stream.rate_headers = rate_headers;
-                CONTINUE
-            }
-            Some(None) if ended == Ended::Resumed => CONTINUE,
-            _ => STOP_ALL_ITERATION_AND_WATERMARK,
-        }
+        unsafe { on_request_headers(filter, stream_ptr) }
+    }));
+    decided.unwrap_or_else(|_| {
+        // SAFETY: Envoy's promise, as above.
+        unsafe { refuse_unchecked(filter) };
+        STOP_ALL_ITERATION_AND_WATERMARK
     })
+}
+
+/// Answers a request whose key cannot be checked (no worker, or a panic on the way):
+/// it is not forwarded.
+///
+/// # Safety
+/// `filter` is the stream of the hook running now, on its thread.
+unsafe fn refuse_unchecked(filter: EnvoyPtr) {
+    let _ = actions::with_current(std::mem::take);
+    reply(
+        &mut NativeRequest::current(std::ptr::null_mut()),
+        "",
+        Denial::KeyServiceUnavailable,
+        &[],
+    );
+    // SAFETY: the caller's promise.
+    unsafe { carry_out_current(filter) };
+}
+
+/// # Safety
+/// As `envoy_dynamic_module_on_http_filter_request_headers`.
+unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32 {
+    // SAFETY: Envoy's promise.
+    let stream = unsafe { stream(stream_ptr) };
+    let (mut lent, views) = REUSED_HEADERS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    // SAFETY: Envoy's promise: lent until the hook returns or a header changes, and
+    // the headers change only after `headers` is gone.
+    unsafe { abi::headers(filter, abi::REQUEST_HEADER, &mut lent) };
+    let mut headers: Vec<Header> = views;
+    // SAFETY: as above.
+    headers.extend(
+        lent.iter()
+            .map(|p| unsafe { (p.key.bytes(), p.value.bytes()) }),
+    );
+    let context_id = stream.context_id;
+    let decided = stream.node.with_worker(|worker| {
+        let host = worker.host();
+        let flow = worker.on_request(context_id, &mut host.begin(context_id, filter), &headers);
+        host.end();
+        match flow {
+            Flow::Forward(rate_headers) => Some(rate_headers.map(|r| {
+                let [(_, policy), (_, state)] = r.fields();
+                RateFields {
+                    both: format!("{policy}{state}"),
+                    policy_len: policy.len(),
+                }
+            })),
+            Flow::Pause => {
+                if !actions::with_current(|log| log.has_ending()) {
+                    // It waits: woken on its thread through its scheduler.
+                    let parked = Arc::new(Parked::default());
+                    // SAFETY: on the stream's thread, in its hook.
+                    unsafe {
+                        parked.set_scheduler(abi::stream_scheduler(filter));
+                        let _ = parked.client_address.set(host::client_address(filter));
+                    }
+                    host.park(context_id, parked.clone());
+                    stream.parked = Some(parked);
+                }
+                None
+            }
+        }
+    });
+    let Some(decided) = decided else {
+        // SAFETY: Envoy's promise.
+        unsafe { refuse_unchecked(filter) };
+        return STOP_ALL_ITERATION_AND_WATERMARK;
+    };
+    actions::with_current(|log| {
+        log.add_where_absent(|name| headers.iter().any(|(n, _)| *n == name))
+    });
+    // Kept for the next request, empty: Envoy's bytes are not to be held.
+    headers.clear();
+    let views = headers.into_iter().map(|_| (&[][..], &[][..])).collect();
+    REUSED_HEADERS.with(|r| *r.borrow_mut() = (lent, views));
+    // Forwarded now (with its RateLimit fields, if any), or not yet.
+    let forwarded = match decided {
+        Some(rate_headers) => {
+            stream.rate_headers = rate_headers;
+            true
+        }
+        None => false,
+    };
+    // The stream is not touched after this: a local reply runs its response hook now.
+    // SAFETY: Envoy's promise, on the stream's thread.
+    let ended = unsafe { carry_out_current(filter) };
+    if forwarded || ended == Ended::Resumed {
+        CONTINUE
+    } else {
+        STOP_ALL_ITERATION_AND_WATERMARK
+    }
 }
 
 /// # Safety
@@ -461,9 +492,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     _event: u64,
 ) {
     guarded((), || {
-        // SAFETY: Envoy's promise.
-        let stream = unsafe { stream(stream_ptr) };
-        let Some(parked) = &stream.parked else {
+        // SAFETY: Envoy's promise. Not touched after this: a local reply runs its response
+        // hook now.
+        let Some(parked) = unsafe { stream(stream_ptr) }.parked.clone() else {
             return;
         };
         // SAFETY: Envoy's promise.

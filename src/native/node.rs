@@ -262,7 +262,10 @@ impl Node {
                         self.with_worker(|w| w.on_callout_refused(token));
                         self.on_scheduled(WORK);
                     }
-                    OutgoingKind::Grpc => self.deliver_grpc(token, GrpcAnswer::default()),
+                    OutgoingKind::Grpc => {
+                        self.with_worker(|w| w.on_grpc_answer(token, GrpcOutcome::NotSent));
+                        self.on_scheduled(WORK);
+                    }
                 }
             }
         }

@@ -65,6 +65,9 @@ pub enum GrpcOutcome {
     Message(usize),
     /// Closed with this gRPC status, without a message.
     Closed(u32),
+    /// Taken by the host but never sent (a host that sends calls later, from another
+    /// thread, and found no such cluster).
+    NotSent,
 }
 
 /// A request that must ask the rate limit service: its RateLimit fields so far (its
@@ -452,8 +455,11 @@ impl<H: Host> Worker<H> {
         let descriptors = known.quotas.as_ref().map_or(0, |q| q.list.len());
         let now_ms = self.host.now_ms();
         let waited_ms = now_ms.saturating_sub(sent_at_ms);
-        self.host.record(Histogram::RlsLatencyMs, waited_ms);
+        if outcome != GrpcOutcome::NotSent {
+            self.host.record(Histogram::RlsLatencyMs, waited_ms);
+        }
         let answer = match outcome {
+            GrpcOutcome::NotSent => Err(Failure::NotSent),
             GrpcOutcome::Message(size) => {
                 let message = (size <= rls::MAX_ANSWER_BYTES).then(|| self.host.grpc_message(size));
                 rls::classify(message.as_deref(), descriptors)

@@ -4,6 +4,7 @@
 use super::*;
 use crate::pipeline::fake::SentGrpc;
 use crate::pipeline::quotas::GrpcOutcome;
+use crate::pipeline::stats::Histogram;
 use crate::quotas::allowance::MIN_ALLOWANCE;
 use crate::quotas::rls_messages::{self as rls, code};
 use prost::Message;
@@ -244,6 +245,27 @@ fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
         "rate_limit_service_unavailable",
     );
     assert_eq!(calls(&closed).len(), 1, "paused");
+}
+
+#[test]
+fn a_call_the_host_took_but_could_not_send_is_counted_as_never_sent() {
+    let t = Test::new();
+    let closed = t.worker(1, &rls_config(1_000, "closed"));
+    let id = t.known(&closed);
+    let token = calls(&closed)[0].token;
+    closed.on_grpc_answer(token, GrpcOutcome::NotSent);
+    assert_denied(
+        &reply_of(&closed, id),
+        503,
+        "rate_limit_service_unavailable",
+    );
+    let host = closed.host();
+    assert_eq!(host.stat("rate_limit_service.error.not_sent"), 1);
+    assert!(host
+        .histograms
+        .borrow()
+        .iter()
+        .all(|(h, _)| *h != Histogram::RlsLatencyMs));
 }
 
 #[test]
