@@ -35,6 +35,9 @@ pub mod request;
 /// Node-wide storage: the shared-data store trait and its fixed slot tables.
 pub mod storage;
 
+/// The hosts' log lines.
+#[cfg(any(target_arch = "wasm32", feature = "dynamic-module"))]
+mod host_log;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 

@@ -391,52 +391,44 @@ impl Outgoing<'_> {
     }
 }
 
-/// A one-shot callout; its answer comes to `on_http_filter_config_http_callout_done`.
+/// Sends `request` from the configuration: a one-shot callout, whose answer comes to
+/// `on_http_filter_config_http_callout_done`, or (`stream`) a stream sent whole at once,
+/// as a unary gRPC call is, whose answer comes to the `on_http_filter_config_http_stream_*`
+/// hooks. Envoy's id for it, or its refusal.
 ///
 /// # Safety
 /// `config` is the live configuration, on the main thread.
-pub unsafe fn config_callout(config: EnvoyPtr, request: &Outgoing) -> Result<u64, u32> {
+pub unsafe fn config_send(config: EnvoyPtr, request: &Outgoing, stream: bool) -> Result<u64, u32> {
     let pairs = request.pairs();
+    let (cluster, body) = (
+        Buffer::of(request.cluster.as_bytes()),
+        Buffer::of(request.body),
+    );
     let mut id = 0;
     // SAFETY: the caller's promise; the buffers live for the call.
     let result = unsafe {
-        imports::envoy_dynamic_module_callback_http_filter_config_http_callout(
-            config,
-            &mut id,
-            Buffer::of(request.cluster.as_bytes()),
-            pairs.as_ptr(),
-            pairs.len(),
-            Buffer::of(request.body),
-            request.timeout_ms,
-        )
-    };
-    if result == SUCCESS {
-        Ok(id)
-    } else {
-        Err(result)
-    }
-}
-
-/// A stream sent whole at once (a unary gRPC call): its answer comes to the
-/// `on_http_filter_config_http_stream_*` hooks.
-///
-/// # Safety
-/// `config` is the live configuration, on the main thread.
-pub unsafe fn config_stream(config: EnvoyPtr, request: &Outgoing) -> Result<u64, u32> {
-    let pairs = request.pairs();
-    let mut id = 0;
-    // SAFETY: the caller's promise; the buffers live for the call.
-    let result = unsafe {
-        imports::envoy_dynamic_module_callback_http_filter_config_start_http_stream(
-            config,
-            &mut id,
-            Buffer::of(request.cluster.as_bytes()),
-            pairs.as_ptr(),
-            pairs.len(),
-            Buffer::of(request.body),
-            true,
-            request.timeout_ms,
-        )
+        if stream {
+            imports::envoy_dynamic_module_callback_http_filter_config_start_http_stream(
+                config,
+                &mut id,
+                cluster,
+                pairs.as_ptr(),
+                pairs.len(),
+                body,
+                true,
+                request.timeout_ms,
+            )
+        } else {
+            imports::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                config,
+                &mut id,
+                cluster,
+                pairs.as_ptr(),
+                pairs.len(),
+                body,
+                request.timeout_ms,
+            )
+        }
     };
     if result == SUCCESS {
         Ok(id)

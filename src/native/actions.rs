@@ -242,3 +242,55 @@ impl Parked {
         unsafe { log.carry_out(filter) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_the_request_did_not_carry_are_added_the_others_replaced() {
+        let mut log = ActionLog::default();
+        log.set_header("x-api-key", None);
+        log.set_header("x-api-key-id", Some(b"k_alice"));
+        log.set_header("x-api-key-owner", Some(b"acme"));
+        log.add_where_absent(|name| name == b"x-api-key-owner" || name == b"x-api-key");
+        let marks: Vec<(&[u8], bool)> = log
+            .entries
+            .iter()
+            .map(|e| match e {
+                Entry::SetHeader { name, add, .. } => (log.bytes(name), *add),
+                _ => panic!("only header edits"),
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                (&b"x-api-key"[..], false),
+                (&b"x-api-key-id"[..], true),
+                (&b"x-api-key-owner"[..], false),
+            ]
+        );
+        assert!(!log.has_ending());
+    }
+
+    #[test]
+    fn a_reply_or_a_resume_ends_the_request_and_keeps_its_bytes() {
+        let mut log = ActionLog::default();
+        log.filter_state("3b1f0c9a27de");
+        assert!(!log.has_ending());
+        log.reply(401, "{}", &[("www-authenticate", "ApiKey")]);
+        assert!(log.has_ending());
+        let Some(Entry::Reply { body, headers, .. }) = log.entries.last() else {
+            panic!("a reply");
+        };
+        assert_eq!(log.bytes(body), b"{}");
+        let (name, value) = &headers[0];
+        assert_eq!(
+            (log.bytes(name), log.bytes(value)),
+            (&b"www-authenticate"[..], &b"ApiKey"[..])
+        );
+        let mut resumed = ActionLog::default();
+        resumed.resume();
+        assert!(resumed.has_ending());
+    }
+}

@@ -10,6 +10,8 @@
 //! request's own thread.
 //!
 //! Every entry point catches panics: a panic here would take Envoy down with it.
+use crate::host_log::{self, HostLogger};
+
 mod abi;
 mod actions;
 mod host;
@@ -34,9 +36,6 @@ const CONTINUE: u32 = 0;
 /// Holds the request, its body included, until the filter lets it go (as proxy-wasm's
 /// pause does).
 const STOP_ALL_ITERATION_AND_WATERMARK: u32 = 4;
-
-const LOG_INFO: u32 = 2;
-const LOG_CRITICAL: u32 = 5;
 
 /// Runs a hook, turning a panic into `fallback` (and a log line).
 fn guarded<T>(fallback: T, hook: impl FnOnce() -> T) -> T {
@@ -65,31 +64,7 @@ struct RateFields {
     policy_len: usize,
 }
 
-struct HostLogger;
-
-static LOGGER: HostLogger = HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        abi::log(level_of(record.level()), &record.args().to_string());
-    }
-
-    fn flush(&self) {}
-}
-
-fn level_of(level: log::Level) -> u32 {
-    match level {
-        log::Level::Trace => 0,
-        log::Level::Debug => 1,
-        log::Level::Info => LOG_INFO,
-        log::Level::Warn => 3,
-        log::Level::Error => 4,
-    }
-}
+static LOGGER: HostLogger = HostLogger { write: abi::log };
 
 /// Follows Envoy's own log level, so debug lines cost nothing unless asked for.
 fn follow_host_log_level() {
@@ -102,7 +77,7 @@ fn follow_host_log_level() {
     ];
     let max = levels
         .into_iter()
-        .find(|l| abi::log_enabled(level_of(*l)))
+        .find(|l| abi::log_enabled(host_log::number(*l)))
         .map_or(log::LevelFilter::Off, |l| l.to_level_filter());
     log::set_max_level(max);
 }
@@ -113,7 +88,10 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
         let _ = log::set_logger(&LOGGER);
         log::set_max_level(log::LevelFilter::Info);
         std::panic::set_hook(Box::new(|info| {
-            abi::log(LOG_CRITICAL, &format!("apikey-filter panicked: {info}"));
+            abi::log(
+                host_log::CRITICAL,
+                &format!("apikey-filter panicked: {info}"),
+            );
         }));
         abi::ABI_VERSION.as_ptr()
     })
@@ -266,18 +244,23 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_
 /// Envoy's, on the main thread.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
-    _config: EnvoyPtr,
+    config: EnvoyPtr,
     node_ptr: *const c_void,
     stream_id: u64,
     trailers: *const HeaderPair,
     trailers_size: usize,
 ) {
-    guarded((), || {
-        // SAFETY: Envoy's promise.
-        let trailers = unsafe { pairs(trailers, trailers_size) };
-        // SAFETY: Envoy's promise.
-        unsafe { node(node_ptr) }.on_stream_trailers(stream_id, &trailers);
-    })
+    // SAFETY: Envoy's promise, passed on.
+    unsafe {
+        envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+            config,
+            node_ptr,
+            stream_id,
+            trailers,
+            trailers_size,
+            true,
+        )
+    }
 }
 
 /// # Safety

@@ -242,12 +242,8 @@ impl Node {
         };
         *lock(&self.sending) = Some(pending);
         // SAFETY: on the main thread (the scheduler's), with the live configuration.
-        let sent = unsafe {
-            match outgoing.kind {
-                OutgoingKind::Callout => abi::config_callout(self.shared.config(), &request),
-                OutgoingKind::Grpc => abi::config_stream(self.shared.config(), &request),
-            }
-        };
+        let stream = matches!(outgoing.kind, OutgoingKind::Grpc);
+        let sent = unsafe { abi::config_send(self.shared.config(), &request, stream) };
         // Taken back unless answered during the call.
         let pending = lock(&self.sending).take();
         match (sent, pending) {
@@ -307,6 +303,8 @@ impl Node {
         }
     }
 
+    /// The answer's headers or trailers: `grpc-status` comes in the trailers, or in the
+    /// headers of an answer that has no message.
     pub fn on_stream_headers(&self, id: u64, headers: &[(&[u8], &[u8])]) {
         self.grpc_part(id, |answer| {
             for (name, value) in headers {
@@ -321,16 +319,6 @@ impl Node {
 
     pub fn on_stream_data(&self, id: u64, data: &[u8]) {
         self.grpc_part(id, |answer| answer.body.extend_from_slice(data));
-    }
-
-    pub fn on_stream_trailers(&self, id: u64, trailers: &[(&[u8], &[u8])]) {
-        self.grpc_part(id, |answer| {
-            for (name, value) in trailers {
-                if *name == b"grpc-status" {
-                    answer.status = parse_status(value);
-                }
-            }
-        });
     }
 
     /// The call ended (completed or reset).

@@ -8,6 +8,7 @@
 mod abi;
 mod host;
 
+use crate::host_log::{self, HostLogger};
 use crate::pipeline::quotas::GrpcOutcome;
 use crate::pipeline::request::{reply, RateHeaders};
 use crate::pipeline::worker::{Flow, Worker};
@@ -56,36 +57,11 @@ fn stream_worker(context_id: u32) -> Option<Rc<FilterWorker>> {
 
 const ACTION_CONTINUE: u32 = 0;
 const ACTION_PAUSE: u32 = 1;
-const LOG_INFO: u32 = 2;
-const LOG_CRITICAL: u32 = 5;
-
-/// The log crate's lines, at the host's level.
-struct HostLogger;
-
-static LOGGER: HostLogger = HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        let level = match record.level() {
-            log::Level::Trace => 0,
-            log::Level::Debug => 1,
-            log::Level::Info => LOG_INFO,
-            log::Level::Warn => 3,
-            log::Level::Error => 4,
-        };
-        abi::log(level, &record.args().to_string());
-    }
-
-    fn flush(&self) {}
-}
+static LOGGER: HostLogger = HostLogger { write: abi::log };
 
 /// Follows Envoy's own log level, so debug lines cost nothing unless asked for.
 fn follow_host_log_level() {
-    log::set_max_level(match abi::log_level().unwrap_or(LOG_INFO) {
+    log::set_max_level(match abi::log_level().unwrap_or(host_log::INFO) {
         0 => log::LevelFilter::Trace,
         1 => log::LevelFilter::Debug,
         2 => log::LevelFilter::Info,
@@ -112,7 +88,10 @@ pub extern "C" fn _initialize() {
     log::set_max_level(log::LevelFilter::Info);
     // A panic aborts the VM (panic = "abort"); say why before it goes.
     std::panic::set_hook(Box::new(|info| {
-        abi::log(LOG_CRITICAL, &format!("apikey-filter panicked: {info}"));
+        abi::log(
+            host_log::CRITICAL,
+            &format!("apikey-filter panicked: {info}"),
+        );
     }));
 }
 
