@@ -379,8 +379,11 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
         match flow {
             Flow::Forward(rate_headers) => Some(rate_headers.map(|r| {
                 let [(_, policy), (_, state)] = r.fields();
+                let mut both = String::with_capacity(policy.len() + state.len());
+                both.push_str(policy);
+                both.push_str(state);
                 RateFields {
-                    both: format!("{policy}{state}"),
+                    both,
                     policy_len: policy.len(),
                 }
             })),
