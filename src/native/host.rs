@@ -114,10 +114,9 @@ impl NativeHost {
         self.parked.borrow_mut().insert(context_id, parked);
     }
 
-    /// Forgets a request that ended; true if it was parked.
-    pub fn unpark_for_good(&self, context_id: u32) -> bool {
-        let mut parked = self.parked.borrow_mut();
-        !parked.is_empty() && parked.remove(&context_id).is_some()
+    /// Forgets a parked request that ended.
+    pub fn forget(&self, context_id: u32) {
+        self.parked.borrow_mut().remove(&context_id);
     }
 
     pub fn set_answer(&self, answer: Answer) {

@@ -499,7 +499,7 @@ fn forget(stream: &mut Stream) {
     let context_id = stream.context_id;
     stream.node.with_worker(|worker| {
         worker.forget(context_id);
-        worker.host().unpark_for_good(context_id);
+        worker.host().forget(context_id);
     });
     // Nothing commits it any more: that takes the worker's lock, and the request is
     // no longer there to find.

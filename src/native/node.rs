@@ -171,6 +171,7 @@ impl Node {
                     unsafe { abi::commit_config(scheduler_ptr as EnvoyPtr, TICK) }
                 })
             })
+            .map_err(|e| log::error!("apikey-filter cannot start its tick thread: {e}"))
             .ok();
         let node = Arc::new(Node {
             shared,
