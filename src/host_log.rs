@@ -9,6 +9,19 @@ pub struct HostLogger {
     pub write: fn(u32, &str),
 }
 
+impl HostLogger {
+    /// Makes this the `log` crate's logger, at info level until the host's is known, and
+    /// has a panic logged at critical level.
+    pub fn install(&'static self) {
+        let _ = log::set_logger(self);
+        log::set_max_level(log::LevelFilter::Info);
+        let write = self.write;
+        std::panic::set_hook(Box::new(move |info| {
+            write(CRITICAL, &format!("apikey-filter panicked: {info}"));
+        }));
+    }
+}
+
 impl log::Log for HostLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         metadata.level() <= log::max_level()

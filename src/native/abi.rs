@@ -437,6 +437,10 @@ pub unsafe fn config_send(config: EnvoyPtr, request: &Outgoing, stream: bool) ->
     }
 }
 
+fn buffers(texts: &[&str]) -> Vec<Buffer> {
+    texts.iter().map(|t| Buffer::of(t.as_bytes())).collect()
+}
+
 pub enum MetricType {
     Counter,
     Gauge,
@@ -453,7 +457,7 @@ pub unsafe fn define_metric(
     name: &str,
     labels: &[&str],
 ) -> Option<usize> {
-    let labels: Vec<Buffer> = labels.iter().map(|l| Buffer::of(l.as_bytes())).collect();
+    let labels = buffers(labels);
     let define = match metric_type {
         MetricType::Counter => {
             imports::envoy_dynamic_module_callback_http_filter_config_define_counter
@@ -489,7 +493,7 @@ pub unsafe fn change_metric(
     labels: &[&str],
     value: u64,
 ) {
-    let labels: Vec<Buffer> = labels.iter().map(|l| Buffer::of(l.as_bytes())).collect();
+    let labels = buffers(labels);
     let change = match metric_type {
         MetricType::Counter => {
             imports::envoy_dynamic_module_callback_http_filter_config_increment_counter

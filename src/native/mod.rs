@@ -85,14 +85,8 @@ fn follow_host_log_level() {
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
     guarded(std::ptr::null(), || {
-        let _ = log::set_logger(&LOGGER);
-        log::set_max_level(log::LevelFilter::Info);
-        std::panic::set_hook(Box::new(|info| {
-            abi::log(
-                host_log::CRITICAL,
-                &format!("apikey-filter panicked: {info}"),
-            );
-        }));
+        // Every entry point catches a panic; the log says where it was.
+        LOGGER.install();
         abi::ABI_VERSION.as_ptr()
     })
 }

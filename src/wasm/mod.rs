@@ -84,15 +84,8 @@ pub extern "C" fn _initialize() {
     unsafe {
         __wasm_call_ctors();
     }
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
-    // A panic aborts the VM (panic = "abort"); say why before it goes.
-    std::panic::set_hook(Box::new(|info| {
-        abi::log(
-            host_log::CRITICAL,
-            &format!("apikey-filter panicked: {info}"),
-        );
-    }));
+    // A panic aborts the VM (panic = "abort"): the log says why before it goes.
+    LOGGER.install();
 }
 
 /// Tells the host which ABI the module speaks.
