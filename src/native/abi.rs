@@ -374,36 +374,26 @@ pub unsafe fn delete_config_scheduler(scheduler: EnvoyPtr) {
     unsafe { imports::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler) }
 }
 
-/// A request of the configuration's own (main thread): its id, or `None` if refused.
-pub struct Outgoing<'a> {
-    pub cluster: &'a str,
-    pub headers: &'a [(String, String)],
-    pub body: &'a [u8],
-    pub timeout_ms: u64,
-}
-
-impl Outgoing<'_> {
-    fn pairs(&self) -> Vec<HeaderPair> {
-        self.headers
-            .iter()
-            .map(|(n, v)| HeaderPair::of(n.as_bytes(), v.as_bytes()))
-            .collect()
-    }
-}
-
-/// Sends `request` from the configuration: a one-shot callout, whose answer comes to
-/// `on_http_filter_config_http_callout_done`, or (`stream`) a stream sent whole at once,
-/// as a unary gRPC call is, whose answer comes to the `on_http_filter_config_http_stream_*`
-/// hooks. Envoy's id for it, or its refusal.
+/// Sends a request from the configuration (`POST` or `GET` as `headers` say, `body` whole):
+/// a one-shot callout, whose answer comes to `on_http_filter_config_http_callout_done`,
+/// or (`stream`) a stream sent whole at once, as a unary gRPC call is, whose answer comes
+/// to the `on_http_filter_config_http_stream_*` hooks. Envoy's id for it, or its refusal.
 ///
 /// # Safety
 /// `config` is the live configuration, on the main thread.
-pub unsafe fn config_send(config: EnvoyPtr, request: &Outgoing, stream: bool) -> Result<u64, u32> {
-    let pairs = request.pairs();
-    let (cluster, body) = (
-        Buffer::of(request.cluster.as_bytes()),
-        Buffer::of(request.body),
-    );
+pub unsafe fn config_send(
+    config: EnvoyPtr,
+    cluster: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout_ms: u64,
+    stream: bool,
+) -> Result<u64, u32> {
+    let pairs: Vec<HeaderPair> = headers
+        .iter()
+        .map(|(n, v)| HeaderPair::of(n.as_bytes(), v.as_bytes()))
+        .collect();
+    let (cluster, body) = (Buffer::of(cluster.as_bytes()), Buffer::of(body));
     let mut id = 0;
     // SAFETY: the caller's promise; the buffers live for the call.
     let result = unsafe {
@@ -416,7 +406,7 @@ pub unsafe fn config_send(config: EnvoyPtr, request: &Outgoing, stream: bool) ->
                 pairs.len(),
                 body,
                 true,
-                request.timeout_ms,
+                timeout_ms,
             )
         } else {
             imports::envoy_dynamic_module_callback_http_filter_config_http_callout(
@@ -426,7 +416,7 @@ pub unsafe fn config_send(config: EnvoyPtr, request: &Outgoing, stream: bool) ->
                 pairs.as_ptr(),
                 pairs.len(),
                 body,
-                request.timeout_ms,
+                timeout_ms,
             )
         }
     };

@@ -356,7 +356,9 @@ impl RequestIo for NativeRequest {
     fn client_address(&mut self) -> Option<Vec<u8>> {
         match &self.target {
             // SAFETY: the stream's hook is running (`current`).
-            Target::Current if !self.filter.is_null() => unsafe { client_address(self.filter) },
+            Target::Current if !self.filter.is_null() => unsafe {
+                abi::source_address(self.filter)
+            },
             Target::Current => None,
             Target::Parked(parked) => parked.client_address.get().cloned().flatten(),
         }
@@ -384,19 +386,5 @@ impl RequestIo for NativeRequest {
 
     fn resume(&mut self) {
         self.record(ActionLog::resume);
-    }
-}
-
-/// The downstream remote address as `ip:port`.
-///
-/// # Safety
-/// `filter` is a live stream, in one of its hooks.
-pub unsafe fn client_address(filter: EnvoyPtr) -> Option<Vec<u8>> {
-    // SAFETY: the caller's promise.
-    let address = unsafe { abi::source_address(filter) }?;
-    // Envoy 1.40 gives the IP alone.
-    match std::str::from_utf8(&address).map(str::parse::<std::net::IpAddr>) {
-        Ok(Ok(ip)) => Some(std::net::SocketAddr::new(ip, 0).to_string().into_bytes()),
-        _ => Some(address),
     }
 }

@@ -388,7 +388,7 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
                     // SAFETY: on the stream's thread, in its hook.
                     unsafe {
                         parked.set_scheduler(abi::stream_scheduler(filter));
-                        let _ = parked.client_address.set(host::client_address(filter));
+                        let _ = parked.client_address.set(abi::source_address(filter));
                     }
                     host.park(context_id, parked.clone());
                     stream.parked = Some(parked);

@@ -231,20 +231,31 @@ impl Node {
     }
 
     fn send_now(&self, token: u32, outgoing: &Outgoing) {
-        let request = abi::Outgoing {
-            cluster: &outgoing.cluster,
-            headers: &outgoing.headers,
-            body: &outgoing.body,
-            timeout_ms: outgoing.timeout_ms,
-        };
-        let pending = match outgoing.kind {
-            OutgoingKind::Callout => InFlight::Callout(token),
-            OutgoingKind::Grpc => InFlight::Grpc(token, GrpcAnswer::default()),
+        let stream = matches!(outgoing.kind, OutgoingKind::Grpc);
+        let pending = if stream {
+            InFlight::Grpc(token, GrpcAnswer::default())
+        } else {
+            InFlight::Callout(token)
         };
         *lock(&self.sending) = Some(pending);
         // SAFETY: on the main thread (the scheduler's), with the live configuration.
-        let stream = matches!(outgoing.kind, OutgoingKind::Grpc);
-        let sent = unsafe { abi::config_send(self.shared.config(), &request, stream) };
+        let sent = unsafe {
+            let Outgoing {
+                cluster,
+                headers,
+                body,
+                timeout_ms,
+                ..
+            } = outgoing;
+            abi::config_send(
+                self.shared.config(),
+                cluster,
+                headers,
+                body,
+                *timeout_ms,
+                stream,
+            )
+        };
         // Taken back unless answered during the call.
         let pending = lock(&self.sending).take();
         match (sent, pending) {
@@ -254,16 +265,11 @@ impl Node {
             (Ok(_), None) => {}
             (Err(result), _) => {
                 log::debug!("call to cluster {} refused ({result})", outgoing.cluster);
-                match outgoing.kind {
-                    OutgoingKind::Callout => {
-                        self.with_worker(|w| w.on_callout_refused(token));
-                        self.on_scheduled(WORK);
-                    }
-                    OutgoingKind::Grpc => {
-                        self.with_worker(|w| w.on_grpc_answer(token, GrpcOutcome::NotSent));
-                        self.on_scheduled(WORK);
-                    }
-                }
+                self.with_worker(|w| match outgoing.kind {
+                    OutgoingKind::Callout => w.on_callout_refused(token),
+                    OutgoingKind::Grpc => w.on_grpc_answer(token, GrpcOutcome::NotSent),
+                });
+                self.on_scheduled(WORK);
             }
         }
     }
