@@ -3,6 +3,7 @@
 //! re-validates anything.
 pub mod json_fields;
 
+use crate::request::canonical_path::canonical_path;
 use crate::quotas::allowance::Mode;
 use crate::quotas::quota::{parse_quotas, Quota};
 use json_fields::{FieldError, FieldResult, Object};
@@ -34,6 +35,8 @@ pub struct KeyService {
     path_before_hash: String,
     path_after_hash: String,
     pub timeout_ms: u64,
+    /// Lookups in flight on the node at most; one more is answered as overloaded.
+    pub max_pending: u32,
     pub headers: Vec<(String, String)>,
     /// The key service's change feed; `None`: not polled.
     pub changes: Option<ChangeFeed>,
@@ -86,6 +89,10 @@ pub struct IdentityHeaders {
 pub struct BruteForce {
     pub max_failures: u32,
     pub period_s: u32,
+    /// Budgets are kept per IPv4 network of this many bits (8 to 32, default 32)…
+    pub ipv4_prefix: u8,
+    /// …and per IPv6 network of this many (32 to 128, default 64: a client's /64).
+    pub ipv6_prefix: u8,
 }
 
 /// `key_format` (SPEC "Key format").
@@ -146,6 +153,7 @@ const KEY_SERVICE_FIELDS: &[&str] = &[
     "authority",
     "path",
     "timeout_ms",
+    "max_pending",
     "headers",
     "changes",
 ];
@@ -160,7 +168,7 @@ const CACHE_FIELDS: &[&str] = &[
 const BUCKET_FIELDS: &[&str] = &["requests", "period_s", "burst"];
 const RULE_FIELDS: &[&str] = &["path_prefix", "methods", "scopes"];
 const IDENTITY_FIELDS: &[&str] = &["key_id", "owner", "scopes"];
-const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s"];
+const BRUTE_FORCE_FIELDS: &[&str] = &["max_failures", "period_s", "ipv4_prefix", "ipv6_prefix"];
 const KEY_FORMAT_FIELDS: &[&str] = &["prefixes", "checksum"];
 const PER_KEY_STATS_FIELDS: &[&str] = &["max_keys"];
 const RATE_LIMIT_SERVICE_FIELDS: &[&str] = &[
@@ -513,6 +521,7 @@ fn parse_key_service(root: &Object) -> FieldResult<KeyService> {
         path_before_hash: before.to_string(),
         path_after_hash: after.to_string(),
         timeout_ms: service.u64_in("timeout_ms", 500, 1, MAX_TIMEOUT_MS)?,
+        max_pending: service.u64_in("max_pending", 1000, 1, 1_000_000)? as u32,
         headers,
         changes: parse_changes(&service)?,
     })
@@ -639,7 +648,10 @@ fn parse_rules(root: &Object) -> FieldResult<Vec<Rule>> {
             let rule = Object::new(format!("rules[{i}]"), item)?;
             rule.refuse_unknown(RULE_FIELDS)?;
             let path_prefix = match rule.string("path_prefix")? {
-                Some(p) if p.starts_with('/') => p.to_string(),
+                // Held as requests are matched: canonical (see `request::canonical_path`).
+                Some(p) if p.starts_with('/') => {
+                    String::from_utf8_lossy(&canonical_path(p.as_bytes())).into_owned()
+                }
                 Some(_) => {
                     return Err(FieldError::new(
                         rule.path_of("path_prefix"),
@@ -703,6 +715,8 @@ fn parse_brute_force(root: &Object) -> FieldResult<Option<BruteForce>> {
             Ok(Some(BruteForce {
                 max_failures: required("max_failures")?,
                 period_s: required("period_s")?,
+                ipv4_prefix: bf.u64_in("ipv4_prefix", 32, 8, 32)? as u8,
+                ipv6_prefix: bf.u64_in("ipv6_prefix", 64, 32, 128)? as u8,
             }))
         }
     }
@@ -887,7 +901,9 @@ mod tests {
             c.brute_force,
             Some(BruteForce {
                 max_failures: 5,
-                period_s: 60
+                period_s: 60,
+                ipv4_prefix: 32,
+                ipv6_prefix: 64
             })
         );
         assert_eq!(c.failure_mode, FailureMode::Open);
@@ -1148,6 +1164,14 @@ mod tests {
             (
                 r#"{"key_service": {"cluster": "k"}, "brute_force": {"max_failures": 3}}"#,
                 "brute_force.period_s",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "brute_force": {"max_failures": 3, "period_s": 1, "ipv6_prefix": 16}}"#,
+                "brute_force.ipv6_prefix",
+            ),
+            (
+                r#"{"key_service": {"cluster": "k"}, "brute_force": {"max_failures": 3, "period_s": 1, "ipv4_prefix": 33}}"#,
+                "brute_force.ipv4_prefix",
             ),
             (
                 r#"{"key_service": {"cluster": "k"}, "failure_mode": "ajar"}"#,

@@ -59,6 +59,7 @@ impl Message {
             Message::Ask(h) => (0, h),
             Message::Woken(Ended::Answered, h) => (1, h),
             Message::Woken(Ended::Failed, h) => (2, h),
+            Message::Woken(Ended::Overloaded, h) => (4, h),
             Message::Feed(news) => {
                 let mut out = Vec::with_capacity(13 + 32 * news.forgotten.len());
                 out.push(3);
@@ -95,6 +96,7 @@ impl Message {
             0 => Some(Message::Ask(key_hash)),
             1 => Some(Message::Woken(Ended::Answered, key_hash)),
             2 => Some(Message::Woken(Ended::Failed, key_hash)),
+            4 => Some(Message::Woken(Ended::Overloaded, key_hash)),
             _ => None,
         }
     }
@@ -264,6 +266,10 @@ impl<P> Flights<P> {
         self.flights.get(key)
     }
 
+    pub fn get_mut(&mut self, key: &FlightKey) -> Option<&mut Flight<P>> {
+        self.flights.get_mut(key)
+    }
+
     /// Ends `key`'s flight as `ended`: releases its lease if this worker holds it.
     /// Returns the flight, and the queues of the workers that waited for it.
     pub fn land(
@@ -417,6 +423,7 @@ mod tests {
             Message::Ask([5; 32]),
             Message::Woken(Ended::Answered, [5; 32]),
             Message::Woken(Ended::Failed, [5; 32]),
+            Message::Woken(Ended::Overloaded, [5; 32]),
             Message::Feed(FeedNews::default()),
             Message::Feed(FeedNews {
                 epoch: 3,

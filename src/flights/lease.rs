@@ -50,6 +50,10 @@ pub enum Ended {
     Answered,
     /// The key service failed: nothing was cached.
     Failed,
+    /// The lookup was not sent because the key service cluster, or the filter's own
+    /// lookups in flight, are over their limit: nothing was cached, and the requests that
+    /// waited are refused whatever `failure_mode` says.
+    Overloaded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,7 +129,7 @@ pub fn release(
     let released = match ended {
         Ended::Answered => encode_answered(id, now_ms),
         // Nothing was cached: the next request asks again.
-        Ended::Failed => Vec::new(),
+        Ended::Failed | Ended::Overloaded => Vec::new(),
     };
     let key = slot_key(id);
     for _ in 0..MAX_ATTEMPTS {

@@ -1,4 +1,5 @@
 pub mod coordinator;
 pub mod lease;
+pub mod pending;
 pub mod scheduler;
 pub mod workers;

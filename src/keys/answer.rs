@@ -16,6 +16,10 @@ pub enum Answer {
 pub enum Failure {
     /// Envoy refused to send it (e.g. the cluster does not exist).
     NotSent,
+    /// Not sent for load: Envoy's own 503 for a cluster over its circuit breaker
+    /// (`x-envoy-overloaded`), or the filter's `max_pending` lookups in flight. Anyone
+    /// can cause it with made-up keys, so it never opens the gate.
+    Overloaded,
     /// No response at all: connection refused or reset.
     Reset,
     /// Envoy answers a timed-out callout with a 504 of its own.
@@ -28,6 +32,7 @@ pub enum Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     NotSent,
+    Overloaded,
     Reset,
     Timeout,
     Status,
@@ -35,8 +40,9 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 5] = [
+    pub const ALL: [FailureKind; 6] = [
         FailureKind::NotSent,
+        FailureKind::Overloaded,
         FailureKind::Reset,
         FailureKind::Timeout,
         FailureKind::Status,
@@ -46,6 +52,7 @@ impl FailureKind {
     pub fn name(self) -> &'static str {
         match self {
             FailureKind::NotSent => "not_sent",
+            FailureKind::Overloaded => "overloaded",
             FailureKind::Reset => "reset",
             FailureKind::Timeout => "timeout",
             FailureKind::Status => "status",
@@ -58,6 +65,7 @@ impl Failure {
     pub fn kind(&self) -> FailureKind {
         match self {
             Failure::NotSent => FailureKind::NotSent,
+            Failure::Overloaded => FailureKind::Overloaded,
             Failure::Reset => FailureKind::Reset,
             Failure::Timeout => FailureKind::Timeout,
             Failure::Status(_) => FailureKind::Status,
@@ -68,6 +76,10 @@ impl Failure {
     pub fn describe(&self) -> String {
         match self {
             Failure::NotSent => "could not be sent (does the cluster exist?)".into(),
+            Failure::Overloaded => {
+                "not sent: the key service cluster or key_service.max_pending is at its limit"
+                    .into()
+            }
             Failure::Reset => "no response (connection refused or reset)".into(),
             Failure::Timeout => "timed out (504)".into(),
             Failure::Status(s) => format!("answered HTTP {s}"),
@@ -86,10 +98,15 @@ pub fn status_code(status: &[u8]) -> Option<u16> {
 
 /// `status` is the callout response's `:status` value, `None` when it had no headers.
 /// `body` is `None` when it was longer than `MAX_ANSWER_BYTES` and so not read.
-pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
+/// `overloaded`: it carried `x-envoy-overloaded` (Envoy's own answer for a cluster over
+/// its circuit breaker).
+pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>, overloaded: bool) -> Answer {
     let Some(status) = status else {
         return Answer::Failed(Failure::Reset);
     };
+    if overloaded && status_code(status) == Some(503) {
+        return Answer::Failed(Failure::Overloaded);
+    }
     let code = status_code(status);
     let Some(body) = body else {
         let why = format!("an answer of more than {MAX_ANSWER_BYTES} bytes");
@@ -119,39 +136,57 @@ pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
 mod tests {
     use super::*;
 
+    fn classify_(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
+        classify(status, body, false)
+    }
+
+    #[test]
+    fn envoy_s_own_overload_answer_is_overloaded() {
+        let body = Some(&b"upstream connect error or disconnect/reset before headers. reset reason: overflow"[..]);
+        assert_eq!(
+            classify(Some(b"503"), body, true),
+            Answer::Failed(Failure::Overloaded)
+        );
+        // The key service's own 503 with the header is not Envoy's overload.
+        assert_eq!(
+            classify(Some(b"200"), Some(br#"{"key_id":"k"}"#), true),
+            Answer::Found(parse_record(br#"{"key_id":"k"}"#).unwrap())
+        );
+    }
+
     #[test]
     fn verdicts() {
         assert!(
-            matches!(classify(Some(b"200"), Some(br#"{"key_id":"k"}"#)), Answer::Found(r) if r.key_id == "k")
+            matches!(classify_(Some(b"200"), Some(br#"{"key_id":"k"}"#)), Answer::Found(r) if r.key_id == "k")
         );
-        assert_eq!(classify(Some(b"404"), Some(b"whatever")), Answer::NotFound);
+        assert_eq!(classify_(Some(b"404"), Some(b"whatever")), Answer::NotFound);
     }
 
     #[test]
     fn failures() {
-        assert_eq!(classify(None, Some(b"")), Answer::Failed(Failure::Reset));
+        assert_eq!(classify_(None, Some(b"")), Answer::Failed(Failure::Reset));
         assert_eq!(
-            classify(Some(b"504"), Some(b"upstream request timeout")),
+            classify_(Some(b"504"), Some(b"upstream request timeout")),
             Answer::Failed(Failure::Timeout)
         );
         assert_eq!(
-            classify(Some(b"503"), Some(b"upstream connect error or disconnect")),
+            classify_(Some(b"503"), Some(b"upstream connect error or disconnect")),
             Answer::Failed(Failure::Reset)
         );
         assert_eq!(
-            classify(Some(b"500"), Some(b"")),
+            classify_(Some(b"500"), Some(b"")),
             Answer::Failed(Failure::Status(500))
         );
         assert_eq!(
-            classify(Some(b"401"), Some(b"")),
+            classify_(Some(b"401"), Some(b"")),
             Answer::Failed(Failure::Status(401))
         );
         assert_eq!(
-            classify(Some(b"x"), Some(b"")),
+            classify_(Some(b"x"), Some(b"")),
             Answer::Failed(Failure::Reset)
         );
         assert!(matches!(
-            classify(Some(b"200"), Some(b"{\"key_id\": ")),
+            classify_(Some(b"200"), Some(b"{\"key_id\": ")),
             Answer::Failed(Failure::BadRecord(_))
         ));
     }
@@ -159,11 +194,11 @@ mod tests {
     #[test]
     fn an_answer_too_large_to_read_is_a_failure_never_a_verdict() {
         assert!(matches!(
-            classify(Some(b"200"), None),
+            classify_(Some(b"200"), None),
             Answer::Failed(Failure::BadRecord(why)) if why.contains("65536")
         ));
         assert_eq!(
-            classify(Some(b"404"), None),
+            classify_(Some(b"404"), None),
             Answer::Failed(Failure::Status(404))
         );
     }

@@ -358,17 +358,32 @@ impl KeyCache {
     }
 
     /// Forgets what the node and this worker know of the key: its entry becomes a
-    /// tombstone, never used again, not even as stale. Whether the node had an entry.
+    /// tombstone, never used again, not even as stale. The tombstone is written also when
+    /// the node held nothing, since a lookup of the key may be in flight: its answer must
+    /// not be cached (`forgotten_since`). It never displaces a usable entry of another
+    /// key. Whether the node had an entry.
     pub fn forget(&mut self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) -> bool {
         self.copies.forget(key_hash);
         let held = self
             .entry(store, key_hash)
             .is_some_and(|e| e.verdict != Verdict::Forgotten);
-        if held {
-            let tombstone = self.new_entry(key_hash, now_ms, Verdict::Forgotten);
-            self.write(store, &tombstone, now_ms);
-        }
+        let tombstone = self.new_entry(key_hash, now_ms, Verdict::Forgotten);
+        self.write(store, &tombstone, now_ms);
         held
+    }
+
+    /// When the node forgot the key, if it did at or after `since_ms` (by the change
+    /// feed, or a failed lookup since): an answer asked for before then may be older
+    /// than the change, and must not be cached.
+    pub fn forgotten_since(
+        &self,
+        store: &impl SharedStore,
+        key_hash: &KeyHash,
+        since_ms: u64,
+    ) -> Option<u64> {
+        self.entry(store, key_hash)
+            .filter(|e| e.verdict == Verdict::Forgotten && e.stored_at_ms >= since_ms)
+            .map(|e| e.stored_at_ms)
     }
 
     /// Forgets this worker's copies of the key (the node's entry is another worker's
@@ -684,11 +699,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn forgetting_a_key_the_node_never_saw_writes_nothing() {
+    fn forgetting_a_key_the_node_never_saw_leaves_a_tombstone_for_a_lookup_in_flight() {
         let store = FakeStore::default();
         let mut cache = KeyCache::new(&config(100));
-        assert!(!cache.forget(&store, &hash_key(b"never"), 0));
-        assert!(store.data.borrow().is_empty());
+        let key_hash = hash_key(b"never");
+        assert!(!cache.forget(&store, &key_hash, 50), "it held nothing");
+        assert_eq!(cache.forgotten_since(&store, &key_hash, 40), Some(50));
+        assert_eq!(cache.forgotten_since(&store, &key_hash, 51), None);
+        cache.store_verdict(&store, &key_hash, Verdict::NotFound, 60);
+        assert_eq!(cache.forgotten_since(&store, &key_hash, 40), None);
     }
 
     #[test]

@@ -91,6 +91,18 @@ impl Bucket {
         self.units >= capacity(self.spec)
     }
 
+    /// Gives back one token taken earlier (never past the capacity). `self` must already
+    /// be brought to `now` by `at`.
+    pub fn give_back(self) -> Bucket {
+        Bucket {
+            units: self
+                .units
+                .saturating_add(units_per_token(self.spec))
+                .min(capacity(self.spec)),
+            ..self
+        }
+    }
+
     /// Takes one token if there is one. `self` must already be brought to `now` by `at`.
     pub fn take(self) -> (Bucket, Take) {
         let cost = units_per_token(self.spec);

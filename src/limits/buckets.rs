@@ -79,6 +79,25 @@ pub fn take_token(
     Err(Unavailable::Contention)
 }
 
+/// Gives back a token `owner` took earlier (a `brute_force` charge for a lookup whose key
+/// was found). Nothing when its bucket is gone or full: it then holds all it may.
+pub fn give_back(store: &impl SharedStore, table: Table, owner: u64, spec: BucketSpec, now_ms: u64) {
+    for _ in 0..MAX_ATTEMPTS {
+        let (key, cas, bucket) = choose_slot(store, table, owner, spec, now_ms);
+        if bucket.is_full() {
+            return;
+        }
+        let state = SlotState {
+            owner,
+            bucket: bucket.give_back(),
+        };
+        match store.set(&key, &encode(&state), cas) {
+            Err(SetError::CasMismatch) => continue,
+            _ => return,
+        }
+    }
+}
+
 /// The slot for `owner`'s bucket with the CAS it was read with, and the bucket as of now.
 fn choose_slot(
     store: &impl SharedStore,
@@ -194,6 +213,22 @@ mod tests {
         now_ms: u64,
     ) -> Result<Take, Unavailable> {
         take_token(s, Table::keys(slots), owner_id(owner), spec, now_ms)
+    }
+
+    #[test]
+    fn a_token_given_back_can_be_taken_again_and_never_past_the_burst() {
+        let s = store(8);
+        let owner = owner_id("10.0.0.1/32");
+        let table = Table::keys(8);
+        assert!(take(&s, "10.0.0.1/32", spec(2), 8, 0).unwrap().allowed);
+        assert!(take(&s, "10.0.0.1/32", spec(2), 8, 0).unwrap().allowed);
+        assert!(!take(&s, "10.0.0.1/32", spec(2), 8, 0).unwrap().allowed);
+        give_back(&s, table, owner, spec(2), 0);
+        assert!(take(&s, "10.0.0.1/32", spec(2), 8, 0).unwrap().allowed);
+        give_back(&s, table, owner, spec(2), 0);
+        give_back(&s, table, owner, spec(2), 0);
+        give_back(&s, table, owner, spec(2), 0);
+        assert_eq!(peek(&s, table, owner, spec(2), 0).remaining, 1);
     }
 
     #[test]

@@ -40,6 +40,8 @@ struct Metrics {
 pub struct Answer {
     pub status: Option<Vec<u8>>,
     pub body: Vec<u8>,
+    /// It carried `x-envoy-overloaded`.
+    pub overloaded: bool,
 }
 
 /// The request a hook is handling on the calling thread.
@@ -182,6 +184,10 @@ impl Callouts for NativeHost {
     fn callout_body(&self, size: usize) -> Vec<u8> {
         let answer = self.answer.borrow();
         answer.body.get(..size).unwrap_or(&answer.body).to_vec()
+    }
+
+    fn callout_overloaded(&self) -> bool {
+        self.answer.borrow().overloaded
     }
 
     fn send_grpc(&self, call: &GrpcCall) -> Option<u32> {

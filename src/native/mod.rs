@@ -160,6 +160,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
             .iter()
             .find(|(name, _)| *name == b":status")
             .map(|(_, value)| value.to_vec());
+        let overloaded = headers
+            .iter()
+            .any(|(name, _)| *name == b"x-envoy-overloaded");
         // SAFETY: Envoy's promise.
         let body = chunks
             .iter()
@@ -167,7 +170,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
             .copied()
             .collect();
         // SAFETY: Envoy's promise.
-        unsafe { node(node_ptr) }.on_callout_done(callout_id, Answer { status, body });
+        unsafe { node(node_ptr) }.on_callout_done(
+            callout_id,
+            Answer {
+                status,
+                body,
+                overloaded,
+            },
+        );
     })
 }
 

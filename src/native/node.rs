@@ -345,8 +345,8 @@ impl Node {
             Some(message) => {
                 let size = message.len();
                 w.host().set_answer(Answer {
-                    status: None,
                     body: message.to_vec(),
+                    ..Answer::default()
                 });
                 w.on_grpc_answer(token, GrpcOutcome::Message(size));
                 w.host().set_answer(Answer::default());

@@ -110,6 +110,8 @@ pub struct FakeHost {
     pub grpc_answer: RefCell<Vec<u8>>,
     /// The answer being delivered: `:status` (None: a reset) and body.
     pub answer: RefCell<(Option<Vec<u8>>, Vec<u8>)>,
+    /// The answer being delivered carries `x-envoy-overloaded`.
+    pub overloaded: Cell<bool>,
     pub tick_ms: Cell<u64>,
     counters: RefCell<Vec<u64>>,
     pub histograms: RefCell<Vec<(Histogram, u64)>>,
@@ -131,6 +133,7 @@ impl FakeHost {
             acting: Cell::new(0),
             grpc_answer: RefCell::default(),
             answer: RefCell::new((None, Vec::new())),
+            overloaded: Cell::default(),
             tick_ms: Cell::new(0),
             counters: RefCell::new(vec![0; counter_names().len()]),
             histograms: RefCell::default(),
@@ -228,6 +231,10 @@ impl Callouts for FakeHost {
     fn callout_body(&self, size: usize) -> Vec<u8> {
         let body = &self.answer.borrow().1;
         body[..size.min(body.len())].to_vec()
+    }
+
+    fn callout_overloaded(&self) -> bool {
+        self.overloaded.get()
     }
 
     fn send_grpc(&self, call: &GrpcCall) -> Option<u32> {

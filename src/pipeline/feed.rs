@@ -99,6 +99,12 @@ impl<H: Host> Worker<H> {
         self.feed.borrow_mut().next_check_ms = Some(next_check_ms.max(now_ms + 1));
     }
 
+    /// The node's feed epoch, when the change feed is on.
+    pub(super) fn node_feed_epoch(&self) -> Option<u32> {
+        self.config()?.key_service.changes.as_ref()?;
+        Some(self.read_state().0.epoch)
+    }
+
     fn read_state(&self) -> (FeedState, Option<u32>) {
         match self.host.get(STATE_KEY) {
             Some((value, cas)) => (FeedState::decode(&value).unwrap_or_default(), Some(cas)),

@@ -38,6 +38,9 @@ pub trait Callouts {
     fn callout_status(&self) -> Option<Vec<u8>>;
     /// The first `size` bytes of the body of the answer being delivered.
     fn callout_body(&self, size: usize) -> Vec<u8>;
+    /// Whether the answer being delivered is Envoy's own, for a cluster over its circuit
+    /// breaker (`x-envoy-overloaded`): the key service was never asked.
+    fn callout_overloaded(&self) -> bool;
     /// Sends `call` from the context that is acting now: a request's own call ends with
     /// the request. Its answer comes back with the token returned; `None`: refused.
     fn send_grpc(&self, call: &GrpcCall) -> Option<u32>;

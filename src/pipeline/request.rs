@@ -11,7 +11,7 @@ use crate::keys::known_key::KnownKey;
 use crate::limits::bucket::Take;
 use crate::limits::buckets::{self, Unavailable};
 use crate::request::authorize::{authorize, Origin};
-use crate::request::client_address::without_port;
+use crate::request::client_address::{budget_network, without_port};
 use crate::request::denial::Denial;
 use crate::request::header_map::{self, Header};
 use crate::request::rules::required_scopes;
@@ -24,6 +24,9 @@ pub struct Request {
     pub config: Rc<Config>,
     /// Set when `brute_force` is on: whose failures this request's would count against.
     pub client: Option<String>,
+    /// Its lookup was charged to the client's `brute_force` budget when it started: a
+    /// failure is not charged again, and a found key gives the charge back.
+    pub charged: bool,
     pub key_hash: KeyHash,
     /// Index of the scope rule that applies.
     pub rule: Option<usize>,
@@ -73,19 +76,21 @@ impl RateHeaders {
 }
 
 /// What a request gets when the key service failed for it: a stale record if there is
-/// one, else what `failure_mode` says.
+/// one, else what `failure_mode` says. A lookup not sent for load (`overloaded`) is
+/// refused whatever `failure_mode` says: anyone can cause it with made-up keys.
 pub fn on_key_service_failure<'a>(
     stats: &impl Stats,
     config: &Config,
     stale: Option<&'a KnownKey>,
+    overloaded: bool,
 ) -> Outcome<'a> {
     if let Some(known) = stale {
         stats.count(Counter::CacheStale);
         return Outcome::Known(known);
     }
     match config.failure_mode {
-        FailureMode::Closed => Outcome::Deny(Denial::KeyServiceUnavailable),
-        FailureMode::Open => Outcome::ForwardAnonymous,
+        FailureMode::Open if !overloaded => Outcome::ForwardAnonymous,
+        _ => Outcome::Deny(Denial::KeyServiceUnavailable),
     }
 }
 
@@ -106,10 +111,16 @@ pub fn finish<H: Clock + SharedStore + Stats>(
 ) -> Handled {
     let config = &request.config;
     let known = match outcome {
-        Outcome::Known(known) => known,
+        Outcome::Known(known) => {
+            if request.charged {
+                give_back_lookup(host, config, request.client.as_deref());
+            }
+            known
+        }
         Outcome::Deny(denial) => {
             log_key(io, request);
-            deny(host, io, config, request.client.as_deref(), denial);
+            let uncharged = request.client.as_deref().filter(|_| !request.charged);
+            deny(host, io, config, uncharged, denial);
             return Handled::Answered;
         }
         Outcome::ForwardAnonymous => {
@@ -253,13 +264,43 @@ pub fn deny<H: Clock + SharedStore + Stats>(
     client: Option<&str>,
     denial: Denial,
 ) {
-    if let (Some((table, budget)), Some(client), true) =
+    if let (Some(budget), Some(client), true) =
         (failure_budget(config), client, denial.is_failed_attempt())
     {
-        let owner = buckets::owner_id(client);
-        let _ = buckets::take_token(host, table, owner, budget, host.now_ms());
+        let _ = budget.take(host, client);
     }
     refuse(host, io, config, denial, &[]);
+}
+
+/// With `brute_force` on, charges a lookup to the client's budget as it starts, so that
+/// lookups of unknown keys in flight or failing (and, with `failure_mode` open, forwarded
+/// unverified) spend it too. False: the budget is spent, and the request has been
+/// answered with a 429.
+pub fn charge_lookup<H: Clock + SharedStore + Stats>(
+    host: &H,
+    io: &mut impl RequestIo,
+    config: &Config,
+    client: Option<&str>,
+) -> bool {
+    let (Some(budget), Some(client)) = (failure_budget(config), client) else {
+        return true;
+    };
+    match budget.take(host, client) {
+        Ok(take) if take.allowed => true,
+        Ok(take) => {
+            refuse_for_budget(host, io, config, take.retry_after_s);
+            false
+        }
+        // The store failed: the lookup goes on, as a refused write charges nothing.
+        Err(_) => true,
+    }
+}
+
+/// A charged lookup found its key: the attempt did not fail.
+fn give_back_lookup(host: &(impl Clock + SharedStore), config: &Config, client: Option<&str>) {
+    if let (Some(budget), Some(client)) = (failure_budget(config), client) {
+        buckets::give_back(host, budget.table, budget.owner(client), budget.spec, host.now_ms());
+    }
 }
 
 /// Whether `client` has spent its `brute_force` budget; if so, the request has been
@@ -270,18 +311,26 @@ pub fn refuse_if_budget_spent<H: Clock + SharedStore + Stats>(
     config: &Config,
     client: Option<&str>,
 ) -> bool {
-    let (Some((table, budget)), Some(client)) = (failure_budget(config), client) else {
+    let (Some(budget), Some(client)) = (failure_budget(config), client) else {
         return false;
     };
-    let owner = buckets::owner_id(client);
-    let budget = buckets::peek(host, table, owner, budget, host.now_ms());
-    if budget.allowed {
+    let left = buckets::peek(host, budget.table, budget.owner(client), budget.spec, host.now_ms());
+    if left.allowed {
         return false;
     }
-    let retry_after = budget.retry_after_s.to_string();
-    let extra = [("retry-after", retry_after.as_str())];
-    refuse(host, io, config, Denial::TooManyFailedAttempts, &extra);
+    refuse_for_budget(host, io, config, left.retry_after_s);
     true
+}
+
+fn refuse_for_budget(
+    stats: &impl Stats,
+    io: &mut impl RequestIo,
+    config: &Config,
+    retry_after_s: u64,
+) {
+    let retry_after = retry_after_s.to_string();
+    let extra = [("retry-after", retry_after.as_str())];
+    refuse(stats, io, config, Denial::TooManyFailedAttempts, &extra);
 }
 
 /// Sends the spec's JSON error, and counts it.
@@ -313,14 +362,36 @@ pub fn reply(
     io.reply(denial.status(), &denial.body(), &headers);
 }
 
-/// With `brute_force` on, where client budgets live and what each holds: `max_failures`
-/// per `period_s`, all of them available at once.
-fn failure_budget(config: &Config) -> Option<(Table, BucketSpec)> {
+/// With `brute_force` on: where client budgets live, what each holds (`max_failures` per
+/// `period_s`, all of them available at once), and the networks they are kept per.
+struct FailureBudget {
+    table: Table,
+    spec: BucketSpec,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+}
+
+impl FailureBudget {
+    /// Whose budget `client` spends: its network's.
+    fn owner(&self, client: &str) -> u64 {
+        buckets::owner_id(&budget_network(client, self.ipv4_prefix, self.ipv6_prefix))
+    }
+
+    fn take(&self, host: &(impl Clock + SharedStore), client: &str) -> Result<Take, Unavailable> {
+        buckets::take_token(host, self.table, self.owner(client), self.spec, host.now_ms())
+    }
+}
+
+fn failure_budget(config: &Config) -> Option<FailureBudget> {
     let limit = config.brute_force?;
-    let budget = BucketSpec {
-        requests: limit.max_failures,
-        period_s: limit.period_s,
-        burst: limit.max_failures,
-    };
-    Some((Table::client_addresses(config.cache.max_entries), budget))
+    Some(FailureBudget {
+        table: Table::client_addresses(config.cache.max_entries),
+        spec: BucketSpec {
+            requests: limit.max_failures,
+            period_s: limit.period_s,
+            burst: limit.max_failures,
+        },
+        ipv4_prefix: limit.ipv4_prefix,
+        ipv6_prefix: limit.ipv6_prefix,
+    })
 }

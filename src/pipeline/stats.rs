@@ -24,6 +24,10 @@ pub enum Counter {
     KeyServiceJoined,
     /// Lookups not made because the key's failure pause held.
     KeyServicePaused,
+    /// Lookup answers not cached because the change feed forgot the key meanwhile.
+    KeyServiceSuperseded,
+    /// Panics caught in the dynamic module (its worker is then rebuilt).
+    Panics,
     /// Background lookups sent to refresh an entry in use before it expires.
     CacheRefresh,
     ChangesOk,
@@ -87,7 +91,7 @@ impl RlsFailureKind {
 
 /// The counters that are not one per denial code or failure kind, in index order after
 /// `allowed` and the `denied.<code>` ones.
-const PLAIN: [(Counter, &str); 22] = [
+const PLAIN: [(Counter, &str); 24] = [
     (Counter::CacheHit, "cache.hit"),
     (Counter::CacheMiss, "cache.miss"),
     (Counter::CacheNegativeHit, "cache.negative_hit"),
@@ -98,6 +102,7 @@ const PLAIN: [(Counter, &str); 22] = [
     (Counter::KeyServiceError, "key_service.error"),
     (Counter::KeyServiceJoined, "key_service.joined"),
     (Counter::KeyServicePaused, "key_service.paused"),
+    (Counter::KeyServiceSuperseded, "key_service.superseded"),
     (Counter::ChangesOk, "key_service.changes.ok"),
     (Counter::ChangesError, "key_service.changes.error"),
     (Counter::ChangesForgotten, "key_service.changes.forgotten"),
@@ -110,6 +115,7 @@ const PLAIN: [(Counter, &str); 22] = [
     (Counter::QuotaAllowance, "quota.allowance"),
     (Counter::QuotaFailureOpen, "quota.failure_open"),
     (Counter::QuotaReported, "quota.reported"),
+    (Counter::Panics, "panics"),
 ];
 
 const DENIED_FROM: usize = 1;

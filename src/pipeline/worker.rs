@@ -11,7 +11,7 @@ use super::per_key::PerKeyStats;
 use super::ports::{Callout, Host, RequestIo};
 use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
-    deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
+    charge_lookup, deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
     Outcome, RateHeaders, Request,
 };
 use super::stats::{Counter, Histogram};
@@ -19,6 +19,7 @@ use super::warnings::Warnings;
 use crate::config::Config;
 use crate::flights::coordinator::{FlightKey, Flights, Message, Start};
 use crate::flights::lease::Ended;
+use crate::flights::pending;
 use crate::flights::scheduler::Scheduler;
 use crate::keys::answer::{self, classify, Answer, Failure};
 use crate::keys::cache::{BeforeLookup, Cached, KeyCache, Looked};
@@ -59,6 +60,11 @@ pub(super) enum Resolution {
     Known(Rc<KnownKey>, u64),
     Unknown,
     Failed,
+    /// Not sent for load: refused whatever `failure_mode` says.
+    Overloaded,
+    /// The change feed forgot the key while the lookup flew: its answer may predate the
+    /// change, so the parked requests wait for a new lookup, asked for changes since `.0`.
+    Superseded(u64),
 }
 
 /// What a flight keeps while it flies.
@@ -69,9 +75,22 @@ pub(super) enum Payload {
         stale: Option<Rc<KnownKey>>,
         /// Set for a refresh: the copy of the request that started it, to replace.
         refresh: Option<CopyId>,
+        /// What the node knew when it was asked for: a tombstone written since, or a
+        /// new feed epoch, supersedes its answer.
+        asked: Asked,
+        /// It counts against `key_service.max_pending` until it ends.
+        counted: bool,
     },
     /// A feed poll, and the cursor it sent.
     Poll { after: Option<String> },
+}
+
+/// When a lookup was asked for, as the change feed saw it then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Asked {
+    pub since_ms: u64,
+    /// The node's feed epoch (None: no change feed).
+    pub epoch: Option<u32>,
 }
 
 pub struct Worker<H: Host> {
@@ -152,6 +171,7 @@ impl<H: Host> Worker<H> {
         // Creating slots keeps those that exist: running buckets and leases survive.
         create_slots(&self.host, Table::keys(config.cache.max_entries));
         create_slots(&self.host, Table::leases());
+        pending::create(&self.host);
         if config.brute_force.is_some() {
             create_slots(
                 &self.host,
@@ -264,6 +284,7 @@ impl<H: Host> Worker<H> {
         };
         let mut request = Request {
             client: client.map(str::to_string),
+            charged: false,
             key_hash,
             rule: matching_rule(&config.rules, method, path),
             referrer: None,
@@ -304,6 +325,10 @@ impl<H: Host> Worker<H> {
             }
             Cached::Miss { stale } => {
                 self.host.count(Counter::CacheMiss);
+                if !charge_lookup(&self.host, io, &request.config, client) {
+                    return Flow::Pause;
+                }
+                request.charged = request.client.is_some();
                 request.referrer = referrer(headers).map(<[u8]>::to_vec);
                 self.park(context_id, request, stale);
                 return Flow::Pause;
@@ -353,24 +378,23 @@ impl<H: Host> Worker<H> {
                 .as_ref()
                 .map(|cache| cache.known_key(record))
         });
-        self.ask(
-            key_hash,
-            Some(context_id),
-            Payload::Lookup {
-                stale,
-                refresh: None,
-            },
-        );
+        let asked = self.asked(self.host.now_ms());
+        self.ask(key_hash, Some(context_id), lookup(stale, None, asked));
+    }
+
+    /// A lookup asked for now, for changes since `since_ms`.
+    fn asked(&self, since_ms: u64) -> Asked {
+        Asked {
+            since_ms,
+            epoch: self.node_feed_epoch(),
+        }
     }
 
     /// Starts a background lookup of a key in use whose entry is due for a refresh: the
     /// request that found it goes on at once; the answer replaces the entry (and `copy`).
     fn refresh(&self, key_hash: KeyHash, copy: CopyId) {
-        let payload = Payload::Lookup {
-            stale: None,
-            refresh: Some(copy),
-        };
-        self.ask(key_hash, None, payload);
+        let asked = self.asked(self.host.now_ms());
+        self.ask(key_hash, None, lookup(None, Some(copy), asked));
     }
 
     /// Joins the lookup of `key_hash`, asking for a new one if there is none.
@@ -445,6 +469,15 @@ impl<H: Host> Worker<H> {
         );
         match start {
             Start::Send => {
+                let max_pending = config.key_service.max_pending;
+                if !pending::enter(&self.host, max_pending, now_ms, hold_ms) {
+                    return self.on_answer(key_hash, Answer::Failed(Failure::Overloaded));
+                }
+                if let Some(Payload::Lookup { counted, .. }) =
+                    self.flights.borrow_mut().get_mut(&key).map(|f| &mut f.payload)
+                {
+                    *counted = true;
+                }
                 if refresh.is_some() {
                     self.host.count(Counter::CacheRefresh);
                 }
@@ -490,6 +523,7 @@ impl<H: Host> Worker<H> {
         }
         match ended {
             Ended::Failed => self.land(key, Resolution::Failed),
+            Ended::Overloaded => self.land(key, Resolution::Overloaded),
             Ended::Answered if !self.answer_from_cache(key) => {
                 // The verdict may already be gone (a tiny cache, or ttl 0): ask again.
                 self.flights.borrow_mut().requeue(key);
@@ -578,7 +612,9 @@ impl<H: Host> Worker<H> {
         match key {
             FlightKey::Lookup(key_hash) => {
                 let body = read(answer::MAX_ANSWER_BYTES);
-                self.on_answer(key_hash, classify(status.as_deref(), body.as_deref()));
+                let overloaded = self.host.callout_overloaded();
+                let answer = classify(status.as_deref(), body.as_deref(), overloaded);
+                self.on_answer(key_hash, answer);
             }
             FlightKey::FeedPoll => {
                 let body = read(feed::MAX_ANSWER_BYTES);
@@ -592,11 +628,27 @@ impl<H: Host> Worker<H> {
     fn on_answer(&self, key_hash: KeyHash, answer: Answer) {
         let key = FlightKey::Lookup(key_hash);
         let now_ms = self.host.now_ms();
-        if answer != Answer::Failed(Failure::NotSent) {
+        let (asked, counted) = match self.flights.borrow().get(&key).map(|f| &f.payload) {
+            Some(Payload::Lookup { asked, counted, .. }) => (Some(*asked), *counted),
+            _ => (None, false),
+        };
+        if counted {
+            if let Some(config) = self.config() {
+                let hold_ms = config.key_service.timeout_ms + LEASE_MARGIN_MS;
+                pending::leave(&self.host, now_ms, hold_ms);
+            }
+        }
+        if !matches!(answer, Answer::Failed(Failure::NotSent | Failure::Overloaded)) {
             let sent_at_ms = self.flights.borrow().get(&key).and_then(|f| f.sent_at_ms());
             if let Some(sent_at_ms) = sent_at_ms {
                 let latency_ms = now_ms.saturating_sub(sent_at_ms);
                 self.host.record(Histogram::KeyServiceLatencyMs, latency_ms);
+            }
+        }
+        if matches!(answer, Answer::Found(_) | Answer::NotFound) {
+            if let Some(since_ms) = asked.and_then(|asked| self.superseded(&key_hash, asked)) {
+                self.host.count(Counter::KeyServiceSuperseded);
+                return self.land(key, Resolution::Superseded(since_ms));
             }
         }
         let resolution = match self.cache.borrow().as_ref() {
@@ -624,8 +676,14 @@ impl<H: Host> Worker<H> {
                             failure.describe()
                         )
                     });
-                    cache.record_failure(&self.host, &key_hash, now_ms);
-                    Resolution::Failed
+                    if failure == Failure::Overloaded {
+                        // Not the key service's failure: no pause (a paused key is
+                        // answered as failed, which `failure_mode` open forwards).
+                        Resolution::Overloaded
+                    } else {
+                        cache.record_failure(&self.host, &key_hash, now_ms);
+                        Resolution::Failed
+                    }
                 }
             },
         };
@@ -636,8 +694,12 @@ impl<H: Host> Worker<H> {
     /// then answers every request parked on it.
     pub(super) fn land(&self, key: FlightKey, resolution: Resolution) {
         let ended = match resolution {
-            Resolution::Known(..) | Resolution::Unknown => Ended::Answered,
+            // Superseded: the workers that waited read the tombstone, and ask again.
+            Resolution::Known(..) | Resolution::Unknown | Resolution::Superseded(_) => {
+                Ended::Answered
+            }
             Resolution::Failed => Ended::Failed,
+            Resolution::Overloaded => Ended::Overloaded,
         };
         let me = self.queue.get().unwrap_or_default();
         let now_ms = self.host.now_ms();
@@ -648,7 +710,7 @@ impl<H: Host> Worker<H> {
         let Some((flight, peers)) = landed else {
             return;
         };
-        let (FlightKey::Lookup(key_hash), Payload::Lookup { stale, refresh }) =
+        let (FlightKey::Lookup(key_hash), Payload::Lookup { stale, refresh, .. }) =
             (key, &flight.payload)
         else {
             return;
@@ -663,6 +725,15 @@ impl<H: Host> Worker<H> {
         if flight.parked.is_empty() {
             return;
         }
+        if let Resolution::Superseded(since_ms) = resolution {
+            // The requests stay parked, on a new lookup (a refresh is simply dropped).
+            let asked = self.asked(since_ms);
+            for context_id in flight.parked {
+                let payload = lookup(stale.clone(), None, asked);
+                self.ask(key_hash, Some(context_id), payload);
+            }
+            return;
+        }
         for context_id in flight.parked {
             let Some(mut request) = self.waiting.borrow_mut().remove(&context_id) else {
                 continue; // its client went away
@@ -674,9 +745,14 @@ impl<H: Host> Worker<H> {
             let (outcome, known) = match &resolution {
                 Resolution::Known(known, _) => (Outcome::Known(known), Some(known)),
                 Resolution::Unknown => (Outcome::Deny(Denial::Invalid), None),
-                Resolution::Failed => {
-                    let outcome =
-                        on_key_service_failure(&self.host, &request.config, stale.as_deref());
+                Resolution::Failed | Resolution::Overloaded | Resolution::Superseded(_) => {
+                    let overloaded = matches!(resolution, Resolution::Overloaded);
+                    let outcome = on_key_service_failure(
+                        &self.host,
+                        &request.config,
+                        stale.as_deref(),
+                        overloaded,
+                    );
                     let used_stale = matches!(outcome, Outcome::Known(_));
                     (outcome, stale.as_ref().filter(|_| used_stale))
                 }
@@ -709,6 +785,21 @@ impl<H: Host> Worker<H> {
         self.host.unpark();
     }
 
+    /// Whether the node forgot the key (the change feed's tombstone, or a new epoch) since
+    /// the lookup was asked for: then when a new lookup is to look for changes from.
+    fn superseded(&self, key_hash: &KeyHash, asked: Asked) -> Option<u64> {
+        let now_ms = self.host.now_ms();
+        if asked.epoch.is_some() && asked.epoch != self.node_feed_epoch() {
+            return Some(now_ms);
+        }
+        let cache = self.cache.borrow();
+        let forgotten_ms = cache
+            .as_ref()?
+            .forgotten_since(&self.host, key_hash, asked.since_ms)?;
+        // A tombstone of the same millisecond must not supersede the new lookup too.
+        Some(forgotten_ms.saturating_add(1))
+    }
+
     /// `per_key_stats`: the key's request, allowed or denied.
     pub(super) fn count_key(&self, known: &KnownKey, handled: &Handled) {
         if let Some(per_key) = self.per_key.borrow().as_ref() {
@@ -728,6 +819,15 @@ impl<H: Host> Worker<H> {
         if let (Some(copy), Some(cache)) = (refresh, self.cache.borrow_mut().as_mut()) {
             cache.keep_copy(copy, key_hash, stored_at_ms, known.clone());
         }
+    }
+}
+
+fn lookup(stale: Option<Rc<KnownKey>>, refresh: Option<CopyId>, asked: Asked) -> Payload {
+    Payload::Lookup {
+        stale,
+        refresh,
+        asked,
+        counted: false,
     }
 }
 

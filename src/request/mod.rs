@@ -1,4 +1,5 @@
 pub mod authorize;
+pub mod canonical_path;
 pub mod cidr;
 pub mod client_address;
 pub mod denial;

@@ -1,19 +1,32 @@
 //! Scope rules: the first rule whose path prefix and method match says which scopes a
-//! request needs.
+//! request needs. Rules are a boundary (a request that matches none is allowed), so they
+//! match the path as upstreams read it (`canonical_path`), the prefix ignoring ASCII case,
+//! methods ignoring case, and `HEAD` as `GET`.
 use crate::config::Rule;
-use crate::request::query::split_path;
+use crate::request::canonical_path::{canonical_path, starts_with_ignoring_case};
 
 /// Index of the rule that applies, if any. `path` is `:path` with or without its query,
-/// which is never part of the match.
+/// which is never part of the match. With no rules, nothing is worked out.
 pub fn matching_rule(rules: &[Rule], method: &[u8], path: &[u8]) -> Option<usize> {
-    let (path, _) = split_path(path);
+    if rules.is_empty() {
+        return None;
+    }
+    let path = canonical_path(path);
     rules.iter().position(|rule| {
-        path.starts_with(rule.path_prefix.as_bytes())
+        starts_with_ignoring_case(&path, rule.path_prefix.as_bytes())
             && rule
                 .methods
                 .as_ref()
-                .is_none_or(|methods| methods.iter().any(|m| m.as_bytes() == method))
+                .is_none_or(|methods| methods.iter().any(|m| method_matches(m, method)))
     })
+}
+
+/// A rule's method against the request's: ignoring case, and `HEAD` as `GET` (a server
+/// answers `HEAD` by running its `GET` handler).
+fn method_matches(rule_method: &str, method: &[u8]) -> bool {
+    let rule_method = rule_method.as_bytes();
+    rule_method.eq_ignore_ascii_case(method)
+        || (rule_method.eq_ignore_ascii_case(b"GET") && method.eq_ignore_ascii_case(b"HEAD"))
 }
 
 /// Scopes the request must hold; empty when no rule matches.
@@ -68,8 +81,32 @@ mod tests {
     }
 
     #[test]
-    fn methods_are_compared_exactly() {
+    fn methods_compare_ignoring_case_and_head_is_get() {
         let r = rules();
-        assert_eq!(required(&r, b"post", b"/orders"), ["orders:read"]);
+        assert_eq!(required(&r, b"post", b"/orders"), ["orders:write"]);
+        let reports = vec![Rule {
+            path_prefix: "/reports".into(),
+            methods: Some(vec!["GET".into()]),
+            scopes: vec!["reports:read".into()],
+        }];
+        assert_eq!(required(&reports, b"HEAD", b"/reports/1"), ["reports:read"]);
+        assert!(required(&reports, b"POST", b"/reports/1").is_empty());
+    }
+
+    #[test]
+    fn the_review_s_bypasses_meet_the_rule() {
+        let r = rules();
+        for path in [
+            "//orders",
+            "/;x/orders",
+            "/.;/orders",
+            "/orders;v=1",
+            "/Orders",
+            "/%2Forders",
+            "/x/../orders",
+            "\\orders",
+        ] {
+            assert_eq!(required(&r, b"POST", path.as_bytes()), ["orders:write"], "{path}");
+        }
     }
 }

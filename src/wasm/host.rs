@@ -87,6 +87,10 @@ impl Callouts for WasmHost {
         abi::callout_body(size)
     }
 
+    fn callout_overloaded(&self) -> bool {
+        abi::header_value(abi::CALLOUT_RESPONSE_HEADERS, "x-envoy-overloaded").is_some()
+    }
+
     fn send_grpc(&self, call: &GrpcCall) -> Option<u32> {
         let sent = abi::grpc_call(
             call.service,
