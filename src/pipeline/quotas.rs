@@ -11,9 +11,11 @@ use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
 use crate::keys::known_key::{KeyQuotas, KnownKey};
 use crate::quotas::allowance::{
+    window_left_s,
     rate_items, Checked, Decision, Known, QuotaState, MIN_ALLOWANCE, REPORT_EVERY_INTERVALS,
 };
 use crate::quotas::rls::{self, Answer, Failure, Verdict};
+use crate::quotas::quota::Quota;
 use crate::quotas::rls_messages;
 use crate::quotas::store;
 use crate::request::denial::Denial;
@@ -138,15 +140,20 @@ fn step_of(stats: &impl Stats, decision: Decision, items: Items) -> QuotaStep {
     }
 }
 
-/// The RateLimit fields with one item per quota added, when the service said what is left.
+/// The RateLimit fields with one item per quota added: as the service said, else (nothing
+/// known yet, or the service failing) what a window grants (`left_if_unknown`: the
+/// quota's requests for an admitted request, 0 for a refused one) and when it ends.
 pub fn with_quota_items(
     bucket: Option<RateHeaders>,
     quotas: &KeyQuotas,
     items: Items,
+    left_if_unknown: impl Fn(&Quota) -> u32,
+    now_ms: u64,
 ) -> Option<RateHeaders> {
-    let Some(items) = items else {
-        return bucket;
-    };
+    let items = items.unwrap_or_else(|| {
+        let unknown = |q: &Quota| (left_if_unknown(q), window_left_s(q, now_ms));
+        quotas.list.iter().map(unknown).collect()
+    });
     let mut state = bucket.map(|b| b.state).unwrap_or_default();
     for ((left, reset_s), quota) in items.iter().zip(quotas.list.iter()) {
         if !state.is_empty() {
@@ -176,7 +183,12 @@ pub fn refuse_quota(
     bucket: Option<RateHeaders>,
     refusal: Refusal,
 ) {
-    let headers = with_quota_items(bucket, quotas, refusal.items);
+    let headers = match refusal.denial {
+        Denial::QuotaExceeded => {
+            with_quota_items(bucket, quotas, refusal.items, |_| 0, request.now_ms)
+        }
+        _ => bucket,
+    };
     let retry_after = refusal.retry_after_s.map(|s| s.to_string());
     let mut extra = Vec::with_capacity(3);
     if let Some(retry_after) = &retry_after {
@@ -213,6 +225,8 @@ impl<H: Host> Worker<H> {
                 rate_headers,
                 quotas,
                 items,
+                |q| q.requests,
+                now_ms,
             )));
         }
         // This worker's share is used up: it is settled, and the node decides.
@@ -260,6 +274,8 @@ impl<H: Host> Worker<H> {
                     rate_headers,
                     quotas,
                     items,
+                    |q| q.requests,
+                    now_ms,
                 )))
             }
             QuotaStep::Ask { carried } => {
@@ -395,7 +411,8 @@ impl<H: Host> Worker<H> {
         match step {
             QuotaStep::Admitted(items) => {
                 admit(&self.host, io, request, known);
-                Handled::Forward(with_quota_items(rate_headers, quotas, items))
+                let fields = with_quota_items(rate_headers, quotas, items, |q| q.requests, now_ms);
+                Handled::Forward(fields)
             }
             QuotaStep::Refused(refusal) => {
                 refuse_quota(&self.host, io, request, quotas, rate_headers, refusal);

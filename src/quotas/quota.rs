@@ -94,11 +94,12 @@ impl Quota {
     }
 
     /// Its descriptor for a key: `("key_id", K)` or `("owner", O)`, then `("window", U)`,
-    /// with the quota as the `limit` override.
+    /// with the quota as the `limit` override. A key without an owner counts an owner's
+    /// quota for itself alone, as a key's (never in one counter of every owner-less key).
     pub fn descriptor(&self, key_id: &str, owner: &str) -> rls::RateLimitDescriptor {
         let (name, value) = match self.per {
-            Per::Key => ("key_id", key_id),
-            Per::Owner => ("owner", owner),
+            Per::Owner if !owner.is_empty() => ("owner", owner),
+            Per::Key | Per::Owner => ("key_id", key_id),
         };
         let entry = |key: &str, value: &str| rls::Entry {
             key: key.into(),
@@ -263,6 +264,13 @@ mod tests {
             .map(|e| (e.key.as_str(), e.value.as_str()))
             .collect();
         assert_eq!(entries, [("owner", "acme"), ("window", "hour")]);
+        let ownerless = q.descriptor("k_1", "");
+        let entries: Vec<_> = ownerless
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(entries, [("key_id", "k_1"), ("window", "hour")]);
         assert_eq!(
             d.limit,
             Some(rls::RateLimitOverride {
