@@ -3,9 +3,9 @@
 //! re-validates anything.
 pub mod json_fields;
 
-use crate::request::canonical_path::canonical_path;
 use crate::quotas::allowance::Mode;
 use crate::quotas::quota::{parse_quotas, Quota};
+use crate::request::canonical_path::canonical_path;
 use json_fields::{FieldError, FieldResult, Object};
 use serde_json::Value;
 use std::rc::Rc;

@@ -63,8 +63,14 @@ fn update(
 }
 
 fn read(value: &[u8], now_ms: u64, stale_after_ms: u64) -> u32 {
-    let count = value.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let at_ms = value.get(4..12).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let count = value
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
+    let at_ms = value
+        .get(4..12)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
     match (count, at_ms) {
         (Some(count), Some(at_ms)) if now_ms.saturating_sub(at_ms) <= stale_after_ms => count,
         _ => 0,

@@ -142,7 +142,9 @@ mod tests {
 
     #[test]
     fn envoy_s_own_overload_answer_is_overloaded() {
-        let body = Some(&b"upstream connect error or disconnect/reset before headers. reset reason: overflow"[..]);
+        let body = Some(
+            &b"upstream connect error or disconnect/reset before headers. reset reason: overflow"[..],
+        );
         assert_eq!(
             classify(Some(b"503"), body, true),
             Answer::Failed(Failure::Overloaded)

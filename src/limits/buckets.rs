@@ -81,7 +81,13 @@ pub fn take_token(
 
 /// Gives back a token `owner` took earlier (a `brute_force` charge for a lookup whose key
 /// was found). Nothing when its bucket is gone or full: it then holds all it may.
-pub fn give_back(store: &impl SharedStore, table: Table, owner: u64, spec: BucketSpec, now_ms: u64) {
+pub fn give_back(
+    store: &impl SharedStore,
+    table: Table,
+    owner: u64,
+    spec: BucketSpec,
+    now_ms: u64,
+) {
     for _ in 0..MAX_ATTEMPTS {
         let (key, cas, bucket) = choose_slot(store, table, owner, spec, now_ms);
         if bucket.is_full() {

@@ -8,9 +8,12 @@
 //! worker's tick.
 use super::abi::{self, EnvoyPtr};
 use super::host::{Answer, NativeHost};
+use crate::pipeline::ports::{Host, Stats};
 use crate::pipeline::quotas::GrpcOutcome;
+use crate::pipeline::stats::Counter;
 use crate::pipeline::worker::Worker;
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -117,6 +120,36 @@ pub fn wake(queue: u32, message: Vec<u8>) -> bool {
     true
 }
 
+/// Runs `f` on the worker in `slot`. If `f` panics, the worker's state is in doubt: it is
+/// abandoned (the requests it holds are refused, never forwarded), the `panics` counter
+/// moves, and a worker configured anew from `raw_config` takes its place, over the same
+/// host and so the same node-wide store. The panic is handed back.
+pub fn run_or_rebuild<H: Host, T>(
+    slot: &mut Option<Worker<H>>,
+    raw_config: &[u8],
+    queue: u32,
+    f: impl FnOnce(&Worker<H>) -> T,
+) -> Result<Option<T>, Box<dyn std::any::Any + Send>> {
+    let Some(worker) = slot.as_ref() else {
+        return Ok(None);
+    };
+    let panic = match catch_unwind(AssertUnwindSafe(|| f(worker))) {
+        Ok(done) => return Ok(Some(done)),
+        Err(panic) => panic,
+    };
+    if let Some(broken) = slot.take() {
+        let host = broken.abandon();
+        host.count(Counter::Panics);
+        log::error!("apikey-filter: a panic was caught; the worker is built again");
+        let worker = Worker::new(host);
+        worker.set_queue(queue);
+        if worker.configure(raw_config) {
+            *slot = Some(worker);
+        }
+    }
+    Err(panic)
+}
+
 /// The worker, touched only under its lock.
 struct Guarded(Option<Worker<NativeHost>>);
 
@@ -129,6 +162,8 @@ unsafe impl Send for Guarded {}
 pub struct Node {
     pub shared: Arc<NodeShared>,
     worker: Mutex<Guarded>,
+    /// The configuration, to build the worker again after a panic.
+    raw_config: Vec<u8>,
     /// Main-thread state: calls in flight by Envoy's id, and the one being sent (its
     /// answer can come before its id does).
     in_flight: Mutex<HashMap<u64, InFlight>>,
@@ -176,6 +211,7 @@ impl Node {
         let node = Arc::new(Node {
             shared,
             worker: Mutex::new(Guarded(Some(worker))),
+            raw_config: raw.to_vec(),
             in_flight: Mutex::default(),
             sending: Mutex::default(),
             ticker_thread: Mutex::new(thread),
@@ -188,9 +224,15 @@ impl Node {
         }
     }
 
-    /// Runs `f` on the worker, under its lock.
+    /// Runs `f` on the worker, under its lock. A panic in `f` rebuilds the worker
+    /// (`run_or_rebuild`), then goes on to the hook, whose guard answers for it.
     pub fn with_worker<T>(&self, f: impl FnOnce(&Worker<NativeHost>) -> T) -> Option<T> {
-        lock(&self.worker).0.as_ref().map(f)
+        let mut guarded = lock(&self.worker);
+        let queue = self.shared.queue;
+        match run_or_rebuild(&mut guarded.0, &self.raw_config, queue, f) {
+            Ok(done) => done,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// The configuration is going: stops its tick, drops its worker, deletes its
@@ -423,6 +465,61 @@ impl Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::fake::{FakeHost, Node as FakeNode};
+    use crate::pipeline::worker::Flow;
+    use std::rc::Rc;
+
+    #[test]
+    fn a_panic_rebuilds_the_worker_refuses_what_it_held_and_keeps_the_node_store() {
+        let raw = br#"{"key_service": {"cluster": "keys"}, "rate_limit": {"requests": 5, "period_s": 60}}"#;
+        let fake = Rc::new(FakeNode::default());
+        let worker = Worker::new(FakeHost::new(fake.clone()));
+        worker.set_queue(7);
+        assert!(worker.configure(raw));
+        let mut slot = Some(worker);
+        // A request parked on a lookup, then a panic in the next hook.
+        let parked = run_or_rebuild(&mut slot, raw, 7, |w| {
+            let mut io = w.host().request(1);
+            w.on_request(1, &mut io, &[(b":path", b"/"), (b"x-api-key", b"k")])
+        });
+        assert!(matches!(parked, Ok(Some(Flow::Pause))));
+        let slots_before = fake.store.data.borrow().len();
+        let panicked = run_or_rebuild(&mut slot, raw, 7, |_| panic!("a bug"));
+        assert!(
+            panicked.is_err(),
+            "the panic is handed back to the hook's guard"
+        );
+        let worker = slot.as_ref().expect("a worker again");
+        assert_eq!(worker.queue(), Some(7));
+        assert_eq!(worker.host().stat("panics"), 1);
+        let reply = worker
+            .host()
+            .log_of(1)
+            .reply
+            .expect("the parked request answered");
+        assert_eq!(reply.status, 503);
+        assert!(!worker.host().log_of(1).resumed, "never forwarded");
+        assert_eq!(
+            fake.store.data.borrow().len(),
+            slots_before,
+            "the node's store kept"
+        );
+        let served = run_or_rebuild(&mut slot, raw, 7, |w| {
+            let mut io = w.host().request(2);
+            w.on_request(2, &mut io, &[(b":path", b"/")])
+        });
+        assert!(matches!(served, Ok(Some(Flow::Pause))));
+        assert_eq!(
+            slot.as_ref()
+                .unwrap()
+                .host()
+                .log_of(2)
+                .reply
+                .map(|r| r.status),
+            Some(401),
+            "the new worker serves"
+        );
+    }
 
     #[test]
     fn a_grpc_answer_body_gives_its_message() {

@@ -11,11 +11,11 @@ use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
 use crate::keys::known_key::{KeyQuotas, KnownKey};
 use crate::quotas::allowance::{
-    window_left_s,
-    rate_items, Checked, Decision, Known, QuotaState, MIN_ALLOWANCE, REPORT_EVERY_INTERVALS,
+    rate_items, window_left_s, Checked, Decision, Known, QuotaState, MIN_ALLOWANCE,
+    REPORT_EVERY_INTERVALS,
 };
-use crate::quotas::rls::{self, Answer, Failure, Verdict};
 use crate::quotas::quota::Quota;
+use crate::quotas::rls::{self, Answer, Failure, Verdict};
 use crate::quotas::rls_messages;
 use crate::quotas::store;
 use crate::request::denial::Denial;

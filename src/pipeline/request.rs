@@ -299,7 +299,13 @@ pub fn charge_lookup<H: Clock + SharedStore + Stats>(
 /// A charged lookup found its key: the attempt did not fail.
 fn give_back_lookup(host: &(impl Clock + SharedStore), config: &Config, client: Option<&str>) {
     if let (Some(budget), Some(client)) = (failure_budget(config), client) {
-        buckets::give_back(host, budget.table, budget.owner(client), budget.spec, host.now_ms());
+        buckets::give_back(
+            host,
+            budget.table,
+            budget.owner(client),
+            budget.spec,
+            host.now_ms(),
+        );
     }
 }
 
@@ -314,7 +320,13 @@ pub fn refuse_if_budget_spent<H: Clock + SharedStore + Stats>(
     let (Some(budget), Some(client)) = (failure_budget(config), client) else {
         return false;
     };
-    let left = buckets::peek(host, budget.table, budget.owner(client), budget.spec, host.now_ms());
+    let left = buckets::peek(
+        host,
+        budget.table,
+        budget.owner(client),
+        budget.spec,
+        host.now_ms(),
+    );
     if left.allowed {
         return false;
     }
@@ -378,7 +390,13 @@ impl FailureBudget {
     }
 
     fn take(&self, host: &(impl Clock + SharedStore), client: &str) -> Result<Take, Unavailable> {
-        buckets::take_token(host, self.table, self.owner(client), self.spec, host.now_ms())
+        buckets::take_token(
+            host,
+            self.table,
+            self.owner(client),
+            self.spec,
+            host.now_ms(),
+        )
     }
 }
 

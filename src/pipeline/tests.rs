@@ -1079,3 +1079,133 @@ fn a_copy_refreshed_from_another_workers_refresh_is_trusted_as_that_entry_not_lo
 }
 
 mod quotas;
+
+/// Answers `worker`'s callout `token` (not necessarily its latest).
+fn answer_token(worker: &Worker<FakeHost>, token: u32, status: &str, body: &str, overloaded: bool) {
+    *worker.host().answer.borrow_mut() =
+        (Some(status.as_bytes().to_vec()), body.as_bytes().to_vec());
+    worker.host().overloaded.set(overloaded);
+    worker.on_callout_answer(token, body.len());
+    worker.host().overloaded.set(false);
+}
+
+fn last_token(worker: &Worker<FakeHost>) -> u32 {
+    worker
+        .host()
+        .callouts
+        .borrow()
+        .last()
+        .expect("a callout")
+        .token
+}
+
+#[test]
+fn a_revocation_the_feed_lists_while_a_lookup_flies_is_not_undone_by_its_answer() {
+    let t = Test::new();
+    let w = t.worker(1, &feed_config());
+    assert!(t.poll(&w, "200", &feed_answer("c-1", &[])));
+    let (parked, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause);
+    t.deliver(&w);
+    let lookup = last_token(&w);
+    // The key service read the record before the revocation; the feed lists it first.
+    t.advance(1_000);
+    assert!(t.poll(&w, "200", &feed_answer("c-2", &["sk"])));
+    answer_token(&w, lookup, "200", ALICE, false);
+    assert_eq!(w.host().stat("key_service.superseded"), 1);
+    assert_eq!(
+        w.host().log_of(parked).reply,
+        None,
+        "still waiting, on a new lookup"
+    );
+    t.deliver(&w);
+    assert_ne!(last_token(&w), lookup, "asked again");
+    assert!(last_path(&w).starts_with("/v1/keys/"));
+    t.answer(&w, Some("404"), "");
+    assert_denied(&reply_of(&w, parked), 401, "api_key_invalid");
+    let (again, _) = t.get(&w, "sk");
+    assert_denied(&reply_of(&w, again), 401, "api_key_invalid");
+}
+
+#[test]
+fn a_lookup_envoy_refuses_for_load_is_refused_even_with_failure_mode_open() {
+    let t = Test::new();
+    let w = t.worker(1, &config(r#""failure_mode": "open""#));
+    let (id, _) = t.get(&w, "made-up");
+    t.deliver(&w);
+    let overflow =
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+    answer_token(&w, last_token(&w), "503", overflow, true);
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.overloaded"), 1);
+    assert_eq!(w.host().stat("failure_open"), 0);
+    // The key service's own failure still opens the gate, as configured.
+    let (id, _) = t.get(&w, "another");
+    t.deliver(&w);
+    t.answer(&w, Some("500"), "");
+    assert!(w.host().log_of(id).resumed);
+}
+
+#[test]
+fn lookups_past_max_pending_are_not_sent_and_refused() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        r#"{"key_service": {"cluster": "keys", "max_pending": 2}, "failure_mode": "open"}"#,
+    );
+    let ids: Vec<u32> = ["k1", "k2", "k3"]
+        .iter()
+        .map(|k| {
+            let (id, _) = t.get(&w, k);
+            t.deliver(&w);
+            id
+        })
+        .collect();
+    assert_eq!(w.host().callouts.borrow().len(), 2, "two in flight at most");
+    assert_denied(&reply_of(&w, ids[2]), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.overloaded"), 1);
+    answer_token(&w, last_token(&w), "200", ALICE, false);
+    let (id, _) = t.get(&w, "k4");
+    t.deliver(&w);
+    assert_eq!(w.host().callouts.borrow().len(), 3, "room again");
+    assert_eq!(w.host().log_of(id).reply, None);
+}
+
+#[test]
+fn brute_force_charges_each_lookup_and_gives_it_back_when_the_key_is_found() {
+    let t = Test::new();
+    let w = t.worker(
+        1,
+        &config(r#""failure_mode": "open", "brute_force": {"max_failures": 2, "period_s": 3600}"#),
+    );
+    let from = |address: &str| {
+        w.host()
+            .requests
+            .borrow_mut()
+            .entry(t.next_context.get())
+            .or_default()
+            .client_address = Some(address.as_bytes().to_vec());
+    };
+    // Found keys cost nothing, however many.
+    for key in ["good-1", "good-2", "good-3"] {
+        from("[2001:db8:0:7::1]:1");
+        let (_, reply) = t.cold(&w, key, "200", ALICE);
+        assert_eq!(reply, None, "{key}");
+    }
+    // A failing key service forwards unverified keys (open), each charged, to the /64.
+    for (key, address) in [
+        ("bad-1", "[2001:db8:0:7::2]:1"),
+        ("bad-2", "[2001:db8:0:7:ffff::9]:1"),
+    ] {
+        from(address);
+        let (id, _) = t.cold(&w, key, "500", "");
+        assert!(w.host().log_of(id).resumed, "{key}");
+    }
+    from("[2001:db8:0:7::3]:1");
+    let (id, _) = t.get(&w, "bad-3");
+    assert_denied(&reply_of(&w, id), 429, "too_many_failed_attempts");
+    assert_eq!(w.host().stat("failure_open"), 2);
+    from("[2001:db8:0:8::3]:1");
+    let (_, flow) = t.get(&w, "bad-3");
+    assert_eq!(flow, Flow::Pause, "another /64 has its own budget");
+}

@@ -11,8 +11,8 @@ use super::per_key::PerKeyStats;
 use super::ports::{Callout, Host, RequestIo};
 use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
-    charge_lookup, deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply, Handled,
-    Outcome, RateHeaders, Request,
+    charge_lookup, deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply,
+    Handled, Outcome, RateHeaders, Request,
 };
 use super::stats::{Counter, Histogram};
 use super::warnings::Warnings;
@@ -360,6 +360,36 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// Gives the worker up after a panic left its state in doubt: every request it holds
+    /// (parked on a lookup, or waiting for a quota answer) is answered 503
+    /// `key_service_unavailable`, never forwarded, and the host is handed back for the
+    /// worker built in its place.
+    pub fn abandon(self) -> H {
+        let mut held: Vec<u32> = self.waiting.take().into_keys().collect();
+        held.extend(
+            self.quota_calls
+                .take()
+                .into_values()
+                .filter_map(|call| match call {
+                    QuotaCall::Check { context_id, .. } => Some(context_id),
+                    QuotaCall::Report { .. } => None,
+                }),
+        );
+        let www_authenticate = self
+            .config()
+            .map(|c| c.www_authenticate.clone())
+            .unwrap_or_default();
+        for context_id in held {
+            if let Some(mut io) = self.host.parked(context_id) {
+                let denial = Denial::KeyServiceUnavailable;
+                self.host.count(Counter::Denied(denial));
+                reply(&mut io, &www_authenticate, denial, &[]);
+            }
+        }
+        self.host.unpark();
+        self.host
+    }
+
     /// A request that ended (its client went away, or it is done).
     pub fn forget(&self, context_id: u32) {
         remove_if_any(&self.waiting, context_id);
@@ -473,8 +503,11 @@ impl<H: Host> Worker<H> {
                 if !pending::enter(&self.host, max_pending, now_ms, hold_ms) {
                     return self.on_answer(key_hash, Answer::Failed(Failure::Overloaded));
                 }
-                if let Some(Payload::Lookup { counted, .. }) =
-                    self.flights.borrow_mut().get_mut(&key).map(|f| &mut f.payload)
+                if let Some(Payload::Lookup { counted, .. }) = self
+                    .flights
+                    .borrow_mut()
+                    .get_mut(&key)
+                    .map(|f| &mut f.payload)
                 {
                     *counted = true;
                 }
@@ -638,7 +671,10 @@ impl<H: Host> Worker<H> {
                 pending::leave(&self.host, now_ms, hold_ms);
             }
         }
-        if !matches!(answer, Answer::Failed(Failure::NotSent | Failure::Overloaded)) {
+        if !matches!(
+            answer,
+            Answer::Failed(Failure::NotSent | Failure::Overloaded)
+        ) {
             let sent_at_ms = self.flights.borrow().get(&key).and_then(|f| f.sent_at_ms());
             if let Some(sent_at_ms) = sent_at_ms {
                 let latency_ms = now_ms.saturating_sub(sent_at_ms);

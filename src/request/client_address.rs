@@ -40,7 +40,9 @@ pub fn budget_network(client: &str, ipv4_prefix: u8, ipv6_prefix: u8) -> String 
 }
 
 fn mask_u32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
 }
 
 fn mask_u128(prefix: u8) -> u128 {

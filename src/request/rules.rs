@@ -106,7 +106,11 @@ mod tests {
             "/x/../orders",
             "\\orders",
         ] {
-            assert_eq!(required(&r, b"POST", path.as_bytes()), ["orders:write"], "{path}");
+            assert_eq!(
+                required(&r, b"POST", path.as_bytes()),
+                ["orders:write"],
+                "{path}"
+            );
         }
     }
 }
