@@ -37,6 +37,8 @@ Admin API (JSON in and out), used by tests to change keys and to make the servic
              close      close the connection without any response
              malformed  200 with the body `{"key_id": ` (not JSON)
              delay_ms   (default 0) delays every lookup answer, in any mode
+             hold_ms    (default 0) holds a normal answer after reading the record: an
+                        answer older than a change made meanwhile
     POST   /admin/changes-mode         {"mode": M, "status": S, "delay_ms": D}  the same for feed polls
              normal     answer from the change log (the default)
              status     answer every poll with status S (default 500) and a small JSON body
@@ -249,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:  # serialised under the lock: an admin call may be changing the record
             record = st.keys.get(key_hash)
             body = None if record is None else json.dumps(record).encode()
+        if mode.get("hold_ms"):
+            time.sleep(mode["hold_ms"] / 1000)
         if body is None:
             return self.send(404, {"error": "not_found"})
         self.send(200, body)
@@ -328,14 +332,16 @@ class Handler(BaseHTTPRequestHandler):
             mode = body.get("mode", "normal")
             status = body.get("status")
             delay = body.get("delay_ms")
+            hold = body.get("hold_ms") or 0
             if mode not in modes:
                 return self.send(400, {"error": f"mode must be one of {', '.join(modes)}"})
             status = 500 if status is None else status
             delay = 0 if delay is None else delay
-            if not (isinstance(status, int) and 100 <= status <= 599 and isinstance(delay, (int, float)) and delay >= 0):
-                return self.send(400, {"error": "status must be 100..599, delay_ms >= 0"})
+            if not (isinstance(status, int) and 100 <= status <= 599 and isinstance(delay, (int, float)) and delay >= 0
+                    and isinstance(hold, (int, float)) and hold >= 0):
+                return self.send(400, {"error": "status must be 100..599, delay_ms and hold_ms >= 0"})
             with st.lock:
-                setattr(st, which, {"mode": mode, "status": status, "delay_ms": delay})
+                setattr(st, which, {"mode": mode, "status": status, "delay_ms": delay, "hold_ms": hold})
                 st.mode_changed.notify_all()
             return self.send(200, {"mode": mode, "status": status, "delay_ms": delay})
         if parts == ["lookups"] and method == "GET":

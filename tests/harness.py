@@ -301,10 +301,12 @@ class KeyServiceClient(_JsonClient):
     def keys(self):
         return self.call("GET", "/admin/keys")["keys"]
 
-    def set_mode(self, mode, status=None, delay_ms=None):
+    def set_mode(self, mode, status=None, delay_ms=None, hold_ms=None):
         """normal | status (answer `status`, default 500) | hang | close | malformed;
-        delay_ms delays every lookup answer in any mode."""
-        return self.call("POST", "/admin/mode", {"mode": mode, "status": status, "delay_ms": delay_ms})
+        delay_ms delays every lookup answer in any mode; hold_ms holds a normal answer
+        after reading the record (an answer older than a change made meanwhile)."""
+        return self.call("POST", "/admin/mode",
+                         {"mode": mode, "status": status, "delay_ms": delay_ms, "hold_ms": hold_ms})
 
     def lookups(self):
         """{"total": N, "by_hash": {hash: n}, "recent": [{"path": p, "headers": [[k, v]]}],
@@ -515,7 +517,7 @@ class Stack(Service):
     """
 
     def __init__(self, filter_config, keys=None, concurrency=2, start_key_service=True, log_level="info",
-                 lds=False, listen_address=HOST, bootstrap_extra="", rls_port=None):
+                 lds=False, listen_address=HOST, bootstrap_extra="", rls_port=None, edit_config=None):
         """listen_address: where Envoy's listener binds ("::1" for IPv6 clients); the
         admin and the other services stay on 127.0.0.1. bootstrap_extra: YAML appended to
         the bootstrap at its top level (e.g. a stats_config). rls_port: where the
@@ -524,6 +526,8 @@ class Stack(Service):
         self.filter_config = filter_config
         self.listen_address = listen_address
         self.bootstrap_extra = bootstrap_extra
+        # A function of the rendered Envoy configuration's text to the text Envoy runs.
+        self.edit_config = edit_config
         self.lds = lds
         self.initial_keys = dict(keys or {})
         self.concurrency = concurrency
@@ -563,6 +567,8 @@ class Stack(Service):
                                        listen_address=self.listen_address, rls_port=self.rls_port)
             if self.bootstrap_extra:
                 self.config_path.write_text(self.config_path.read_text() + "\n" + self.bootstrap_extra)
+            if self.edit_config:
+                self.config_path.write_text(self.edit_config(self.config_path.read_text()))
             self.envoy_log_path = self.tmp / "envoy.log"
             self.envoy_log_path.unlink(missing_ok=True)
             self.envoy = Process("envoy", _envoy_argv(self.config_path, self.concurrency, self.envoy_log_path,

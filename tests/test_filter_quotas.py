@@ -202,3 +202,27 @@ def test_without_statuses_as_limitador_answers_the_quota_still_holds():
         # Each node's allowance is at most a tenth of the quota without statuses.
         assert n <= passed <= n + 2 * (n // 10), passed
         assert all(r.header("ratelimit") is None for r in responses if r.status == 200)
+
+
+def test_an_owners_quota_of_keys_without_an_owner_counts_each_key_alone(rls):
+    quota = [{"requests": 5, "unit": "hour", "per": "owner"}]
+    keys = {"lone-a": record("k_lone_a", quota, owner=""), "lone-b": record("k_lone_b", quota, owner="")}
+    with nodes(rls, rls_config(sync_interval_ms=0), keys, count=1) as envoys:
+        assert codes(spread(envoys, ["lone-a"], 8)) == {200: 5, "429 quota_exceeded": 3}
+        assert codes(spread(envoys, ["lone-b"], 8)) == {200: 5, "429 quota_exceeded": 3}, \
+            "not one counter for every key without an owner"
+
+
+def test_quota_fields_without_a_bucket_while_nothing_is_known_of_the_window(rls):
+    keys = {"unknown-window": record("k_unknown_window", [{"requests": 50, "unit": "day"}])}
+    config = rls_config(sync_interval_ms=0, failure_mode="open")
+    with nodes(rls, config, keys, count=1) as (envoy,):
+        rls.stop_server()
+        try:
+            r = envoy.request("GET", "/", headers=[("x-api-key", "unknown-window")])
+        finally:
+            rls.start_server()
+        assert r.status == 200
+        assert r.header("ratelimit-policy") == '"key-day";q=50;w=86400'
+        m = re.fullmatch(r'"key-day";r=50;t=(\d+)', r.header("ratelimit") or "")
+        assert m and 0 < int(m[1]) <= 86400, r.header("ratelimit")

@@ -149,8 +149,8 @@ fn choose_slot(
 }
 
 /// Who a bucket belongs to (a `key_id`, a client address), as slots record it.
-pub fn owner_id(owner: &str) -> u64 {
-    let hash = hash_key(owner.as_bytes());
+pub fn owner_id(owner: impl AsRef<[u8]>) -> u64 {
+    let hash = hash_key(owner.as_ref());
     let mut id = [0u8; 8];
     id.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
     u64::from_le_bytes(id)

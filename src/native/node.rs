@@ -8,7 +8,7 @@
 //! worker's tick.
 use super::abi::{self, EnvoyPtr};
 use super::host::{Answer, NativeHost};
-use crate::pipeline::ports::{Host, Stats};
+use crate::pipeline::ports::Host;
 use crate::pipeline::quotas::GrpcOutcome;
 use crate::pipeline::stats::Counter;
 use crate::pipeline::worker::Worker;

@@ -386,7 +386,7 @@ struct FailureBudget {
 impl FailureBudget {
     /// Whose budget `client` spends: its network's.
     fn owner(&self, client: &str) -> u64 {
-        buckets::owner_id(&budget_network(client, self.ipv4_prefix, self.ipv6_prefix))
+        buckets::owner_id(budget_network(client, self.ipv4_prefix, self.ipv6_prefix))
     }
 
     fn take(&self, host: &(impl Clock + SharedStore), client: &str) -> Result<Take, Unavailable> {
