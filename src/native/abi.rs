@@ -69,6 +69,9 @@ pub const RESPONSE_HEADER: u32 = 2;
 const SOURCE_ADDRESS: u32 = 24;
 /// `envoy_dynamic_module_type_http_callout_init_result_Success`, and the metrics one.
 const SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_http_callout_init_result_CannotCreateRequest`: Envoy's async
+/// client failed the call inside `send` (a circuit breaker's overflow, no healthy host).
+pub const CANNOT_CREATE_REQUEST: u32 = 4;
 
 mod imports {
     use super::{Buffer, EnvoyPtr, HeaderPair};

@@ -8,7 +8,8 @@ use super::abi::{self, EnvoyPtr, MetricType};
 use super::actions::{self, ActionLog, Parked};
 use super::node::{NodeShared, Outgoing, OutgoingKind};
 use crate::pipeline::ports::{
-    Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, NotSent, RequestIo, SetError, SharedStore, Stats,
+    Wake,
 };
 use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::storage::process_store::ProcessStore;
@@ -162,13 +163,14 @@ impl SharedStore for NativeHost {
 }
 
 impl Callouts for NativeHost {
-    fn send_callout(&self, callout: &Callout) -> Option<u32> {
+    fn send_callout(&self, callout: &Callout) -> Result<u32, NotSent> {
         let headers = callout
             .headers
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect();
-        Some(self.node.send(Outgoing {
+        // Sent later, from the main thread: Envoy's own answers arrive as answers.
+        Ok(self.node.send(Outgoing {
             cluster: callout.cluster.to_string(),
             headers,
             body: Vec::new(),

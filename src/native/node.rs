@@ -8,7 +8,7 @@
 //! worker's tick.
 use super::abi::{self, EnvoyPtr};
 use super::host::{Answer, NativeHost};
-use crate::pipeline::ports::Host;
+use crate::pipeline::ports::{Host, NotSent};
 use crate::pipeline::quotas::GrpcOutcome;
 use crate::pipeline::stats::Counter;
 use crate::pipeline::worker::Worker;
@@ -307,8 +307,12 @@ impl Node {
             (Ok(_), None) => {}
             (Err(result), _) => {
                 log::debug!("call to cluster {} refused ({result})", outgoing.cluster);
+                let why = match result {
+                    abi::CANNOT_CREATE_REQUEST => NotSent::AnsweredAtOnce,
+                    _ => NotSent::Refused,
+                };
                 self.with_worker(|w| match outgoing.kind {
-                    OutgoingKind::Callout => w.on_callout_refused(token),
+                    OutgoingKind::Callout => w.on_callout_refused(token, why),
                     OutgoingKind::Grpc => w.on_grpc_answer(token, GrpcOutcome::NotSent),
                 });
                 self.on_scheduled(WORK);

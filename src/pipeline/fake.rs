@@ -4,7 +4,8 @@
 //! made on it), a clock the test moves, callouts the test answers, queues the test
 //! delivers, stats by name, and requests that record what was done to them.
 use super::ports::{
-    Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, NotSent, RequestIo, SetError, SharedStore, Stats,
+    Wake,
 };
 use super::stats::{counter_names, Counter, Gauge, Histogram};
 use crate::storage::shared_store::fake::FakeStore;
@@ -112,6 +113,8 @@ pub struct FakeHost {
     pub answer: RefCell<(Option<Vec<u8>>, Vec<u8>)>,
     /// The answer being delivered carries `x-envoy-overloaded`.
     pub overloaded: Cell<bool>,
+    /// Callouts are answered by Envoy at once (proxy-wasm's overflow).
+    pub answer_at_once: Cell<bool>,
     pub tick_ms: Cell<u64>,
     counters: RefCell<Vec<u64>>,
     pub histograms: RefCell<Vec<(Histogram, u64)>>,
@@ -134,6 +137,7 @@ impl FakeHost {
             grpc_answer: RefCell::default(),
             answer: RefCell::new((None, Vec::new())),
             overloaded: Cell::default(),
+            answer_at_once: Cell::default(),
             tick_ms: Cell::new(0),
             counters: RefCell::new(vec![0; counter_names().len()]),
             histograms: RefCell::default(),
@@ -205,9 +209,12 @@ impl SharedStore for FakeHost {
 }
 
 impl Callouts for FakeHost {
-    fn send_callout(&self, callout: &Callout) -> Option<u32> {
+    fn send_callout(&self, callout: &Callout) -> Result<u32, NotSent> {
         if self.refuse_callouts.get() {
-            return None;
+            return Err(NotSent::Refused);
+        }
+        if self.answer_at_once.get() {
+            return Err(NotSent::AnsweredAtOnce);
         }
         let token = self.node.next_token.get() + 1;
         self.node.next_token.set(token);
@@ -221,7 +228,7 @@ impl Callouts for FakeHost {
                 .collect(),
             timeout_ms: callout.timeout_ms,
         });
-        Some(token)
+        Ok(token)
     }
 
     fn callout_status(&self) -> Option<Vec<u8>> {

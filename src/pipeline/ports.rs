@@ -29,10 +29,20 @@ pub struct GrpcCall<'a> {
     pub timeout_ms: u64,
 }
 
+/// Why the host did not send a callout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSent {
+    /// It cannot be sent (e.g. the cluster does not exist).
+    Refused,
+    /// Envoy answered it itself, at once, before it left: proxy-wasm then reports a
+    /// failure without the answer. That is how a cluster over its circuit breaker (and one
+    /// with no healthy host) looks: load, as far as the filter can tell.
+    AnsweredAtOnce,
+}
+
 pub trait Callouts {
-    /// Sends `callout`; its answer comes back with the token returned. `None`: the host
-    /// refused to send it (e.g. the cluster does not exist).
-    fn send_callout(&self, callout: &Callout) -> Option<u32>;
+    /// Sends `callout`; its answer comes back with the token returned.
+    fn send_callout(&self, callout: &Callout) -> Result<u32, NotSent>;
     /// The `:status` of the answer being delivered; `None` when it had no headers (a
     /// reset).
     fn callout_status(&self) -> Option<Vec<u8>>;

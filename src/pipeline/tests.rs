@@ -490,10 +490,10 @@ fn a_callout_the_host_took_but_could_not_send_is_answered_as_never_sent() {
     let (id, _) = t.get(&w, "sk");
     t.deliver(&w);
     let token = w.host().callouts.borrow()[0].token;
-    w.on_callout_refused(token);
+    w.on_callout_refused(token, crate::pipeline::ports::NotSent::Refused);
     assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
     assert_eq!(w.host().stat("key_service.error.not_sent"), 1);
-    w.on_callout_refused(token);
+    w.on_callout_refused(token, crate::pipeline::ports::NotSent::Refused);
     assert_eq!(w.host().stat("key_service.error"), 1, "counted once");
 }
 
@@ -1138,6 +1138,13 @@ fn a_lookup_envoy_refuses_for_load_is_refused_even_with_failure_mode_open() {
     answer_token(&w, last_token(&w), "503", overflow, true);
     assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
     assert_eq!(w.host().stat("key_service.error.overloaded"), 1);
+    // proxy-wasm's way: Envoy answers the call inside `send`, and the answer is lost.
+    w.host().answer_at_once.set(true);
+    let (id, _) = t.get(&w, "made-up-2");
+    t.deliver(&w);
+    w.host().answer_at_once.set(false);
+    assert_denied(&reply_of(&w, id), 503, "key_service_unavailable");
+    assert_eq!(w.host().stat("key_service.error.overloaded"), 2);
     assert_eq!(w.host().stat("failure_open"), 0);
     // The key service's own failure still opens the gate, as configured.
     let (id, _) = t.get(&w, "another");

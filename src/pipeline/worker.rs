@@ -8,7 +8,7 @@
 //! the answer to the context that made it. Owned by the worker, one callout serves every
 //! request waiting on a key even after the client that caused it has gone.
 use super::per_key::PerKeyStats;
-use super::ports::{Callout, Host, RequestIo};
+use super::ports::{Callout, Host, NotSent, RequestIo};
 use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
     charge_lookup, deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply,
@@ -610,28 +610,31 @@ impl<H: Host> Worker<H> {
             timeout_ms: service.timeout_ms,
         };
         match self.host.send_callout(&callout) {
-            Some(token) => self.flights.borrow_mut().sent(key, token),
-            None => self.not_sent(key),
+            Ok(token) => self.flights.borrow_mut().sent(key, token),
+            Err(NotSent::Refused) => self.not_sent(key, Failure::NotSent),
+            Err(NotSent::AnsweredAtOnce) => self.not_sent(key, Failure::Overloaded),
         }
     }
 
-    fn not_sent(&self, key: FlightKey) {
+    fn not_sent(&self, key: FlightKey, failure: Failure) {
         match key {
-            FlightKey::Lookup(key_hash) => {
-                self.on_answer(key_hash, Answer::Failed(Failure::NotSent))
-            }
+            FlightKey::Lookup(key_hash) => self.on_answer(key_hash, Answer::Failed(failure)),
             FlightKey::FeedPoll => {
-                self.on_poll_answer(feed::FeedAnswer::Failed(Failure::NotSent.describe()))
+                self.on_poll_answer(feed::FeedAnswer::Failed(failure.describe()))
             }
         }
     }
 
     /// Callout `token`, accepted by the host, could not be sent after all (a host that
     /// sends callouts later, from another thread).
-    pub fn on_callout_refused(&self, token: u32) {
+    pub fn on_callout_refused(&self, token: u32, why: NotSent) {
         let key = self.flights.borrow_mut().answered(token);
+        let failure = match why {
+            NotSent::Refused => Failure::NotSent,
+            NotSent::AnsweredAtOnce => Failure::Overloaded,
+        };
         if let Some(key) = key {
-            self.not_sent(key);
+            self.not_sent(key, failure);
         }
     }
 

@@ -70,9 +70,18 @@ mod tests {
         assert_eq!(net("10.0.0.7"), [4, 32, 10, 0, 0, 7]);
         assert_eq!(net("::ffff:10.0.0.7"), [4, 32, 10, 0, 0, 7]);
         assert_eq!(budget_network("10.0.9.7", 24, 64), [4, 24, 10, 0, 9, 0]);
-        assert_eq!(budget_network("2001:db8::1", 32, 128), v6(128, "2001:db8::1"));
-        assert_eq!(budget_network("2001:db8:ffff::1", 32, 32), v6(32, "2001:db8::"));
-        assert_ne!(budget_network("2001:db8::", 32, 32), budget_network("2001:db8::", 32, 33));
+        assert_eq!(
+            budget_network("2001:db8::1", 32, 128),
+            v6(128, "2001:db8::1")
+        );
+        assert_eq!(
+            budget_network("2001:db8:ffff::1", 32, 32),
+            v6(32, "2001:db8::")
+        );
+        assert_ne!(
+            budget_network("2001:db8::", 32, 32),
+            budget_network("2001:db8::", 32, 33)
+        );
         assert_eq!(net("not an address"), b"not an address");
     }
 

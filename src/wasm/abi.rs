@@ -5,6 +5,8 @@
 
 pub const OK: u32 = 0;
 pub const CAS_MISMATCH: u32 = 8;
+/// `InternalFailure`: e.g. an HTTP call that Envoy failed inside `send` (its answer is lost).
+pub const INTERNAL_FAILURE: u32 = 10;
 
 /// Header maps.
 pub const REQUEST_HEADERS: u32 = 0;

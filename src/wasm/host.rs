@@ -1,7 +1,8 @@
 //! The pipeline's host ports as proxy-wasm calls: nothing here decides anything.
 use super::abi;
 use crate::pipeline::ports::{
-    Callout, Callouts, Clock, GrpcCall, Host, RequestIo, SetError, SharedStore, Stats, Wake,
+    Callout, Callouts, Clock, GrpcCall, Host, NotSent, RequestIo, SetError, SharedStore, Stats,
+    Wake,
 };
 use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::request::header_map;
@@ -60,7 +61,7 @@ impl SharedStore for WasmHost {
 }
 
 impl Callouts for WasmHost {
-    fn send_callout(&self, callout: &Callout) -> Option<u32> {
+    fn send_callout(&self, callout: &Callout) -> Result<u32, NotSent> {
         let headers: Vec<header_map::Header> = callout
             .headers
             .iter()
@@ -68,13 +69,16 @@ impl Callouts for WasmHost {
             .collect();
         let headers = header_map::serialize(&headers);
         match abi::http_call(callout.cluster, &headers, callout.timeout_ms) {
-            Ok(token) => Some(token),
+            Ok(token) => Ok(token),
+            // Envoy's async client failed the call inside `send`, and Envoy dropped its
+            // answer (a circuit breaker's overflow, or no healthy host).
+            Err(abi::INTERNAL_FAILURE) => Err(NotSent::AnsweredAtOnce),
             Err(status) => {
                 log::debug!(
                     "callout to cluster {} refused (status {status})",
                     callout.cluster
                 );
-                None
+                Err(NotSent::Refused)
             }
         }
     }
