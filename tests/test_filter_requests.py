@@ -192,7 +192,9 @@ def test_a_bearer_key_holding_a_comma_is_read_whole(stack):
     pytest.param("GET", "/admin/users", ["admin"], 403, id="needs-every-scope"),
     pytest.param("GET", "/admin/users", ["ops", "admin"], 200, id="holds-every-scope"),
     pytest.param("GET", "/public?next=/admin", [], 200, id="query-is-not-matched"),
-    pytest.param("GET", "/Orders", [], 200, id="no-rule-matches"),
+    # Rules match the path as upstreams read it: case folded, as IIS does.
+    pytest.param("GET", "/Orders", [], 403, id="case-is-folded"),
+    pytest.param("GET", "/public/orders", [], 200, id="no-rule-matches"),
 ])
 def test_rules_demand_scopes(stack, method, path, scopes, status):
     raw = f"req-rule-{method}-{path}-{'+'.join(scopes)}".replace("/", "_").replace("?", "_").replace("+", "_")
@@ -425,15 +427,11 @@ def test_the_raw_key_appears_in_no_log_lookup_forwarded_request_or_error(stack):
     assert all(revoked_hash not in line for line in filter_lines)  # a fingerprint, not the whole hash
 
 
-def access_line(stack, path):
-    """The access-log line of the one request to path, as {field: value} of its name="value"
-    pairs. The shipped format logs the Authorization and X-API-Key request headers as the
-    filter left them, as `authorization` and `x-api-key`; "-" is absent."""
+def access_status(stack, path):
+    """The status the access log shows for the one request to path."""
     log = stack.wait_for("access", f'"GET {path} ')
     line = next(line for line in log.splitlines() if f'"GET {path} ' in line)
-    fields = dict(re.findall(r'([\w-]+)="([^"]*)"', line))
-    fields["status"] = line.split('" ', 1)[1].split()[0]
-    return fields
+    return line.split('" ', 1)[1].split()[0]
 
 
 def test_a_denied_requests_key_is_gone_before_the_access_log(stack):
@@ -442,16 +440,11 @@ def test_a_denied_requests_key_is_gone_before_the_access_log(stack):
     stack.request("GET", "/acclog/query?api_key=req-acclog-unknown")
     stack.request("GET", "/acclog/basic", headers=[("authorization", "Basic cmVxOmFjY2xvZw==")])
 
-    line = access_line(stack, "/acclog/header")
-    assert (line["status"], line["x-api-key"]) == ("401", "-"), line
-    line = access_line(stack, "/acclog/bearer")
-    assert (line["status"], line["authorization"]) == ("401", "-"), line
-    # The query key is gone from the logged path too.
-    assert access_line(stack, "/acclog/query")["status"] == "401"
-    # The access log does show an Authorization that is not a key: "-" above is the filter's doing.
-    line = access_line(stack, "/acclog/basic")
-    assert (line["status"], line["authorization"]) == ("401", "Basic cmVxOmFjY2xvZw=="), line
+    for path in ("/acclog/header", "/acclog/bearer", "/acclog/query", "/acclog/basic"):
+        assert access_status(stack, path) == "401", path
+    # The shipped format prints no header that can carry a key, nor the query.
     assert "req-acclog-unknown" not in stack.access_log()
+    assert "cmVxOmFjY2xvZw==" not in stack.access_log()
 
 
 # -- other configurations -------------------------------------------------------------------------

@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         Err(error) => assert!(!error.reason.is_empty()),
     }
 
-    let answer = classify(Some(status), Some(body));
+    let answer = classify(Some(status), Some(body), false);
     let code = std::str::from_utf8(status)
         .ok()
         .and_then(|s| s.trim().parse::<u16>().ok());
@@ -69,5 +69,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(!failure.kind().name().is_empty());
         assert!(!failure.describe().is_empty());
     }
-    assert_eq!(classify(None, Some(body)), Answer::Failed(Failure::Reset));
+    assert_eq!(classify(None, Some(body), false), Answer::Failed(Failure::Reset));
+    // `x-envoy-overloaded` matters on Envoy's own 503 only.
+    let overloaded = classify(Some(status), Some(body), true);
+    if code == Some(503) {
+        assert_eq!(overloaded, Answer::Failed(Failure::Overloaded));
+    } else {
+        assert_eq!(overloaded, answer);
+    }
 });
