@@ -1,21 +1,19 @@
 """A rate limit service for the tests: rls-server (rls-server/, Envoy's RLS API on
-Kuadrant's Limitador) backed by its own redis-server, both on free ports of 127.0.0.1.
+Kuadrant's Limitador, counters in memory) on free ports of 127.0.0.1.
 
     from rls_service import RlsService
 
     with RlsService() as rls:          # or RlsService(statuses=False, limits_file=path)
         ...                            # point Envoy's RLS cluster at rls.grpc_port
-        rls.stop_server(); rls.start_server()   # same gRPC port, same Redis: counts survive
+        rls.stop_server(); rls.start_server()   # same gRPC port; the counts start again
         rls.set_mode("grpc-error")     # normal | grpc-error | garbage | slow (with ms=...)
         assert rls.calls() == {"calls": 3, "hits": 3}
 
 The binary is $RLS_SERVER if set, else what scripts/build-rls-server builds (run once per
-test session; a cold build takes minutes, see that script). Redis runs without any
-persistence. Everything is stopped and the temp dir (logs) removed on close(), also when
+test session; a cold build takes a few minutes, see that script). Everything is stopped and the temp dir (logs) removed on close(), also when
 starting fails; APIKEY_KEEP_TMP=1 keeps the temp dir. Standard library only.
 """
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,24 +37,15 @@ def rls_server_binary():
     return out.stdout.strip().splitlines()[-1]
 
 
-def _redis_ready(port):
-    try:
-        with socket.create_connection((HOST, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 class RlsService(Service):
-    """Attributes once started: grpc_port, admin_port, redis_port, tmp (logs), binary."""
+    """Attributes once started: grpc_port, admin_port, tmp (logs), binary."""
 
     def __init__(self, statuses=True, limits_file=None):
         self.statuses = statuses
         self.limits_file = limits_file
         self.tmp = None
-        self.redis = self.server = None
-        self.grpc_port = self.admin_port = self.redis_port = None
+        self.server = None
+        self.grpc_port = self.admin_port = None
         self.binary = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -64,35 +53,14 @@ class RlsService(Service):
     def start(self):
         self.binary = rls_server_binary()
         self.tmp = Path(tempfile.mkdtemp(prefix="apikey-rls-"))
-        self._start_redis()
         self.start_server()
-
-    def _start_redis(self):
-        for _attempt in range(3):  # free_port leaves a window for another process
-            port = free_port()
-            self.redis = Process("redis", [
-                "redis-server", "--port", port, "--bind", HOST, "--save", "", "--appendonly", "no",
-                "--dir", self.tmp,
-            ], self.tmp / "redis.log").start()
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while self.redis.running() and not _redis_ready(port):
-                if time.monotonic() > deadline:
-                    raise HarnessError(f"redis-server did not start in {START_TIMEOUT_S} s:\n{self.redis.log()[-3000:]}")
-                time.sleep(POLL_S)
-            if self.redis.running():
-                self.redis_port = port
-                return
-            if "Address already in use" not in self.redis.log():
-                break
-        raise HarnessError(f"redis-server exited with {self.redis.proc.returncode}:\n{self.redis.log()[-3000:]}")
 
     def start_server(self):
         """Start rls-server: on free ports the first time, then on the same ones."""
         if self.server is not None and self.server.running():
             raise HarnessError("rls-server is already running")
         argv = [
-            self.binary, "--redis", f"redis://{HOST}:{self.redis_port}",
-            "--grpc", f"{HOST}:{self.grpc_port or 0}", "--admin", f"{HOST}:{self.admin_port or 0}",
+            self.binary, "--grpc", f"{HOST}:{self.grpc_port or 0}", "--admin", f"{HOST}:{self.admin_port or 0}",
         ]
         if not self.statuses:
             argv.append("--no-statuses")
@@ -110,15 +78,14 @@ class RlsService(Service):
         self.admin = _JsonClient(self.admin_port)
 
     def stop_server(self):
-        """Stop rls-server only (Redis keeps the counts)."""
+        """Stop rls-server (its counts go with it: set_mode("grpc-error") keeps them)."""
         if self.server is not None:
             self.server.stop()
 
     def close(self):
         """Stop everything and remove the temp dir; safe to call more than once."""
-        for p in (self.server, self.redis):
-            if p is not None:
-                p.stop()
+        if self.server is not None:
+            self.server.stop()
         if self.tmp is not None:
             _remove(self.tmp)
             self.tmp = None

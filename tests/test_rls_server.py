@@ -1,4 +1,4 @@
-"""rls-server on its own (Envoy's RLS API on Limitador, with Redis), through a real gRPC
+"""rls-server on its own (Envoy's RLS API on Limitador, counters in memory), through a real gRPC
 client (grpcio) sending hand-encoded protobuf: the filter's rate limit tests trust it."""
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,8 +89,8 @@ def test_a_descriptor_counts_the_same_wherever_it_is_in_the_call(client):
 
 
 def test_concurrent_calls_never_overshoot(rls, client):
-    """Limitador's Redis storage reads then adds, not atomically; rls-server runs one
-    check at a time, so 30 calls at once against a limit of 10 admit exactly 10."""
+    """rls-server runs one check at a time, so 30 calls at once against a limit of 10
+    admit exactly 10."""
     d = key_day("k_13", 10)
     with ThreadPoolExecutor(30) as pool:
         codes = list(pool.map(lambda _: client(d)["code"], range(30)))
@@ -117,19 +117,24 @@ def client_codes(c, *calls):
     return [(r["code"], r["statuses"]) for r in (c(d) for d in calls)]
 
 
-def test_counts_survive_a_restart_of_the_server(rls):
+def test_counts_survive_a_failing_spell_and_a_restart_starts_again(rls):
     d = descriptor(("key_id", "k_8"), ("window", "hour"), limit=(3, HOUR))
     c = Client(rls.grpc_port)
     assert [c(d)["statuses"][0]["remaining"] for _ in range(2)] == [2, 1]
+    rls.set_mode("grpc-error")
+    with pytest.raises(grpc.RpcError):
+        c(d)
+    rls.set_mode("normal")
+    assert c(d)["statuses"][0]["remaining"] == 0, "the failing spell counted nothing"
+    assert c(d)["code"] == OVER_LIMIT
     c.close()
     port = rls.grpc_port
     rls.stop_server()
     rls.start_server()
     assert rls.grpc_port == port
     c = Client(rls.grpc_port)
-    assert c(d)["statuses"][0]["remaining"] == 0
-    assert c(d)["code"] == OVER_LIMIT
-    assert rls.calls() == {"calls": 2, "hits": 2}  # since this run of the server
+    assert c(d)["statuses"][0]["remaining"] == 2, "counters in memory: a new server starts at 0"
+    assert rls.calls() == {"calls": 1, "hits": 1}  # since this run of the server
     c.close()
 
 

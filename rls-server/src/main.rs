@@ -1,7 +1,8 @@
 //! rls-server: Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService`,
 //! method `ShouldRateLimit`) on Kuadrant's Limitador, for the filter's tests and demos.
-//! The counting is Limitador's (`check_rate_limited_and_update`, Redis or in-memory
-//! counters); only the mapping of an RLS call onto Limitador is ours:
+//! The counting is Limitador's (`check_rate_limited_and_update`, in-memory counters: every
+//! node of a test shares this one process); only the mapping of an RLS call onto
+//! Limitador is ours:
 //!
 //! * namespace = the request's `domain`; hits = `hits_addend`, 0 meaning 1. All the
 //!   descriptors of a call are checked and counted together: when one is over its limit
@@ -29,7 +30,6 @@ mod rls_messages;
 
 use limitador::counter::Counter;
 use limitador::limit::{Context, Expression, Limit, Namespace};
-use limitador::storage::redis::RedisStorage;
 use limitador::RateLimiter;
 use prost::bytes::BufMut;
 use prost::Message;
@@ -54,12 +54,9 @@ use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::Status;
 
-const USAGE: &str = "usage: rls-server (--redis redis://HOST:PORT | --memory) [--grpc ADDR] \
-[--admin ADDR] [--limits FILE] [--no-statuses]
+const USAGE: &str = "usage: rls-server [--grpc ADDR] [--admin ADDR] [--limits FILE] [--no-statuses]
   --grpc ADDR     gRPC listen address (default 127.0.0.1:8081; port 0: any free port)
   --admin ADDR    test admin HTTP endpoint (port 0: any free port); none when absent
-  --redis URL     counters in Redis (Limitador's RedisStorage)
-  --memory        counters in memory (Limitador's InMemoryStorage)
   --limits FILE   Limitador limits file (YAML); descriptors' overrides are then ignored
   --no-statuses   answer overall_code only, as Limitador's own server does";
 
@@ -75,20 +72,13 @@ const GARBAGE: [u8; 3] = [0xff, 0xff, 0xff];
 struct Options {
     grpc: SocketAddr,
     admin: Option<SocketAddr>,
-    storage: StorageOption,
     limits_file: Option<String>,
     statuses: bool,
-}
-
-enum StorageOption {
-    Redis(String),
-    Memory,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut grpc: SocketAddr = ([127, 0, 0, 1], 8081).into();
     let mut admin = None;
-    let mut storage = None;
     let mut limits_file = None;
     let mut statuses = true;
     let addr = |flag: &str, value: Option<String>| -> Result<SocketAddr, String> {
@@ -101,22 +91,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         match arg.as_str() {
             "--grpc" => grpc = addr("--grpc", args.next())?,
             "--admin" => admin = Some(addr("--admin", args.next())?),
-            "--redis" => {
-                let url = args.next().ok_or("--redis needs a URL")?;
-                storage = Some(StorageOption::Redis(url));
-            }
-            "--memory" => storage = Some(StorageOption::Memory),
             "--limits" => limits_file = Some(args.next().ok_or("--limits needs a file")?),
             "--no-statuses" => statuses = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let storage = storage.ok_or("one of --redis URL or --memory is needed")?;
     Ok(Options {
         grpc,
         admin,
-        storage,
         limits_file,
         statuses,
     })
@@ -146,10 +129,9 @@ struct State {
     /// the same descriptor changes the limit in place and keeps the count (as
     /// envoyproxy/ratelimit does).
     overrides: RwLock<HashMap<(String, String, u64), u64>>,
-    /// Held across each check-and-count. Limitador's Redis storages read the counters,
-    /// then add to them, not atomically: concurrent calls would overshoot a limit (15
-    /// admitted of 10, measured with 40 at once). One call at a time makes this server's
-    /// counting exact (several servers on one Redis would still race).
+    /// Held across each check-and-count, so that this server's counting is exact
+    /// whatever Limitador's storage does between reading a counter and adding to it
+    /// (its Redis storage, measured earlier, admitted 15 of 10 with 40 calls at once).
     serial: Mutex<()>,
     mode: Mutex<Mode>,
     calls: AtomicU64,
@@ -183,7 +165,7 @@ async fn should_rate_limit(state: Arc<State>, request: RateLimitRequest) -> Resu
     }
     let hits = u64::from(request.hits_addend.max(1));
     let checker = Arc::clone(&state);
-    // Limitador's calls block (the Redis storage is r2d2-pooled), and a limit whose
+    // Limitador's calls block, and a limit whose
     // condition cannot be evaluated (e.g. `descriptors[1]` on a call with one descriptor)
     // panics inside Limitador: both stay off the async workers.
     let answer = tokio::task::spawn_blocking(move || {
@@ -491,8 +473,52 @@ fn cel_string(s: &str) -> String {
     out
 }
 
-/// FNV-1a, 64 bits: the binding names must be the same in every run (counters in Redis
-/// outlive the server), which std's hashers do not promise.
+/// `GET /counters/<domain>`: what Limitador counts in that namespace, as JSON.
+fn counters(state: &State, domain: &str) -> (&'static str, String) {
+    let counters = match state.limiter.get_counters(&Namespace::from(domain)) {
+        Ok(counters) => counters,
+        Err(e) => {
+            let error = json_string(&e.to_string());
+            return (
+                "500 Internal Server Error",
+                format!(r#"{{"error": {error}}}"#),
+            );
+        }
+    };
+    let items: Vec<String> = counters
+        .iter()
+        .map(|c| {
+            let values: Vec<String> = c.set_variables().values().map(|v| json_string(v)).collect();
+            format!(
+                r#"{{"values": [{}], "max": {}, "remaining": {}, "expires_in_s": {}}}"#,
+                values.join(", "),
+                c.max_value(),
+                c.remaining().unwrap_or_else(|| c.max_value()),
+                c.expires_in().map_or(0, |d| d.as_secs())
+            )
+        })
+        .collect();
+    ("200 OK", format!("[{}]", items.join(", ")))
+}
+
+/// `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// FNV-1a, 64 bits: binding names the same in every run (a log line from one run reads
+/// like another's), which std's hashers do not promise.
 struct Fnv(u64);
 
 impl Fnv {
@@ -647,6 +673,9 @@ where
 /// The tests' HTTP/1.1 endpoint, one request per connection:
 ///   GET  /calls            {"calls": C, "hits": H}: calls answered with a
 ///                          RateLimitResponse (normal and slow modes) and their hits
+///   GET  /counters/<domain> [{"values": [...], "max": M, "remaining": R, "expires_in_s": S}]:
+///                          Limitador's counters of that domain, each with the values it
+///                          is kept for (a key_id, a window)
 ///   POST /mode/normal
 ///   POST /mode/grpc-error  every call fails with gRPC status UNAVAILABLE (14)
 ///   POST /mode/garbage     grpc-status 0 with a message that is no RateLimitResponse
@@ -729,6 +758,9 @@ fn admin_answer(head: &str, state: &State) -> (&'static str, String) {
             let hits = state.hits.load(Ordering::Relaxed);
             return ("200 OK", format!(r#"{{"calls": {calls}, "hits": {hits}}}"#));
         }
+        ("GET", p) if p.starts_with("/counters/") => {
+            return counters(state, &p["/counters/".len()..]);
+        }
         ("POST", "/mode/normal") => Mode::Normal,
         ("POST", "/mode/grpc-error") => Mode::GrpcError,
         ("POST", "/mode/garbage") => Mode::Garbage,
@@ -786,14 +818,7 @@ fn main() -> ExitCode {
 }
 
 fn run(options: Options) -> Result<(), String> {
-    let limiter = match &options.storage {
-        StorageOption::Memory => RateLimiter::new(MEMORY_CACHE_SIZE),
-        StorageOption::Redis(url) => {
-            // Connects now: a server without its Redis does not start.
-            let storage = RedisStorage::new(url).map_err(|e| format!("redis {url}: {e}"))?;
-            RateLimiter::new_with_storage(Box::new(storage))
-        }
-    };
+    let limiter = RateLimiter::new(MEMORY_CACHE_SIZE);
     if let Some(path) = &options.limits_file {
         let text = std::fs::read_to_string(path).map_err(|e| format!("--limits {path}: {e}"))?;
         let limits: Vec<Limit> =
@@ -850,6 +875,12 @@ mod tests {
     fn cel_strings_are_quoted() {
         assert_eq!(cel_string("key_id"), "'key_id'");
         assert_eq!(cel_string("a'b\\c\n"), "'a\\'b\\\\c\\u000a'");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("k_1"), r#""k_1""#);
+        assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
     }
 
     #[test]

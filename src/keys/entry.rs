@@ -230,6 +230,8 @@ pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
                 .collect::<Option<Vec<_>>>()?;
             let quotas = match r.u8()? {
                 NO_QUOTAS_NAMED => None,
+                // A record holds at most MAX_QUOTAS (and is encoded so): more is not ours.
+                n if usize::from(n) > MAX_QUOTAS => return None,
                 n => Some(
                     (0..n)
                         .map(|_| Quota::decode(&mut r))
@@ -294,6 +296,34 @@ mod tests {
 
     fn stored(verdict: Verdict) -> Vec<u8> {
         encode(&CacheEntry::new([7; 32], 1_000_000, verdict))
+    }
+
+    #[test]
+    fn an_entry_with_more_quotas_than_a_record_may_hold_is_not_ours() {
+        let quota = Quota {
+            requests: 5,
+            unit: Unit::Day,
+            per: Per::Key,
+        };
+        let full = Verdict::Found(KeyRecord {
+            quotas: Some(vec![quota; MAX_QUOTAS]),
+            ..record()
+        });
+        let mut bytes = stored(full);
+        assert!(decode(&bytes).is_some());
+        // The quotas close the entry: one more, and a count past the limit (what the
+        // cache_entry fuzz target found decoding and then encoding shorter).
+        let per_quota = (bytes.len()
+            - stored(Verdict::Found(KeyRecord {
+                quotas: Some(vec![]),
+                ..record()
+            }))
+            .len())
+            / MAX_QUOTAS;
+        let count_at = bytes.len() - per_quota * MAX_QUOTAS - 1;
+        bytes.extend_from_within(count_at + 1..count_at + 1 + per_quota);
+        bytes[count_at] += 1;
+        assert_eq!(decode(&bytes), None);
     }
 
     #[test]
