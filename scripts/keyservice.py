@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference key service for apikey-filter (SPEC "Key service protocol"), for tests and the demo.
+"""Reference key service for apikey-filter (CONTRACT "Key service protocol"), for tests and the demo.
 
     python3 scripts/keyservice.py --port 8081 [--host 127.0.0.1] [--keys FILE] [--save]
                                   [--changes-path /v1/key-changes] [--changes-kept 10000]

@@ -1,4 +1,4 @@
-"""The node-wide key cache and the key service callout (SPEC "Cache", "Key service
+"""The node-wide key cache and the key service callout (CONTRACT "Cache", "Key service
 protocol"), seen from outside: what clients get and how often the key service is asked."""
 import socket
 import threading

@@ -1,4 +1,4 @@
-"""The plugin configuration as Envoy sees it (SPEC "Configuration"): a refused configuration
+"""The plugin configuration as Envoy sees it (CONTRACT "Configuration"): a refused configuration
 makes Envoy exit with code 1 and log one line naming the field and the reason; a valid one,
 however complete, lets Envoy become ready. Each case is one Envoy start (about 0.2 s)."""
 import json

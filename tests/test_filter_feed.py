@@ -1,4 +1,4 @@
-"""Keys across a fleet (SPEC "Change feed", "Cache"): the key service's change feed makes a
+"""Keys across a fleet (CONTRACT "Change feed", "Cache"): the key service's change feed makes a
 node forget changed keys within an interval, refresh ahead keeps keys in use from ever
 waiting on the key service, and a failing key service is not asked in a storm. Against a
 real Envoy running four worker threads."""

@@ -1,4 +1,4 @@
-"""What operators see (SPEC "Observability"): stats that count exactly what happened,
+"""What operators see (CONTRACT "Observability"): stats that count exactly what happened,
 an access log that says who called, and log lines that name keys only by fingerprint."""
 import time
 

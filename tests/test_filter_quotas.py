@@ -1,4 +1,4 @@
-"""Quotas across Envoy nodes (SPEC "Quotas"): two Envoy processes, two workers each, on
+"""Quotas across Envoy nodes (CONTRACT "Quotas"): two Envoy processes, two workers each, on
 one real RLS server (rls-server: Limitador's counting, in memory), in both modes and both
 failure modes, and what the filter does with bad, slow or missing answers."""
 import contextlib

@@ -1,4 +1,4 @@
-"""Per-key token buckets shared by every worker thread (SPEC "Rate limiting" and the
+"""Per-key token buckets shared by every worker thread (CONTRACT "Rate limiting" and the
 429 row), against Envoy running several workers."""
 import re
 import time

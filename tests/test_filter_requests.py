@@ -1,5 +1,5 @@
 """Requests through a real Envoy running the filter: where the key is read from, what the
-client gets (SPEC "What the client gets", all but 429 and 503), what the upstream gets
+client gets (CONTRACT "What the client gets", all but 429 and 503), what the upstream gets
 ("What the upstream gets"), bad input, and the raw key staying out of every log, lookup,
 forwarded request and error body.
 

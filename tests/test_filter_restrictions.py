@@ -1,4 +1,4 @@
-"""Keys that prove their shape (`key_format`, SPEC "Key format") and keys bound to where they
+"""Keys that prove their shape (`key_format`, CONTRACT "Key format") and keys bound to where they
 may be used (`allowed_cidrs`, `allowed_referrers`), against a real Envoy."""
 import random
 import sys

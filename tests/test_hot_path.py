@@ -4,7 +4,7 @@ the real .wasm under a stand-in proxy-wasm host in Node (no Envoy).
 On Envoy, a host call that hands data back costs ~2 µs and any other ~0.2 µs, while
 scripts/bench varies by ±12 % (~3 µs) from one Envoy start to the next: a change that
 adds such a call to the hot path would pass unseen there. Here it fails. The counts are
-what the spec's features need: one read of the request headers, one read and one write
+what the contract's features need: one read of the request headers, one read and one write
 of the key's bucket, the key's removal, three identity headers, two RateLimit fields,
 two counters and the clock. The access log reads the identity from the identity headers:
 no filter state for an accepted request."""

@@ -1,4 +1,4 @@
-//! The plugin configuration (SPEC "Configuration"): parsed once per configuration push,
+//! The plugin configuration (CONTRACT "Configuration"): parsed once per configuration push,
 //! with every default applied and every value checked, so the request path never
 //! re-validates anything.
 pub mod json_fields;
@@ -42,7 +42,7 @@ pub struct KeyService {
     pub changes: Option<ChangeFeed>,
 }
 
-/// `key_service.changes` (SPEC "Change feed").
+/// `key_service.changes` (CONTRACT "Change feed").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeFeed {
     pub path: String,
@@ -95,7 +95,7 @@ pub struct BruteForce {
     pub ipv6_prefix: u8,
 }
 
-/// `key_format` (SPEC "Key format").
+/// `key_format` (CONTRACT "Key format").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFormat {
     pub prefixes: Vec<String>,
@@ -309,7 +309,7 @@ impl Config {
     }
 }
 
-/// Where quotas are kept across nodes (SPEC "Quotas").
+/// Where quotas are kept across nodes (CONTRACT "Quotas").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitService {
     pub cluster: String,

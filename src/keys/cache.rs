@@ -357,13 +357,27 @@ impl KeyCache {
         entry.failures
     }
 
-    /// Forgets what the node and this worker know of the key: its entry becomes a
-    /// tombstone, never used again, not even as stale. The tombstone is written also when
-    /// the node held nothing, since a lookup of the key may be in flight: its answer must
-    /// not be cached (`forgotten_since`). It never displaces a usable entry of another
-    /// key. Whether the node had an entry.
-    pub fn forget(&mut self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) -> bool {
-        self.copies.forget(key_hash);
+    /// Forgets what the node and this worker know of the keys the change feed listed: each
+    /// entry becomes a tombstone, never used again, not even as stale. The tombstone is
+    /// written also when the node held nothing, since a lookup of the key may be in
+    /// flight: its answer must not be cached (`forgotten_since`). It never displaces a
+    /// usable entry of another key. This worker's copies go in one scan whatever the
+    /// list's length. How many of the keys the node held.
+    pub fn forget_all(
+        &mut self,
+        store: &impl SharedStore,
+        key_hashes: &[KeyHash],
+        now_ms: u64,
+    ) -> usize {
+        self.copies.forget(key_hashes);
+        key_hashes
+            .iter()
+            .filter(|key_hash| self.tombstone(store, key_hash, now_ms))
+            .count()
+    }
+
+    /// Writes the key's tombstone; whether the node held an entry for it.
+    fn tombstone(&self, store: &impl SharedStore, key_hash: &KeyHash, now_ms: u64) -> bool {
         let held = self
             .entry(store, key_hash)
             .is_some_and(|e| e.verdict != Verdict::Forgotten);
@@ -386,10 +400,10 @@ impl KeyCache {
             .map(|e| e.stored_at_ms)
     }
 
-    /// Forgets this worker's copies of the key (the node's entry is another worker's
+    /// Forgets this worker's copies of the keys (the node's entries are another worker's
     /// to forget).
-    pub fn forget_copies(&mut self, key_hash: &KeyHash) {
-        self.copies.forget(key_hash);
+    pub fn forget_copies(&mut self, key_hashes: &[KeyHash]) {
+        self.copies.forget(key_hashes);
     }
 
     pub fn known_key(&self, record: KeyRecord) -> Rc<KnownKey> {
@@ -684,8 +698,12 @@ pub(crate) mod tests {
         let key_hash = hash_key(b"key-a");
         cache.store_verdict(&store, &key_hash, Verdict::Found(record("a")), 0);
         assert!(is_hit(&cached(&mut cache, &store, b"key-a", 0), "a"));
-        assert!(cache.forget(&store, &key_hash, 10));
-        assert!(!cache.forget(&store, &key_hash, 11), "forgotten already");
+        assert_eq!(cache.forget_all(&store, &[key_hash], 10), 1);
+        assert_eq!(
+            cache.forget_all(&store, &[key_hash], 11),
+            0,
+            "forgotten already"
+        );
         assert_eq!(
             cached(&mut cache, &store, b"key-a", 20),
             Cached::Miss { stale: None }
@@ -703,7 +721,11 @@ pub(crate) mod tests {
         let store = FakeStore::default();
         let mut cache = KeyCache::new(&config(100));
         let key_hash = hash_key(b"never");
-        assert!(!cache.forget(&store, &key_hash, 50), "it held nothing");
+        assert_eq!(
+            cache.forget_all(&store, &[key_hash], 50),
+            0,
+            "it held nothing"
+        );
         assert_eq!(cache.forgotten_since(&store, &key_hash, 40), Some(50));
         assert_eq!(cache.forgotten_since(&store, &key_hash, 51), None);
         cache.store_verdict(&store, &key_hash, Verdict::NotFound, 60);

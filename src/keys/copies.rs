@@ -12,6 +12,7 @@
 //! third of a cached request's own code: a hit needs no SHA-256 at all.
 use crate::keys::key_hash::KeyHash;
 use crate::keys::known_key::KnownKey;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 
@@ -98,14 +99,22 @@ impl Copies {
         }
     }
 
-    /// Drops the copies of `key_hash` (found by hash, not by raw key: a whole scan, for
-    /// work off the request path such as the change feed's).
-    pub fn forget(&mut self, key_hash: &KeyHash) {
+    /// Drops the copies of `key_hashes` (found by hash, not by raw key: one scan of every
+    /// place for the whole list, off the request path, as the change feed's work is).
+    pub fn forget(&mut self, key_hashes: &[KeyHash]) {
+        match key_hashes {
+            [] => {}
+            [one] => self.drop_where(|key_hash| key_hash == one),
+            many => {
+                let listed: HashSet<&KeyHash> = many.iter().collect();
+                self.drop_where(|key_hash| listed.contains(key_hash));
+            }
+        }
+    }
+
+    fn drop_where(&mut self, listed: impl Fn(&KeyHash) -> bool) {
         for place in &mut self.places {
-            if place
-                .as_ref()
-                .is_some_and(|copy| &copy.key_hash == key_hash)
-            {
+            if place.as_ref().is_some_and(|copy| listed(&copy.key_hash)) {
                 *place = None;
             }
         }
@@ -205,9 +214,29 @@ mod tests {
         let mut copies = Copies::new(100);
         put(&mut copies, "key-a", 0, known("a"));
         put(&mut copies, "key-b", 0, known("b"));
-        copies.forget(&hash_key(b"key-a"));
+        copies.forget(&[hash_key(b"key-a")]);
         assert_eq!(get(&copies, "key-a"), None);
         assert_eq!(get(&copies, "key-b"), Some((0, known("b"))));
+    }
+
+    #[test]
+    fn a_feed_list_of_many_keys_drops_each_copy_and_keeps_the_others() {
+        // Room enough that no two of the ten keys share both their places.
+        let mut copies = Copies::new(MAX_CAPACITY);
+        for i in 0..10 {
+            put(&mut copies, &format!("key-{i}"), 0, known(&format!("k{i}")));
+        }
+        let listed: Vec<KeyHash> = (0..10)
+            .filter(|i| i % 2 == 0)
+            .map(|i| hash_key(format!("key-{i}").as_bytes()))
+            .collect();
+        copies.forget(&listed);
+        for i in 0..10 {
+            let kept = get(&copies, &format!("key-{i}")).is_some();
+            assert_eq!(kept, i % 2 == 1, "key-{i}");
+        }
+        copies.forget(&[]);
+        assert!(get(&copies, "key-1").is_some());
     }
 
     #[test]

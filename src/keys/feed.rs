@@ -1,4 +1,4 @@
-//! The key service's change feed (SPEC "Change feed"): what an answer says, and the
+//! The key service's change feed (CONTRACT "Change feed"): what an answer says, and the
 //! node-wide state of the feed in shared data (where it stands, when it last answered,
 //! who polls, and the cache's epoch, which a `410` moves on so that every entry stored
 //! before it is forgotten at once).

@@ -1,4 +1,4 @@
-//! The key service's answer for a found key (SPEC "Key service protocol").
+//! The key service's answer for a found key (CONTRACT "Key service protocol").
 use crate::config::json_fields::{FieldError, FieldResult, Object};
 use crate::config::{parse_bucket, BucketSpec};
 use crate::quotas::quota::{parse_quotas, Quota};

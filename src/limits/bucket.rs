@@ -14,7 +14,7 @@ pub struct Bucket {
     pub updated_at_ms: u64,
 }
 
-/// What taking a token told the client (SPEC "What the client gets").
+/// What taking a token told the client (CONTRACT "What the client gets").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Take {
     pub allowed: bool,

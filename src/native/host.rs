@@ -59,7 +59,15 @@ pub struct NativeHost {
     /// Parked requests, by context id.
     parked: RefCell<HashMap<u32, Arc<Parked>>>,
     /// The `key_id` label of each per-key counter pair `define_counter` gave out.
-    per_key_labels: RefCell<Vec<String>>,
+    per_key_labels: RefCell<PerKeyLabels>,
+}
+
+/// The `key_id` labels of per-key counters, by the index their ids are made of, and the
+/// index of each (a key's first request on a worker finds it without a scan).
+#[derive(Default)]
+struct PerKeyLabels {
+    by_index: Vec<String>,
+    index: HashMap<String, usize>,
 }
 
 impl NativeHost {
@@ -252,8 +260,8 @@ impl Stats for NativeHost {
             _ => return None,
         };
         let mut labels = self.per_key_labels.borrow_mut();
-        let index = match labels.iter().position(|l| l == key_id) {
-            Some(index) => index,
+        let index = match labels.index.get(key_id) {
+            Some(&index) => index,
             None => {
                 // Both counters show from the start, at 0, as the .wasm's do.
                 for counter in [
@@ -262,8 +270,10 @@ impl Stats for NativeHost {
                 ] {
                     self.change(MetricType::Counter, Some(&counter), &[key_id], 0);
                 }
-                labels.push(key_id.to_string());
-                labels.len() - 1
+                labels.by_index.push(key_id.to_string());
+                let index = labels.by_index.len() - 1;
+                labels.index.insert(key_id.to_string(), index);
+                index
             }
         };
         u32::try_from(index * 2 + which).ok()
@@ -274,7 +284,7 @@ impl Stats for NativeHost {
             return;
         };
         let labels = self.per_key_labels.borrow();
-        let Some(key_id) = labels.get(id as usize / 2) else {
+        let Some(key_id) = labels.by_index.get(id as usize / 2) else {
             return;
         };
         let counter = if id.is_multiple_of(2) {

@@ -80,7 +80,7 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The `code` of the spec's JSON error body.
+    /// The `code` of the contract's JSON error body.
     pub fn code(&self) -> String {
         let body: serde_json::Value = serde_json::from_str(&self.body).unwrap();
         body["error"]["code"].as_str().unwrap().to_string()

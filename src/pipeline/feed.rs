@@ -148,10 +148,7 @@ impl<H: Host> Worker<H> {
             FeedAnswer::Changes { cursor, key_hashes } => {
                 self.host.count(Counter::ChangesOk);
                 let forgotten = match self.cache.borrow_mut().as_mut() {
-                    Some(cache) => key_hashes
-                        .iter()
-                        .filter(|key_hash| cache.forget(&self.host, key_hash, now_ms))
-                        .count(),
+                    Some(cache) => cache.forget_all(&self.host, &key_hashes, now_ms),
                     None => 0,
                 };
                 if forgotten > 0 {
@@ -237,9 +234,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         if let Some(cache) = self.cache.borrow_mut().as_mut() {
-            news.forgotten
-                .iter()
-                .for_each(|key_hash| cache.forget_copies(key_hash));
+            cache.forget_copies(&news.forgotten);
         }
         let now_ms = self.host.now_ms();
         self.follow(news.epoch, news.ok_at_ms, now_ms, feed.interval_ms);

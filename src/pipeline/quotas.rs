@@ -1,4 +1,4 @@
-//! Quotas (SPEC "Quotas"), worker by worker. On the request path a key with quotas is
+//! Quotas (CONTRACT "Quotas"), worker by worker. On the request path a key with quotas is
 //! admitted from the node's allowance (`quotas::allowance`, in shared data) or, when it
 //! has none, asks the rate limit service in a call of its own and waits for the answer.
 //! Off the request path, on its tick, a worker reports what the node admitted unasked,
@@ -215,6 +215,14 @@ impl<H: Host> Worker<H> {
     ) -> Option<Handled> {
         let config = request.config.clone();
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            // Callers count only keys with quotas under a service: never left unanswered.
+            refuse(
+                &self.host,
+                io,
+                &config,
+                Denial::RateLimitServiceUnavailable,
+                &[],
+            );
             return Some(Handled::Answered);
         };
         let now_ms = request.now_ms;
@@ -370,6 +378,13 @@ impl<H: Host> Worker<H> {
         } = ask;
         let config = &request.config;
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            refuse(
+                &self.host,
+                io,
+                config,
+                Denial::RateLimitServiceUnavailable,
+                &[],
+            );
             return Handled::Answered;
         };
         let now_ms = self.host.now_ms();
@@ -501,7 +516,9 @@ impl<H: Host> Worker<H> {
                 ..
             } => {
                 let Some(mut io) = self.host.parked(context_id) else {
-                    return;
+                    // The request is gone, its answer here: what the call carried is
+                    // settled all the same (counted by the service, or to be reported).
+                    return self.settle_without_request(&request, &known, ask.carried, &answer);
                 };
                 let handled = self.conclude_check(&mut io, &request, &known, ask, answer);
                 self.after_quotas(context_id, &mut io, &known, handled);
@@ -735,6 +752,36 @@ impl<H: Host> Worker<H> {
 
     /// A request that ended while its own call was out: its answer has nowhere to go,
     /// and what the call carried is reported later.
+    /// The node's part of a request's own call whose request is gone: the requests it
+    /// carried are counted as the answer says, or given back to be reported.
+    fn settle_without_request(
+        &self,
+        request: &Request,
+        known: &KnownKey,
+        carried: u32,
+        answer: &Answer,
+    ) {
+        let config = &request.config;
+        let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+            return;
+        };
+        let now_ms = self.host.now_ms();
+        let mode = service.mode();
+        store::update(
+            &self.host,
+            table(config),
+            quotas.id,
+            now_ms,
+            |state| match answer {
+                Ok(verdict) => {
+                    let hits = carried.saturating_add(1);
+                    let _ = state.on_check(verdict, &quotas.list, hits, now_ms, mode);
+                }
+                Err(_) => state.give_back(carried),
+            },
+        );
+    }
+
     pub(super) fn forget_quota_call(&self, context_id: u32) {
         let dropped = {
             let mut calls = self.quota_calls.borrow_mut();

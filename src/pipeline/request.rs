@@ -1,4 +1,4 @@
-//! A request's way through the checks, in the spec's order, once its key is read: the
+//! A request's way through the checks, in the contract's order, once its key is read: the
 //! brute-force budget, the key's verdict, revoked / expired / address / referrer / scopes,
 //! the bucket, and the identity headers. Each step acts on the request through `RequestIo` and counts through
 //! `Stats`, so that every row of the status table is tested natively.
@@ -299,13 +299,7 @@ pub fn charge_lookup<H: Clock + SharedStore + Stats>(
 /// A charged lookup found its key: the attempt did not fail.
 fn give_back_lookup(host: &(impl Clock + SharedStore), config: &Config, client: Option<&str>) {
     if let (Some(budget), Some(client)) = (failure_budget(config), client) {
-        buckets::give_back(
-            host,
-            budget.table,
-            budget.owner(client),
-            budget.spec,
-            host.now_ms(),
-        );
+        budget.give_back(host, client);
     }
 }
 
@@ -320,13 +314,7 @@ pub fn refuse_if_budget_spent<H: Clock + SharedStore + Stats>(
     let (Some(budget), Some(client)) = (failure_budget(config), client) else {
         return false;
     };
-    let left = buckets::peek(
-        host,
-        budget.table,
-        budget.owner(client),
-        budget.spec,
-        host.now_ms(),
-    );
+    let left = budget.left(host, client);
     if left.allowed {
         return false;
     }
@@ -345,7 +333,7 @@ fn refuse_for_budget(
     refuse(stats, io, config, Denial::TooManyFailedAttempts, &extra);
 }
 
-/// Sends the spec's JSON error, and counts it.
+/// Sends the contract's JSON error, and counts it.
 pub fn refuse(
     stats: &impl Stats,
     io: &mut impl RequestIo,
@@ -358,7 +346,7 @@ pub fn refuse(
     reply(io, &config.www_authenticate, denial, extra);
 }
 
-/// The spec's JSON error as a local reply, with `WWW-Authenticate` on every 401.
+/// The contract's JSON error as a local reply, with `WWW-Authenticate` on every 401.
 pub fn reply(
     io: &mut impl RequestIo,
     www_authenticate: &str,
@@ -390,7 +378,18 @@ impl FailureBudget {
     }
 
     fn take(&self, host: &(impl Clock + SharedStore), client: &str) -> Result<Take, Unavailable> {
-        buckets::take_token(
+        let owner = self.owner(client);
+        buckets::take_token(host, self.table, owner, self.spec, host.now_ms())
+    }
+
+    fn give_back(&self, host: &(impl Clock + SharedStore), client: &str) {
+        let owner = self.owner(client);
+        buckets::give_back(host, self.table, owner, self.spec, host.now_ms());
+    }
+
+    /// What is left, taking nothing (`allowed`: a failure may still be charged).
+    fn left(&self, host: &(impl Clock + SharedStore), client: &str) -> Take {
+        buckets::peek(
             host,
             self.table,
             self.owner(client),

@@ -1,4 +1,4 @@
-//! The filter's stats (SPEC "Observability"): one name per counter, in one list that the
+//! The filter's stats (CONTRACT "Observability"): one name per counter, in one list that the
 //! host defines at start-up and the README's table is checked against.
 use crate::keys::answer::FailureKind;
 use crate::quotas::rls::Failure;

@@ -1,4 +1,4 @@
-//! A quota (SPEC "Configuration"): at most `requests` per window `unit`, counted for the
+//! A quota (CONTRACT "Configuration"): at most `requests` per window `unit`, counted for the
 //! key or for every key of its owner together; and the RLS descriptor that names it.
 use crate::config::json_fields::{FieldError, FieldResult, Object};
 use crate::quotas::rls_messages::{self as rls, unit};

@@ -1,4 +1,4 @@
-//! Whether a known key may make this request (SPEC step 5, in its order: revoked,
+//! Whether a known key may make this request (CONTRACT step 5, in its order: revoked,
 //! expired, the client address, the referrer, the scopes).
 use crate::keys::record::KeyRecord;
 use crate::request::denial::Denial;

@@ -1,4 +1,4 @@
-//! Every way a request can be refused, and what the client is told (SPEC "What the
+//! Every way a request can be refused, and what the client is told (CONTRACT "What the
 //! client gets").
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub enum Denial {
     RateLimitServiceUnavailable,
 }
 
-/// The spec's error codes, in the order of its table; stats are named after them.
+/// The contract's error codes, in the order of its table; stats are named after them.
 pub const CODES: [&str; 13] = [
     "api_key_missing",
     "api_key_duplicate",
@@ -107,7 +107,7 @@ impl Denial {
         )
     }
 
-    /// What a key-guessing client is charged for (SPEC `brute_force`).
+    /// What a key-guessing client is charged for (CONTRACT `brute_force`).
     pub fn is_failed_attempt(self) -> bool {
         matches!(
             self,
@@ -144,7 +144,7 @@ mod tests {
     ];
 
     #[test]
-    fn statuses_and_codes_follow_the_spec_table() {
+    fn statuses_and_codes_follow_the_contract_table() {
         let table: Vec<(u32, &str)> = ALL.iter().map(|d| (d.status(), d.code())).collect();
         assert_eq!(
             table,

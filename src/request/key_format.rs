@@ -1,4 +1,4 @@
-//! `key_format` (SPEC "Key format"): keys that prove their shape. A key must start with
+//! `key_format` (CONTRACT "Key format"): keys that prove their shape. A key must start with
 //! one of the configured prefixes and, with the `crc32` checksum, end in 6 base62 digits
 //! that are the CRC-32 (IEEE) of its random part, as GitHub's tokens do: a guessed key
 //! fails before any lookup, and a leaked one is found by secret scanners.

@@ -393,3 +393,35 @@ fn steady_traffic_makes_one_call_per_interval() {
         );
     }
 }
+
+#[test]
+fn an_answer_for_a_request_gone_meanwhile_still_settles_what_its_call_carried() {
+    let t = Test::new();
+    let w = t.worker(1, &rls_config(1_000, "open"));
+    t.known(&w);
+    fail_grpc(&w, 14);
+    assert!(
+        matches!(t.get(&w, "sk").1, Flow::Forward(_)),
+        "admitted, kept"
+    );
+    t.advance(1_100); // the failure pause is over; no tick has reported yet
+    let (id, flow) = t.get(&w, "sk");
+    assert_eq!(flow, Flow::Pause);
+    assert_eq!(
+        decoded(calls(&w).last().unwrap()).hits_addend,
+        3,
+        "it carries the two"
+    );
+    // Its client goes; the answer arrives before the host says so.
+    w.host().requests.borrow_mut().entry(id).or_default().gone = true;
+    answer_grpc(&w, &ok(900));
+    let table = crate::storage::slots::Table::quotas(100_000);
+    let quota_id = crate::limits::buckets::owner_id("k_alice");
+    let state =
+        crate::quotas::store::read(&w.host().node.store, table, quota_id, t.node.now_ms.get())
+            .expect("the key's quota state");
+    assert_eq!(
+        state.asking, 0,
+        "nothing left waiting for an answer that came"
+    );
+}
