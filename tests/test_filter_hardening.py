@@ -3,13 +3,15 @@ rules on the path as upstreams read it, a revocation never undone by a lookup in
 no key in what Envoy itself logs or answers, load that cannot open the gate, and budgets
 per IPv6 /64."""
 import concurrent.futures
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from harness import HOST, Stack, key_hash
+from harness import BUILD, HOST, Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 3000}
 READER = "hard-reader-3f9a"  # holds orders:read and reports:read, never orders:write
@@ -196,3 +198,51 @@ def test_fifty_failed_keys_from_one_ipv6_64_run_out_its_budget():
         assert codes[:10] == ["api_key_invalid"] * 10
         assert codes[10:] == ["too_many_failed_attempts"] * 40, "one budget for the /64"
         assert from_address(0, "2001:db8:0:8::1") == "api_key_invalid", "another /64"
+
+
+PANIC_PROBE = os.environ.get("APIKEY_PANIC_PROBE_MODULE")
+
+
+@pytest.mark.skipif(BUILD != "module" or not PANIC_PROBE,
+                    reason="the .so's panic probe build (scripts/test builds it for the .so run)")
+def test_after_a_panic_the_so_answers_what_it_held_rebuilds_its_worker_and_serves_on():
+    cached, cold = "hard-panic-cached-1", "hard-panic-cold-2"
+    keys = {key_hash(cached): {"key_id": "k_cached"}, key_hash(cold): {"key_id": "k_cold"}}
+    search_path = os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"]
+    os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(Path(PANIC_PROBE).parent)
+    try:
+        with Stack({"key_service": SERVICE, "rate_limit": {"requests": 1000, "period_s": 3600}},
+                   keys=keys, concurrency=1) as s:
+            os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = search_path  # Envoy has it
+            panic_and_serve_on(s, cached, cold)
+    finally:
+        os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = search_path
+
+
+def panic_and_serve_on(s, cached, cold):
+    """A panic while the worker holds a parked request: both answered 503, the worker
+    rebuilt, and the next request served from the node-wide state."""
+    first = s.request("GET", "/", headers=[("x-api-key", cached)])
+    assert first.status == 200
+    s.keyservice.set_mode("normal", delay_ms=1500)
+    parked = []
+    waiting = threading.Thread(target=lambda: parked.append(
+        s.request("GET", "/parked", headers=[("x-api-key", cold)])))
+    waiting.start()
+    deadline = time.monotonic() + 3
+    while s.keyservice.lookups()["total"] < 2:
+        assert time.monotonic() < deadline, "the cold key's lookup never left"
+        time.sleep(0.02)
+    boom = s.request("GET", "/", headers=[("x-api-key", cached), ("x-apikey-filter-panic", "1")])
+    waiting.join(10)
+    assert (boom.status, code(boom)) == (503, "key_service_unavailable")
+    assert [(r.status, code(r)) for r in parked] == [(503, "key_service_unavailable")], \
+        "the request the worker held is answered, not forwarded"
+    assert s.stat("apikey_filter.panics") == 1
+    s.keyservice.set_mode("normal")
+    again = s.request("GET", "/", headers=[("x-api-key", cached)])
+    assert again.status == 200, "a new worker serves"
+    # The node-wide bucket was kept: the rebuilt worker goes on counting from it.
+    remaining = int(again.header("ratelimit").split("r=")[1].split(";")[0])
+    assert remaining == 1000 - 2, again.header("ratelimit")  # the first and this one
+    assert all(r["path"] != "/parked" for r in s.upstream.requests())

@@ -377,6 +377,14 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
     );
     let context_id = stream.context_id;
     let decided = stream.node.with_worker(|worker| {
+        #[cfg(feature = "panic-probe")]
+        #[allow(clippy::panic)]
+        if headers
+            .iter()
+            .any(|(name, _)| *name == b"x-apikey-filter-panic")
+        {
+            panic!("apikey-filter panic probe");
+        }
         let host = worker.host();
         let flow = worker.on_request(context_id, &mut host.begin(context_id, filter), &headers);
         host.end();

@@ -231,7 +231,13 @@ impl Node {
         let queue = self.shared.queue;
         match run_or_rebuild(&mut guarded.0, &self.raw_config, queue, f) {
             Ok(done) => done,
-            Err(panic) => std::panic::resume_unwind(panic),
+            Err(panic) => {
+                // The hook that panicked did not get to say it was done with its request.
+                if let Some(worker) = guarded.0.as_ref() {
+                    worker.host().end();
+                }
+                std::panic::resume_unwind(panic)
+            }
         }
     }
 
