@@ -5,7 +5,7 @@
 //
 //   - each host call it makes, by name: the ones that hand data back are marked, as on
 //     Envoy each of those also calls into the VM to allocate (~1.6-2.3 µs all in, against
-//     ~0.2 µs for another call; see the README's Performance section);
+//     ~0.2 µs for another call; see docs/performance.md);
 //   - the time its wasm code runs, from V8's sampling profiler, in all and by function
 //     (named when the build kept its names: scripts/wasm-cost makes such a build).
 //

@@ -45,12 +45,17 @@ mod wasm;
 #[cfg(all(feature = "dynamic-module", not(target_arch = "wasm32")))]
 mod native;
 
-/// A `## heading` section of the README, for the tests that hold it to the code.
+/// A `## heading` section of a page of `docs/` (`configuration.md`, `observability.md`),
+/// for the tests that hold it to the code.
 #[cfg(test)]
-pub fn readme_section(heading: &str) -> &'static str {
-    include_str!("../README.md")
-        .split(&format!("\n## {heading}\n"))
+pub fn doc_section(page: &str, heading: &str) -> &'static str {
+    let text = match page {
+        "configuration.md" => include_str!("../docs/configuration.md"),
+        "observability.md" => include_str!("../docs/observability.md"),
+        other => panic!("no page {other} in the tests' list"),
+    };
+    text.split(&format!("\n## {heading}\n"))
         .nth(1)
         .and_then(|rest| rest.split("\n## ").next())
-        .unwrap_or_else(|| panic!("README has a {heading} section"))
+        .unwrap_or_else(|| panic!("docs/{page} has a {heading} section"))
 }

@@ -104,7 +104,7 @@ def test_batched_mode_stays_within_the_bound_and_loses_no_count(rls):
     with nodes(rls, rls_config(), keys) as envoys:
         passed = codes(spread(envoys, ["batch-key"], 3 * n, workers=6))[200]
         # At most N plus the allowances outstanding: each node holds at most a tenth of
-        # what is left (README "Quotas").
+        # what is left (docs/limits.md "Quotas").
         assert n <= passed <= n + 2 * (n // 10), passed
         assert sum(e.stat("apikey_filter.quota.allowance") for e in envoys) > 0
         # Every admitted request reaches the service's count, reported by the nodes.

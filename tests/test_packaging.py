@@ -258,7 +258,7 @@ def test_dashboards_are_the_three_with_their_pictures():
     assert [p.stem for p in DASHBOARDS] == ["debug", "executive", "on-call"]
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(set(uids)) == len(uids), uids
-    for path in DASHBOARDS:  # the README's pictures (scripts/dashboard-pictures)
+    for path in DASHBOARDS:  # docs/observability.md's pictures (scripts/dashboard-pictures)
         assert (ROOT / "docs" / "dashboards" / f"{path.stem}.png").is_file(), path.stem
 
 
@@ -442,7 +442,7 @@ def test_wasm_plugin_manifest():
     assert spec["url"].startswith("oci://") and spec["selector"]["matchLabels"]
     template = load_yaml(COMPOSE_ENVOY)
     assert spec["pluginName"] == wasm_config(template)["root_id"]
-    # Istio's WasmPlugin.vmConfig has only `env`; vm_id cannot be set (README explains).
+    # Istio's WasmPlugin.vmConfig has only `env`; vm_id cannot be set (docs/operations.md explains).
     assert set(spec.get("vmConfig") or {}) <= {"env"}
 
 

@@ -3,7 +3,7 @@
 - `promtool check` and `promtool test rules` on observability/prometheus/ (skipped, with
   the reason, only when scripts/install-prometheus cannot provide promtool).
 - A real run: Envoy with the filter (`--concurrency 2`, the change feed, `per_key_stats`
-  with the README's `stats_tags` rule, `brute_force`, quotas on a real rate limit service)
+  with docs/observability.md's `stats_tags` rule, `brute_force`, quotas on a real rate limit service)
   under a small mixed load, scraped every second by a real Prometheus loading
   observability/prometheus/rules.yml through a copy of prometheus.yml (only its target
   and intervals changed). Then every PromQL expression of the rules and of every

@@ -145,7 +145,7 @@ const FIELDS: &[&str] = &[
     "rate_limit_service",
 ];
 
-/// The fields each object accepts; anything else is refused. The README's configuration
+/// The fields each object accepts; anything else is refused. docs/configuration.md's
 /// table is checked against these (see the tests).
 const KEY_SOURCE_FIELDS: &[&str] = &["header", "scheme", "query"];
 const KEY_SERVICE_FIELDS: &[&str] = &[
@@ -932,9 +932,9 @@ mod tests {
         assert!(summary.contains("path=/v1/keys/{key_hash}"));
     }
 
-    /// The README's configuration table: (field, example JSON, row text).
+    /// docs/configuration.md's table: (field, example JSON, row text).
     fn readme_rows() -> Vec<(String, String, String)> {
-        crate::readme_section("Configuration")
+        crate::doc_section("configuration.md", "Configuration")
             .lines()
             .filter(|line| line.starts_with("| `"))
             .map(|line| {
@@ -994,7 +994,7 @@ mod tests {
         let expected = accepted_fields();
         assert_eq!(
             documented, expected,
-            "README configuration table rows, in order"
+            "docs/configuration.md table rows, in order"
         );
         // Fields of objects documented in one row must be named in that row.
         for (field, inner) in [
@@ -1011,7 +1011,7 @@ mod tests {
             for name in inner {
                 assert!(
                     row.contains(&format!("\"{name}\"")),
-                    "README row {field} names \"{name}\""
+                    "docs/configuration.md row {field} names \"{name}\""
                 );
             }
         }

@@ -1,5 +1,5 @@
 //! The filter's stats (CONTRACT "Observability"): one name per counter, in one list that the
-//! host defines at start-up and the README's table is checked against.
+//! host defines at start-up and docs/observability.md's table is checked against.
 use crate::keys::answer::FailureKind;
 use crate::quotas::rls::Failure;
 use crate::request::denial::{Denial, CODES};
@@ -227,11 +227,11 @@ mod tests {
         }
     }
 
-    /// The README's Observability table names, in its first column, every stat the
+    /// docs/observability.md's Observability table names, in its first column, every stat the
     /// filter defines and no other (`denied.<code>` standing for one per code).
     #[test]
     fn the_readme_lists_exactly_the_stats_defined() {
-        let listed: BTreeSet<String> = crate::readme_section("Observability")
+        let listed: BTreeSet<String> = crate::doc_section("observability.md", "Observability")
             .lines()
             .filter(|line| line.starts_with("| `"))
             .flat_map(|row| {
