@@ -67,14 +67,7 @@ def test_a_revocation_while_a_lookup_is_held_back_is_seen_within_an_interval():
         # The key service reads the record, then holds its answer: it lands after the feed
         # listed the revocation.
         s.keyservice.set_mode("normal", hold_ms=1500)
-        answers = []
-        asking = threading.Thread(target=lambda: answers.append(
-            s.request("GET", "/", headers=[("x-api-key", key)])))
-        asking.start()
-        deadline = time.monotonic() + 3
-        while s.keyservice.lookups()["total"] < 1:
-            assert time.monotonic() < deadline, "the lookup never reached the key service"
-            time.sleep(0.02)
+        asking, answers = request_while_looked_up(s, "/", key, lookups=1)
         s.keyservice.revoke(key_hash(key))
         s.keyservice.set_mode("normal")
         asking.join(10)
@@ -84,6 +77,20 @@ def test_a_revocation_while_a_lookup_is_held_back_is_seen_within_an_interval():
         for _ in range(4):  # every worker thread: nothing cached the old record
             r = s.request("GET", "/", headers=[("x-api-key", key)])
             assert (r.status, code(r)) == (401, "api_key_revoked")
+
+
+def request_while_looked_up(s, path, key, lookups):
+    """Sends a request for `key` from a thread of its own, and returns once the key service
+    has seen `lookups` lookups in all: the thread, and the list its answer lands in."""
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(
+        s.request("GET", path, headers=[("x-api-key", key)])))
+    thread.start()
+    deadline = time.monotonic() + 3
+    while s.keyservice.lookups()["total"] < lookups:
+        assert time.monotonic() < deadline, "the lookup never reached the key service"
+        time.sleep(0.02)
+    return thread, answers
 
 
 def raw_exchange(port, request, timeout=5):
@@ -225,14 +232,7 @@ def panic_and_serve_on(s, cached, cold):
     first = s.request("GET", "/", headers=[("x-api-key", cached)])
     assert first.status == 200
     s.keyservice.set_mode("normal", delay_ms=1500)
-    parked = []
-    waiting = threading.Thread(target=lambda: parked.append(
-        s.request("GET", "/parked", headers=[("x-api-key", cold)])))
-    waiting.start()
-    deadline = time.monotonic() + 3
-    while s.keyservice.lookups()["total"] < 2:
-        assert time.monotonic() < deadline, "the cold key's lookup never left"
-        time.sleep(0.02)
+    waiting, parked = request_while_looked_up(s, "/parked", cold, lookups=2)
     boom = s.request("GET", "/", headers=[("x-api-key", cached), ("x-apikey-filter-panic", "1")])
     waiting.join(10)
     assert (boom.status, code(boom)) == (503, "key_service_unavailable")

@@ -31,7 +31,8 @@ pub fn leave(store: &impl SharedStore, now_ms: u64, stale_after_ms: u64) {
 }
 
 /// The lookups in flight now, as the counter says.
-pub fn in_flight(store: &impl SharedStore, now_ms: u64, stale_after_ms: u64) -> u32 {
+#[cfg(test)]
+fn in_flight(store: &impl SharedStore, now_ms: u64, stale_after_ms: u64) -> u32 {
     let value = store.get(KEY).map(|(value, _)| value).unwrap_or_default();
     read(&value, now_ms, stale_after_ms)
 }

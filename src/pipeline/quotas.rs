@@ -141,17 +141,18 @@ fn step_of(stats: &impl Stats, decision: Decision, items: Items) -> QuotaStep {
 }
 
 /// The RateLimit fields with one item per quota added: as the service said, else (nothing
-/// known yet, or the service failing) what a window grants (`left_if_unknown`: the
-/// quota's requests for an admitted request, 0 for a refused one) and when it ends.
+/// known yet, or the service failing) what a window grants (nothing on a `spent` refusal)
+/// and when it ends.
 pub fn with_quota_items(
     bucket: Option<RateHeaders>,
     quotas: &KeyQuotas,
     items: Items,
-    left_if_unknown: impl Fn(&Quota) -> u32,
+    spent: bool,
     now_ms: u64,
 ) -> Option<RateHeaders> {
     let items = items.unwrap_or_else(|| {
-        let unknown = |q: &Quota| (left_if_unknown(q), window_left_s(q, now_ms));
+        let left = |q: &Quota| if spent { 0 } else { q.requests };
+        let unknown = |q: &Quota| (left(q), window_left_s(q, now_ms));
         quotas.list.iter().map(unknown).collect()
     });
     let mut state = bucket.map(|b| b.state).unwrap_or_default();
@@ -185,7 +186,7 @@ pub fn refuse_quota(
 ) {
     let headers = match refusal.denial {
         Denial::QuotaExceeded => {
-            with_quota_items(bucket, quotas, refusal.items, |_| 0, request.now_ms)
+            with_quota_items(bucket, quotas, refusal.items, true, request.now_ms)
         }
         _ => bucket,
     };
@@ -233,7 +234,7 @@ impl<H: Host> Worker<H> {
                 rate_headers,
                 quotas,
                 items,
-                |q| q.requests,
+                false,
                 now_ms,
             )));
         }
@@ -282,7 +283,7 @@ impl<H: Host> Worker<H> {
                     rate_headers,
                     quotas,
                     items,
-                    |q| q.requests,
+                    false,
                     now_ms,
                 )))
             }
@@ -426,7 +427,7 @@ impl<H: Host> Worker<H> {
         match step {
             QuotaStep::Admitted(items) => {
                 admit(&self.host, io, request, known);
-                let fields = with_quota_items(rate_headers, quotas, items, |q| q.requests, now_ms);
+                let fields = with_quota_items(rate_headers, quotas, items, false, now_ms);
                 Handled::Forward(fields)
             }
             QuotaStep::Refused(refusal) => {

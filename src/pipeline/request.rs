@@ -24,6 +24,8 @@ pub struct Request {
     pub config: Rc<Config>,
     /// Set when `brute_force` is on: whose failures this request's would count against.
     pub client: Option<String>,
+    /// With `brute_force` on, the budget its failures are charged to.
+    pub budget: Option<ClientBudget>,
     /// Its lookup was charged to the client's `brute_force` budget when it started: a
     /// failure is not charged again, and a found key gives the charge back.
     pub charged: bool,
@@ -112,14 +114,14 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     let config = &request.config;
     let known = match outcome {
         Outcome::Known(known) => {
-            if request.charged {
-                give_back_lookup(host, config, request.client.as_deref());
+            if let Some(budget) = request.budget.filter(|_| request.charged) {
+                budget.give_back(host, config);
             }
             known
         }
         Outcome::Deny(denial) => {
             log_key(io, request);
-            let uncharged = request.client.as_deref().filter(|_| !request.charged);
+            let uncharged = request.budget.filter(|_| !request.charged);
             deny(host, io, config, uncharged, denial);
             return Handled::Answered;
         }
@@ -148,7 +150,7 @@ pub fn finish<H: Clock + SharedStore + Stats>(
     };
     if let Err(denial) = authorize(record, (request.now_ms / 1000) as i64, scopes, &mut origin) {
         log_key(io, request);
-        deny(host, io, config, request.client.as_deref(), denial);
+        deny(host, io, config, request.budget, denial);
         return Handled::Answered;
     }
     let rate_headers = match &known.limit {
@@ -261,13 +263,11 @@ pub fn deny<H: Clock + SharedStore + Stats>(
     host: &H,
     io: &mut impl RequestIo,
     config: &Config,
-    client: Option<&str>,
+    budget: Option<ClientBudget>,
     denial: Denial,
 ) {
-    if let (Some(budget), Some(client), true) =
-        (failure_budget(config), client, denial.is_failed_attempt())
-    {
-        let _ = budget.take(host, client);
+    if let (Some(budget), true) = (budget, denial.is_failed_attempt()) {
+        let _ = budget.take(host, config);
     }
     refuse(host, io, config, denial, &[]);
 }
@@ -280,12 +280,12 @@ pub fn charge_lookup<H: Clock + SharedStore + Stats>(
     host: &H,
     io: &mut impl RequestIo,
     config: &Config,
-    client: Option<&str>,
+    budget: Option<ClientBudget>,
 ) -> bool {
-    let (Some(budget), Some(client)) = (failure_budget(config), client) else {
+    let Some(budget) = budget else {
         return true;
     };
-    match budget.take(host, client) {
+    match budget.take(host, config) {
         Ok(take) if take.allowed => true,
         Ok(take) => {
             refuse_for_budget(host, io, config, take.retry_after_s);
@@ -296,28 +296,20 @@ pub fn charge_lookup<H: Clock + SharedStore + Stats>(
     }
 }
 
-/// A charged lookup found its key: the attempt did not fail.
-fn give_back_lookup(host: &(impl Clock + SharedStore), config: &Config, client: Option<&str>) {
-    if let (Some(budget), Some(client)) = (failure_budget(config), client) {
-        budget.give_back(host, client);
-    }
-}
-
-/// Whether `client` has spent its `brute_force` budget; if so, the request has been
+/// Whether the client has spent its `brute_force` budget; if so, the request has been
 /// answered with a 429.
 pub fn refuse_if_budget_spent<H: Clock + SharedStore + Stats>(
     host: &H,
     io: &mut impl RequestIo,
     config: &Config,
-    client: Option<&str>,
+    budget: Option<ClientBudget>,
 ) -> bool {
-    let (Some(budget), Some(client)) = (failure_budget(config), client) else {
+    let Some(budget) = budget else {
         return false;
     };
-    let left = budget.left(host, client);
-    if left.allowed {
+    let Some(left) = budget.left(host, config).filter(|left| !left.allowed) else {
         return false;
-    }
+    };
     refuse_for_budget(host, io, config, left.retry_after_s);
     true
 }
@@ -362,53 +354,50 @@ pub fn reply(
     io.reply(denial.status(), &denial.body(), &headers);
 }
 
-/// With `brute_force` on: where client budgets live, what each holds (`max_failures` per
-/// `period_s`, all of them available at once), and the networks they are kept per.
-struct FailureBudget {
-    table: Table,
-    spec: BucketSpec,
-    ipv4_prefix: u8,
-    ipv6_prefix: u8,
-}
+/// Whose `brute_force` budget a request's failures are charged to: its client's network,
+/// worked out once per request. Where budgets live and what they hold come from the
+/// configuration (`bucket_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientBudget(u64);
 
-impl FailureBudget {
-    /// Whose budget `client` spends: its network's.
-    fn owner(&self, client: &str) -> u64 {
-        buckets::owner_id(budget_network(client, self.ipv4_prefix, self.ipv6_prefix))
+impl ClientBudget {
+    /// `None` when `brute_force` is off or the client address is unknown.
+    pub fn of(config: &Config, client: Option<&str>) -> Option<ClientBudget> {
+        let limit = config.brute_force?;
+        let network = budget_network(client?, limit.ipv4_prefix, limit.ipv6_prefix);
+        Some(ClientBudget(buckets::owner_id(network)))
     }
 
-    fn take(&self, host: &(impl Clock + SharedStore), client: &str) -> Result<Take, Unavailable> {
-        let owner = self.owner(client);
-        buckets::take_token(host, self.table, owner, self.spec, host.now_ms())
+    fn take(
+        &self,
+        host: &(impl Clock + SharedStore),
+        config: &Config,
+    ) -> Result<Take, Unavailable> {
+        let (table, spec) = bucket_of(config).ok_or(Unavailable::StoreFailed)?;
+        buckets::take_token(host, table, self.0, spec, host.now_ms())
     }
 
-    fn give_back(&self, host: &(impl Clock + SharedStore), client: &str) {
-        let owner = self.owner(client);
-        buckets::give_back(host, self.table, owner, self.spec, host.now_ms());
+    fn give_back(&self, host: &(impl Clock + SharedStore), config: &Config) {
+        if let Some((table, spec)) = bucket_of(config) {
+            buckets::give_back(host, table, self.0, spec, host.now_ms());
+        }
     }
 
     /// What is left, taking nothing (`allowed`: a failure may still be charged).
-    fn left(&self, host: &(impl Clock + SharedStore), client: &str) -> Take {
-        buckets::peek(
-            host,
-            self.table,
-            self.owner(client),
-            self.spec,
-            host.now_ms(),
-        )
+    fn left(&self, host: &(impl Clock + SharedStore), config: &Config) -> Option<Take> {
+        let (table, spec) = bucket_of(config)?;
+        Some(buckets::peek(host, table, self.0, spec, host.now_ms()))
     }
 }
 
-fn failure_budget(config: &Config) -> Option<FailureBudget> {
+/// With `brute_force` on, where client budgets live and what each holds: `max_failures`
+/// per `period_s`, all of them available at once.
+fn bucket_of(config: &Config) -> Option<(Table, BucketSpec)> {
     let limit = config.brute_force?;
-    Some(FailureBudget {
-        table: Table::client_addresses(config.cache.max_entries),
-        spec: BucketSpec {
-            requests: limit.max_failures,
-            period_s: limit.period_s,
-            burst: limit.max_failures,
-        },
-        ipv4_prefix: limit.ipv4_prefix,
-        ipv6_prefix: limit.ipv6_prefix,
-    })
+    let spec = BucketSpec {
+        requests: limit.max_failures,
+        period_s: limit.period_s,
+        burst: limit.max_failures,
+    };
+    Some((Table::client_addresses(config.cache.max_entries), spec))
 }

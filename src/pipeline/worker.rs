@@ -12,7 +12,7 @@ use super::ports::{Callout, Host, NotSent, RequestIo};
 use super::quotas::{Lent, QuotaCall, Unreported};
 use super::request::{
     charge_lookup, deny, finish, on_key_service_failure, referrer, refuse_if_budget_spent, reply,
-    Handled, Outcome, RateHeaders, Request,
+    ClientBudget, Handled, Outcome, RateHeaders, Request,
 };
 use super::stats::{Counter, Histogram};
 use super::warnings::Warnings;
@@ -252,7 +252,8 @@ impl<H: Host> Worker<H> {
             .and_then(|_| io.client_address())
             .and_then(|address| without_port(&address));
         let client = client.as_deref();
-        if refuse_if_budget_spent(&self.host, io, &config, client) {
+        let budget = ClientBudget::of(&config, client);
+        if refuse_if_budget_spent(&self.host, io, &config, budget) {
             return Flow::Pause;
         }
         let key = match extraction.outcome {
@@ -262,12 +263,12 @@ impl<H: Host> Worker<H> {
                     .as_ref()
                     .is_some_and(|format| !conforms(&key, format)) =>
             {
-                return self.deny(io, &config, client, Denial::Malformed)
+                return self.deny(io, &config, budget, Denial::Malformed)
             }
             KeyOutcome::Key(key) => key,
-            KeyOutcome::Missing => return self.deny(io, &config, client, Denial::Missing),
-            KeyOutcome::Duplicate => return self.deny(io, &config, client, Denial::Duplicate),
-            KeyOutcome::Malformed => return self.deny(io, &config, client, Denial::Malformed),
+            KeyOutcome::Missing => return self.deny(io, &config, budget, Denial::Missing),
+            KeyOutcome::Duplicate => return self.deny(io, &config, budget, Denial::Duplicate),
+            KeyOutcome::Malformed => return self.deny(io, &config, budget, Denial::Malformed),
         };
         let now_ms = self.host.now_ms();
         let Some(Looked {
@@ -280,10 +281,11 @@ impl<H: Host> Worker<H> {
             .as_mut()
             .map(|cache| cache.lookup(&self.host, &key, now_ms))
         else {
-            return self.deny(io, &config, client, Denial::KeyServiceUnavailable);
+            return self.deny(io, &config, budget, Denial::KeyServiceUnavailable);
         };
         let mut request = Request {
             client: client.map(str::to_string),
+            budget,
             charged: false,
             key_hash,
             rule: matching_rule(&config.rules, method, path),
@@ -325,10 +327,10 @@ impl<H: Host> Worker<H> {
             }
             Cached::Miss { stale } => {
                 self.host.count(Counter::CacheMiss);
-                if !charge_lookup(&self.host, io, &request.config, client) {
+                if !charge_lookup(&self.host, io, &request.config, budget) {
                     return Flow::Pause;
                 }
-                request.charged = request.client.is_some();
+                request.charged = budget.is_some();
                 request.referrer = referrer(headers).map(<[u8]>::to_vec);
                 self.park(context_id, request, stale);
                 return Flow::Pause;
@@ -344,10 +346,10 @@ impl<H: Host> Worker<H> {
         &self,
         io: &mut impl RequestIo,
         config: &Config,
-        client: Option<&str>,
+        budget: Option<ClientBudget>,
         denial: Denial,
     ) -> Flow {
-        deny(&self.host, io, config, client, denial);
+        deny(&self.host, io, config, budget, denial);
         Flow::Pause
     }
 
@@ -375,15 +377,11 @@ impl<H: Host> Worker<H> {
                     QuotaCall::Report { .. } => None,
                 }),
         );
-        let www_authenticate = self
-            .config()
-            .map(|c| c.www_authenticate.clone())
-            .unwrap_or_default();
+        let denial = Denial::KeyServiceUnavailable; // a 503: no WWW-Authenticate
         for context_id in held {
             if let Some(mut io) = self.host.parked(context_id) {
-                let denial = Denial::KeyServiceUnavailable;
                 self.host.count(Counter::Denied(denial));
-                reply(&mut io, &www_authenticate, denial, &[]);
+                reply(&mut io, "", denial, &[]);
             }
         }
         self.host.unpark();
@@ -664,9 +662,14 @@ impl<H: Host> Worker<H> {
     fn on_answer(&self, key_hash: KeyHash, answer: Answer) {
         let key = FlightKey::Lookup(key_hash);
         let now_ms = self.host.now_ms();
-        let (asked, counted) = match self.flights.borrow().get(&key).map(|f| &f.payload) {
-            Some(Payload::Lookup { asked, counted, .. }) => (Some(*asked), *counted),
-            _ => (None, false),
+        let (asked, counted, sent_at_ms) = match self.flights.borrow().get(&key) {
+            Some(flight) => match &flight.payload {
+                Payload::Lookup { asked, counted, .. } => {
+                    (Some(*asked), *counted, flight.sent_at_ms())
+                }
+                Payload::Poll { .. } => (None, false, None),
+            },
+            None => (None, false, None),
         };
         if counted {
             if let Some(config) = self.config() {
@@ -674,15 +677,13 @@ impl<H: Host> Worker<H> {
                 pending::leave(&self.host, now_ms, hold_ms);
             }
         }
-        if !matches!(
+        let answered = !matches!(
             answer,
             Answer::Failed(Failure::NotSent | Failure::Overloaded)
-        ) {
-            let sent_at_ms = self.flights.borrow().get(&key).and_then(|f| f.sent_at_ms());
-            if let Some(sent_at_ms) = sent_at_ms {
-                let latency_ms = now_ms.saturating_sub(sent_at_ms);
-                self.host.record(Histogram::KeyServiceLatencyMs, latency_ms);
-            }
+        );
+        if let Some(sent_at_ms) = sent_at_ms.filter(|_| answered) {
+            let latency_ms = now_ms.saturating_sub(sent_at_ms);
+            self.host.record(Histogram::KeyServiceLatencyMs, latency_ms);
         }
         if matches!(answer, Answer::Found(_) | Answer::NotFound) {
             if let Some(since_ms) = asked.and_then(|asked| self.superseded(&key_hash, asked)) {

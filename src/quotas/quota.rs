@@ -257,20 +257,20 @@ mod tests {
             unit: Unit::Hour,
             per: Per::Owner,
         };
+        let entries = |d: &rls::RateLimitDescriptor| -> Vec<(String, String)> {
+            d.entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect()
+        };
+        let pairs = |p: [(&str, &str); 2]| p.map(|(k, v)| (k.to_string(), v.to_string()));
         let d = q.descriptor("k_1", "acme");
-        let entries: Vec<_> = d
-            .entries
-            .iter()
-            .map(|e| (e.key.as_str(), e.value.as_str()))
-            .collect();
-        assert_eq!(entries, [("owner", "acme"), ("window", "hour")]);
+        assert_eq!(entries(&d), pairs([("owner", "acme"), ("window", "hour")]));
         let ownerless = q.descriptor("k_1", "");
-        let entries: Vec<_> = ownerless
-            .entries
-            .iter()
-            .map(|e| (e.key.as_str(), e.value.as_str()))
-            .collect();
-        assert_eq!(entries, [("key_id", "k_1"), ("window", "hour")]);
+        assert_eq!(
+            entries(&ownerless),
+            pairs([("key_id", "k_1"), ("window", "hour")])
+        );
         assert_eq!(
             d.limit,
             Some(rls::RateLimitOverride {

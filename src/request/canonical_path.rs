@@ -1,4 +1,4 @@
-//! The path as upstreams read it, for scope rules (CONTRACT "Scope rules"): a request that
+//! The path as upstreams read it, for scope rules (CONTRACT "What rules match"): a request that
 //! matches no rule is allowed, so a path one upstream reads as `/orders` must never escape
 //! the rule for `/orders` by how it is spelled. The forwarded path is not changed.
 //!
@@ -8,14 +8,46 @@
 //! `.` and `..` are resolved, never above the root. Case is left alone: rules compare
 //! ignoring ASCII case (IIS, ASP.NET), see `starts_with_ignoring_case`.
 
+use std::borrow::Cow;
+
 /// The canonical form of `path` (`:path`, with or without its query). Always starts with
-/// `/`; ends with `/` when the last segment of the path did (or was `.` or `..`).
-pub fn canonical_path(path: &[u8]) -> Vec<u8> {
+/// `/`; ends with `/` when the last segment of the path did (or was `.` or `..`). A path
+/// that is canonical already (most are) is lent back as it is, without a copy.
+pub fn canonical_path(path: &[u8]) -> Cow<'_, [u8]> {
     let end = path
         .iter()
         .position(|&b| b == b'?' || b == b'#')
         .unwrap_or(path.len());
-    let decoded = decode(path.get(..end).unwrap_or(path));
+    let path = path.get(..end).unwrap_or(path);
+    if is_canonical(path) {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(canonicalise(path))
+    }
+}
+
+/// Whether `path` (without its query) is its own canonical form: it starts with `/`,
+/// holds no escape, backslash or `;`, and no empty (but the last), `.` or `..` segment.
+fn is_canonical(path: &[u8]) -> bool {
+    let Some(rest) = path.strip_prefix(b"/") else {
+        return false;
+    };
+    if rest.iter().any(|b| matches!(b, b'%' | b'\\' | b';')) {
+        return false;
+    }
+    let mut segments = rest.split(|&b| b == b'/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if (segment.is_empty() && !last) || segment == b"." || segment == b".." {
+            return false;
+        }
+    }
+    true
+}
+
+/// `canonical_path` of a path without its query, worked out in full.
+fn canonicalise(path: &[u8]) -> Vec<u8> {
+    let decoded = decode(path);
     let mut out: Vec<u8> = Vec::with_capacity(decoded.len() + 1);
     // Where each kept segment starts in `out` (its slash), to pop on `..`.
     let mut starts: Vec<usize> = Vec::new();
@@ -90,7 +122,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn canon(path: &str) -> String {
-        String::from_utf8(canonical_path(path.as_bytes())).unwrap()
+        String::from_utf8(canonical_path(path.as_bytes()).into_owned()).unwrap()
     }
 
     #[test]
@@ -148,12 +180,19 @@ mod tests {
         #[test]
         fn canonical_paths_have_no_empty_dot_or_parameter_segment(path in proptest::collection::vec(any::<u8>(), 0..40)) {
             let once = canonical_path(&path);
+            let end = path.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(path.len());
+            prop_assert_eq!(&*once, &canonicalise(&path[..end])[..], "lent only when canonical");
             prop_assert!(once.starts_with(b"/"));
             let inner = once.strip_suffix(b"/").unwrap_or(&once);
             for segment in inner.split(|&b| b == b'/').skip(1) {
                 prop_assert!(!segment.is_empty() && segment != b"." && segment != b"..");
                 prop_assert!(!segment.contains(&b';') && !segment.contains(&b'\\'));
             }
+        }
+
+        #[test]
+        fn a_path_lent_back_is_what_the_full_work_gives(path in proptest::collection::vec(proptest::sample::select(b"/ab.;%2FA\\".to_vec()), 0..16)) {
+            prop_assert_eq!(&*canonical_path(&path), &canonicalise(&path)[..]);
         }
     }
 }
