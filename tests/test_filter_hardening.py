@@ -246,3 +246,31 @@ def panic_and_serve_on(s, cached, cold):
     remaining = int(again.header("ratelimit").split("r=")[1].split(";")[0])
     assert remaining == 1000 - 2, again.header("ratelimit")  # the first and this one
     assert all(r["path"] != "/parked" for r in s.upstream.requests())
+
+
+def test_lookups_past_max_pending_are_refused_not_forwarded():
+    config = {"key_service": {**SERVICE, "max_pending": 1}, "failure_mode": "open"}
+    with Stack(config, concurrency=2) as s:
+        s.keyservice.set_mode("normal", delay_ms=800)
+        waiting, first = request_while_looked_up(s, "/first", "pending-first-1", lookups=1)
+        second = s.request("GET", "/second", headers=[("x-api-key", "pending-second-2")])
+        waiting.join(10)
+        assert (second.status, code(second)) == (503, "key_service_unavailable")
+        assert [(r.status, code(r)) for r in first] == [(401, "api_key_invalid")]
+        assert s.stat("apikey_filter.key_service.error.overloaded") == 1
+        assert s.stat("apikey_filter.failure_open") == 0
+        assert s.upstream.requests() == []
+
+
+def test_ipv4_budgets_follow_ipv4_prefix():
+    config = {"key_service": SERVICE,
+              "brute_force": {"max_failures": 3, "period_s": 3600, "ipv4_prefix": 24}}
+    with Stack(config, edit_config=trusted_forwarded_for) as s:
+        def from_address(i, address):
+            r = s.request("GET", "/", headers=[("x-api-key", f"v4-guess-{i}"),
+                                               ("x-forwarded-for", address)])
+            return code(r)
+
+        codes = [from_address(i, f"198.51.100.{i + 1}") for i in range(5)]
+        assert codes == ["api_key_invalid"] * 3 + ["too_many_failed_attempts"] * 2, "one /24"
+        assert from_address(9, "198.51.101.1") == "api_key_invalid", "another /24"
