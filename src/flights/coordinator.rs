@@ -41,6 +41,9 @@ pub enum Message {
     Ask(KeyHash),
     Woken(Ended, KeyHash),
     Feed(FeedNews),
+    /// The node admitted requests of this key that are not reported yet: for the worker
+    /// on duty, from one that leaves it the reports.
+    Unreported(KeyHash),
 }
 
 /// What a feed poll found, for the node's other workers.
@@ -60,6 +63,7 @@ impl Message {
             Message::Woken(Ended::Answered, h) => (1, h),
             Message::Woken(Ended::Failed, h) => (2, h),
             Message::Woken(Ended::Overloaded, h) => (4, h),
+            Message::Unreported(h) => (5, h),
             Message::Feed(news) => {
                 let mut out = Vec::with_capacity(13 + 32 * news.forgotten.len());
                 out.push(3);
@@ -97,6 +101,7 @@ impl Message {
             1 => Some(Message::Woken(Ended::Answered, key_hash)),
             2 => Some(Message::Woken(Ended::Failed, key_hash)),
             4 => Some(Message::Woken(Ended::Overloaded, key_hash)),
+            5 => Some(Message::Unreported(key_hash)),
             _ => None,
         }
     }

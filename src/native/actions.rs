@@ -1,15 +1,13 @@
-//! What the worker does to a request, recorded to be carried out on the request's own
-//! thread once the worker's lock is released: Envoy's header getters lend bytes that a
+//! What the worker does to a request, recorded to be carried out once the worker is
+//! done: Envoy's header getters lend bytes that a
 //! header change may free, and a local reply runs the response hooks at once.
 //!
-//! The request a hook is handling records into its thread's log (`Log::Current`), reused
-//! from one request to the next; a parked request acted on from another thread, into its
-//! own (`Parked`), and its scheduler wakes its thread to carry them out.
+//! The request a hook is handling records into its thread's log (`with_current`), reused
+//! from one request to the next; a parked request, into its own (`Parked`), and its
+//! scheduler runs its hook to carry them out.
 use super::abi::{self, EnvoyPtr};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell, RefMut};
 use std::ops::Range;
-use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The filter state the access log reads a refused key's fingerprint from, as
 /// `%FILTER_STATE(apikey_filter.fingerprint:PLAIN)%`.
@@ -209,27 +207,36 @@ pub unsafe fn carry_out_current(filter: EnvoyPtr) -> Ended {
     ended
 }
 
-/// A parked request's actions, and the scheduler that wakes its thread.
-#[derive(Default)]
+/// A parked request's actions, and the scheduler that runs its hook to carry them out.
+/// Only its own thread touches it (its worker is that thread's).
 pub struct Parked {
-    log: Mutex<ActionLog>,
-    scheduler: AtomicPtr<std::ffi::c_void>,
+    log: RefCell<ActionLog>,
+    scheduler: Cell<EnvoyPtr>,
     /// The client's address, read when the request parked: the worker may need it when
-    /// it acts from another thread.
-    pub client_address: OnceLock<Option<Vec<u8>>>,
+    /// it acts on the request later, outside the request's hooks.
+    pub client_address: Option<Vec<u8>>,
 }
 
 impl Parked {
-    pub fn log(&self) -> MutexGuard<'_, ActionLog> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn new(scheduler: EnvoyPtr, client_address: Option<Vec<u8>>) -> Parked {
+        Parked {
+            log: RefCell::default(),
+            scheduler: Cell::new(scheduler),
+            client_address,
+        }
     }
 
-    pub fn set_scheduler(&self, scheduler: EnvoyPtr) {
-        self.scheduler.store(scheduler, Ordering::Release);
+    pub fn log(&self) -> RefMut<'_, ActionLog> {
+        self.log.borrow_mut()
     }
 
     pub fn scheduler(&self) -> EnvoyPtr {
-        self.scheduler.load(Ordering::Acquire)
+        self.scheduler.get()
+    }
+
+    /// The scheduler, taken out (null from then on) to be deleted.
+    pub fn take_scheduler(&self) -> EnvoyPtr {
+        self.scheduler.replace(std::ptr::null_mut())
     }
 
     /// Carries out what the worker did meanwhile.

@@ -1,12 +1,13 @@
 //! The pipeline's host ports for the dynamic module: nothing here decides anything.
 //!
-//! One worker serves every worker thread of Envoy (see `super`), so whatever it does to a
-//! request is recorded and carried out on the request's own thread (`super::actions`).
-//! Callouts and gRPC calls are queued for the main thread, which sends them
-//! (`super::node`).
+//! What a worker does to a request is recorded and carried out once the worker is done
+//! (`super::actions`): Envoy's header getters lend bytes a header change may free, and a
+//! local reply runs the response hooks at once. Callouts and gRPC calls are queued for
+//! the main thread, which sends them (`super::node`).
 use super::abi::{self, EnvoyPtr, MetricType};
 use super::actions::{self, ActionLog, Parked};
-use super::node::{NodeShared, Outgoing, OutgoingKind};
+use super::mailbox::{self, Event, Mailbox};
+use super::node::{Node, Outgoing, OutgoingKind};
 use crate::pipeline::ports::{
     Callout, Callouts, Clock, GrpcCall, Host, NotSent, RequestIo, SetError, SharedStore, Stats,
     Wake,
@@ -15,7 +16,9 @@ use crate::pipeline::stats::{counter_names, Counter, Gauge, Histogram, PREFIX};
 use crate::storage::process_store::ProcessStore;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Shared data of the whole process: every configuration's worker uses it, as every
@@ -27,7 +30,7 @@ pub fn store() -> &'static ProcessStore {
 
 /// The filter's stats: Envoy's ids, defined with the configuration (Envoy defines no
 /// metric after that).
-struct Metrics {
+pub struct Metrics {
     counters: Vec<Option<usize>>,
     histograms: Vec<Option<usize>>,
     gauges: Vec<Option<usize>>,
@@ -52,12 +55,12 @@ struct Current {
 }
 
 pub struct NativeHost {
-    node: Arc<NodeShared>,
-    metrics: Metrics,
+    node: Arc<Node>,
+    mailbox: Arc<Mailbox>,
     answer: RefCell<Answer>,
     current: RefCell<Option<Current>>,
     /// Parked requests, by context id.
-    parked: RefCell<HashMap<u32, Arc<Parked>>>,
+    parked: RefCell<HashMap<u32, Rc<Parked>>>,
     /// The `key_id` label of each per-key counter pair `define_counter` gave out.
     per_key_labels: RefCell<PerKeyLabels>,
 }
@@ -70,17 +73,17 @@ struct PerKeyLabels {
     index: HashMap<String, usize>,
 }
 
-impl NativeHost {
+impl Metrics {
     /// Defines every stat (a stat Envoy refuses is skipped).
     ///
     /// # Safety
     /// `config` is the configuration being created, in `on_http_filter_config_new`.
-    pub unsafe fn new(node: Arc<NodeShared>, config: EnvoyPtr) -> NativeHost {
+    pub unsafe fn define(config: EnvoyPtr) -> Metrics {
         // SAFETY: the caller's promise.
         let define = |metric_type, name: &str, labels: &[&str]| unsafe {
             abi::define_metric(config, metric_type, &format!("{PREFIX}{name}"), labels)
         };
-        let metrics = Metrics {
+        Metrics {
             counters: counter_names()
                 .iter()
                 .map(|name| define(MetricType::Counter, name, &[]))
@@ -98,10 +101,15 @@ impl NativeHost {
                 "key.denied",
                 &["key_id"],
             )),
-        };
+        }
+    }
+}
+
+impl NativeHost {
+    pub fn new(node: Arc<Node>, mailbox: Arc<Mailbox>) -> NativeHost {
         NativeHost {
             node,
-            metrics,
+            mailbox,
             answer: RefCell::default(),
             current: RefCell::default(),
             parked: RefCell::default(),
@@ -121,7 +129,7 @@ impl NativeHost {
     }
 
     /// Keeps a waiting request reachable (`Host::parked`).
-    pub fn park(&self, context_id: u32, parked: Arc<Parked>) {
+    pub fn park(&self, context_id: u32, parked: Rc<Parked>) {
         self.parked.borrow_mut().insert(context_id, parked);
     }
 
@@ -178,13 +186,16 @@ impl Callouts for NativeHost {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect();
         // Sent later, from the main thread: Envoy's own answers arrive as answers.
-        Ok(self.node.send(Outgoing {
-            cluster: callout.cluster.to_string(),
-            headers,
-            body: Vec::new(),
-            timeout_ms: callout.timeout_ms,
-            kind: OutgoingKind::Callout,
-        }))
+        Ok(self.node.send(
+            self.mailbox.queue,
+            Outgoing {
+                cluster: callout.cluster.to_string(),
+                headers,
+                body: Vec::new(),
+                timeout_ms: callout.timeout_ms,
+                kind: OutgoingKind::Callout,
+            },
+        ))
     }
 
     fn callout_status(&self) -> Option<Vec<u8>> {
@@ -219,13 +230,16 @@ impl Callouts for NativeHost {
         body.push(0);
         body.extend_from_slice(&u32::try_from(call.message.len()).ok()?.to_be_bytes());
         body.extend_from_slice(call.message);
-        Some(self.node.send(Outgoing {
-            cluster: call.cluster.to_string(),
-            headers,
-            body,
-            timeout_ms: call.timeout_ms,
-            kind: OutgoingKind::Grpc,
-        }))
+        Some(self.node.send(
+            self.mailbox.queue,
+            Outgoing {
+                cluster: call.cluster.to_string(),
+                headers,
+                body,
+                timeout_ms: call.timeout_ms,
+                kind: OutgoingKind::Grpc,
+            },
+        ))
     }
 
     fn grpc_message(&self, size: usize) -> Vec<u8> {
@@ -235,17 +249,19 @@ impl Callouts for NativeHost {
 
 impl Wake for NativeHost {
     fn wake(&self, queue: u32, message: &[u8]) -> bool {
-        super::node::wake(queue, message.to_vec())
+        mailbox::post(queue, Event::Message(message.to_vec()))
     }
 
     fn set_tick_ms(&self, period_ms: u64) {
-        self.node.set_tick_ms(period_ms);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.mailbox.tick_ms.store(period_ms, Relaxed);
+        self.node.retune_ticker();
     }
 }
 
 impl Stats for NativeHost {
     fn count_n(&self, counter: Counter, n: u64) {
-        let id = self.metrics.counters.get(counter.index());
+        let id = self.node.metrics.counters.get(counter.index());
         self.change(MetricType::Counter, id, &[], n);
     }
 
@@ -265,8 +281,8 @@ impl Stats for NativeHost {
             None => {
                 // Both counters show from the start, at 0, as the .wasm's do.
                 for counter in [
-                    self.metrics.per_key.map(|(a, _)| a),
-                    self.metrics.per_key.map(|(_, d)| d),
+                    self.node.metrics.per_key.map(|(a, _)| a),
+                    self.node.metrics.per_key.map(|(_, d)| d),
                 ] {
                     self.change(MetricType::Counter, Some(&counter), &[key_id], 0);
                 }
@@ -280,7 +296,7 @@ impl Stats for NativeHost {
     }
 
     fn count_defined(&self, id: u32) {
-        let Some((allowed, denied)) = self.metrics.per_key else {
+        let Some((allowed, denied)) = self.node.metrics.per_key else {
             return;
         };
         let labels = self.per_key_labels.borrow();
@@ -296,12 +312,12 @@ impl Stats for NativeHost {
     }
 
     fn record(&self, histogram: Histogram, value: u64) {
-        let id = self.metrics.histograms.get(histogram as usize);
+        let id = self.node.metrics.histograms.get(histogram as usize);
         self.change(MetricType::Histogram, id, &[], value);
     }
 
     fn set_gauge(&self, gauge: Gauge, value: u64) {
-        let id = self.metrics.gauges.get(gauge as usize);
+        let id = self.node.metrics.gauges.get(gauge as usize);
         self.change(MetricType::Gauge, id, &[], value);
     }
 }
@@ -335,9 +351,9 @@ pub struct NativeRequest {
 enum Target {
     /// The request the calling hook handles: its thread's log.
     Current,
-    /// A parked request acted on from elsewhere: its own log, and its thread woken when
+    /// A parked request acted on outside its hooks: its own log, and its hook run when
     /// done.
-    Parked(Arc<Parked>),
+    Parked(Rc<Parked>),
 }
 
 impl NativeRequest {
@@ -363,7 +379,7 @@ impl Drop for NativeRequest {
             let scheduler = parked.scheduler();
             if !scheduler.is_null() {
                 // SAFETY: a parked request's scheduler lives until the request is
-                // forgotten, which takes the worker's lock, held now.
+                // forgotten, on this thread, and the worker that acts on it is running.
                 unsafe { abi::commit_stream(scheduler, 0) }
             }
         }
@@ -378,7 +394,7 @@ impl RequestIo for NativeRequest {
                 abi::source_address(self.filter)
             },
             Target::Current => None,
-            Target::Parked(parked) => parked.client_address.get().cloned().flatten(),
+            Target::Parked(parked) => parked.client_address.clone(),
         }
     }
 

@@ -2,12 +2,12 @@
 //! `envoy.filters.http.dynamic_modules`): the ABI's entry points, and the pipeline's
 //! ports as Envoy calls (`host`, over `abi`; the main thread's part in `node`).
 //!
-//! One worker per filter configuration serves every worker thread, behind a lock: the
-//! node-wide state the `.wasm` keeps in shared data (entries, buckets, leases) lives in
-//! the process (`storage::process_store`), and the worker's own (copies, flights, parked
-//! requests) is simply shared. A hook holds the lock only while the worker decides; what
-//! the worker does to a request is carried out after the lock is released, on the
-//! request's own thread.
+//! One worker per filter configuration and Envoy thread (`local`), as the `.wasm` has one
+//! per VM, so no lock is taken on the request path: the node-wide state the `.wasm` keeps
+//! in shared data (entries, buckets, leases) lives in the process
+//! (`storage::process_store`), and what other threads tell a worker waits in its mailbox
+//! (`mailbox`). What the worker does to a request is carried out once it is done
+//! (`actions`).
 //!
 //! Every entry point catches panics: a panic here would take Envoy down with it.
 use crate::host_log::{self, HostLogger};
@@ -15,6 +15,8 @@ use crate::host_log::{self, HostLogger};
 mod abi;
 mod actions;
 mod host;
+mod local;
+mod mailbox;
 mod node;
 
 use crate::pipeline::request::reply;
@@ -24,10 +26,12 @@ use crate::request::header_map::Header;
 use abi::{Buffer, EnvoyPtr, HeaderPair};
 use actions::{carry_out_current, Ended, Parked};
 use host::{Answer, NativeRequest};
+use local::Local;
 use node::Node;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -49,13 +53,15 @@ thread_local! {
 
 /// One request.
 struct Stream {
-    node: Arc<Node>,
+    /// This thread's worker for the stream's configuration (None: it could not be made,
+    /// and the stream is refused).
+    local: Option<Rc<Local>>,
     context_id: u32,
     /// RateLimit fields for its response, when it took a token without waiting.
     rate_headers: Option<RateFields>,
     /// Set while it waits (on the key service or the rate limit service), and after:
     /// the worker knows it.
-    parked: Option<Arc<Parked>>,
+    parked: Option<Rc<Parked>>,
 }
 
 /// The RateLimit-Policy and RateLimit values, in one string.
@@ -301,13 +307,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
 ) -> *const c_void {
     static NEXT_CONTEXT: AtomicU32 = AtomicU32::new(1);
     guarded(std::ptr::null(), || {
-        // SAFETY: made by `Arc::into_raw`; the configuration outlives its streams.
-        let node = unsafe {
-            Arc::increment_strong_count(node_ptr as *const Node);
-            Arc::from_raw(node_ptr as *const Node)
-        };
+        // SAFETY: the configuration outlives its streams.
+        let local = local::existing(unsafe { node(node_ptr) }).or_else(|| {
+            // SAFETY: made by `Arc::into_raw`, and live, as above.
+            let node = unsafe {
+                Arc::increment_strong_count(node_ptr as *const Node);
+                Arc::from_raw(node_ptr as *const Node)
+            };
+            local::start_thread(&node)
+        });
         let stream = Stream {
-            node,
+            local,
             context_id: NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed),
             rate_headers: None,
             parked: None,
@@ -376,7 +386,13 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
             .map(|p| unsafe { (p.key.bytes(), p.value.bytes()) }),
     );
     let context_id = stream.context_id;
-    let decided = stream.node.with_worker(|worker| {
+    let Some(local) = stream.local.clone() else {
+        // SAFETY: Envoy's promise.
+        unsafe { refuse_unchecked(filter) };
+        return STOP_ALL_ITERATION_AND_WATERMARK;
+    };
+    local.take_mail();
+    let decided = local.with_worker(|worker| {
         #[cfg(feature = "panic-probe")]
         #[allow(clippy::panic)]
         if headers
@@ -401,13 +417,16 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
             })),
             Flow::Pause => {
                 if !actions::with_current(|log| log.has_ending()) {
-                    // It waits: woken on its thread through its scheduler.
-                    let parked = Arc::new(Parked::default());
+                    // It waits; its scheduler runs its hook when the worker acted on it,
+                    // and may wake the worker for its mail.
                     // SAFETY: on the stream's thread, in its hook.
-                    unsafe {
-                        parked.set_scheduler(abi::stream_scheduler(filter));
-                        let _ = parked.client_address.set(abi::source_address(filter));
-                    }
+                    let parked = unsafe {
+                        Rc::new(Parked::new(
+                            abi::stream_scheduler(filter),
+                            abi::source_address(filter),
+                        ))
+                    };
+                    local.mailbox.add_stream(context_id, parked.scheduler());
                     host.park(context_id, parked.clone());
                     stream.parked = Some(parked);
                 }
@@ -469,9 +488,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
                 abi::add_header(filter, abi::RESPONSE_HEADER, b"ratelimit", state.as_bytes());
             }
         }
-        if stream.parked.is_some() {
+        if let (Some(_), Some(local)) = (&stream.parked, &stream.local) {
             let context_id = stream.context_id;
-            stream.node.with_worker(|worker| {
+            local.with_worker(|worker| {
                 worker.on_response(context_id, None, &mut NativeRequest::current(filter));
             });
             // SAFETY: Envoy's promise.
@@ -482,7 +501,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 }
 
 /// # Safety
-/// Envoy's, on the stream's thread: the worker acted on the parked request.
+/// Envoy's, on the stream's thread: the worker has mail, or acted on the parked request.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     filter: EnvoyPtr,
@@ -492,7 +511,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     guarded((), || {
         // SAFETY: Envoy's promise. Not touched after this: a local reply runs its response
         // hook now.
-        let Some(parked) = unsafe { stream(stream_ptr) }.parked.clone() else {
+        let stream = unsafe { stream(stream_ptr) };
+        if let Some(local) = &stream.local {
+            local.take_mail();
+        }
+        let Some(parked) = stream.parked.clone() else {
             return;
         };
         // SAFETY: Envoy's promise.
@@ -509,15 +532,19 @@ fn forget(stream: &mut Stream) {
         return;
     };
     let context_id = stream.context_id;
-    stream.node.with_worker(|worker| {
-        worker.forget(context_id);
-        worker.host().forget(context_id);
-    });
-    // Nothing commits it any more: that takes the worker's lock, and the request is
-    // no longer there to find.
-    let scheduler = parked.scheduler();
+    if let Some(local) = &stream.local {
+        local.with_worker(|worker| {
+            worker.forget(context_id);
+            worker.host().forget(context_id);
+        });
+        // No other thread commits it once this returns.
+        local.mailbox.remove_stream(context_id);
+        // Mail that woke the worker through this stream's scheduler may never run its
+        // hook now: it is taken here.
+        local.take_mail();
+    }
+    let scheduler = parked.take_scheduler();
     if !scheduler.is_null() {
-        parked.set_scheduler(std::ptr::null_mut());
         // SAFETY: made in the request headers hook, deleted once.
         unsafe { abi::delete_stream_scheduler(scheduler) };
     }

@@ -1,43 +1,33 @@
-//! A filter configuration's side of the process: its worker behind a lock, and what the
-//! main thread does for it (callouts and gRPC calls, the worker's messages and ticks).
+//! A filter configuration's side of the process, shared by its workers on every thread
+//! (`super::local`), and what the main thread does for it: callouts and gRPC calls, and
+//! the workers' ticks.
 //!
 //! Envoy lets a configuration send callouts only from the main thread, and runs code
-//! there when its scheduler is committed (from any thread). So the worker queues what it
-//! sends and its messages to itself (`NodeShared`), commits the scheduler, and the main
-//! thread takes the lock and does the rest. A thread of the module's own keeps the
-//! worker's tick.
+//! there when its scheduler is committed (from any thread). So a worker queues what it
+//! sends, commits the scheduler, and the main thread sends it; the answer goes back to
+//! the worker's mailbox. A thread of the module's own keeps the ticks.
 use super::abi::{self, EnvoyPtr};
-use super::host::{Answer, NativeHost};
-use crate::pipeline::ports::{Host, NotSent};
-use crate::pipeline::quotas::GrpcOutcome;
-use crate::pipeline::stats::Counter;
-use crate::pipeline::worker::Worker;
+use super::host::{Answer, Metrics};
+use super::local;
+use super::mailbox::{lock, Event, GrpcEnd, Mailbox, MAIN_WORK};
+use crate::pipeline::ports::NotSent;
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Config scheduler events.
-const WORK: u64 = 0;
-const TICK: u64 = 1;
+/// The configuration scheduler's tick event (`MAIN_WORK` is the other).
+const TICK: u64 = 2;
 /// gRPC's UNAVAILABLE: what a call that got no gRPC answer ends with.
 const UNAVAILABLE: u32 = 14;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic caught while the lock was held leaves the data as whole as the panic did;
-    // refusing every later request would be worse.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 pub enum OutgoingKind {
     Callout,
     Grpc,
 }
 
-/// A callout or gRPC call the worker asked for, with the token its answer comes back
-/// with.
+/// A callout or gRPC call a worker asked for.
 pub struct Outgoing {
     pub cluster: String,
     pub headers: Vec<(String, String)>,
@@ -46,10 +36,11 @@ pub struct Outgoing {
     pub kind: OutgoingKind,
 }
 
-#[derive(Default)]
-struct Queued {
-    messages: Vec<Vec<u8>>,
-    outgoing: Vec<(u32, Outgoing)>,
+/// Whose call it is: the worker's queue, and the token its answer comes back with.
+#[derive(Clone, Copy)]
+struct Caller {
+    queue: u32,
+    token: u32,
 }
 
 /// A gRPC call's answer as it arrives.
@@ -61,143 +52,67 @@ struct GrpcAnswer {
 }
 
 enum InFlight {
-    Callout(u32),
-    Grpc(u32, GrpcAnswer),
+    Callout(Caller),
+    Grpc(Caller, GrpcAnswer),
 }
-
-/// A configuration's parts any thread may reach.
-pub struct NodeShared {
-    config: usize,
-    scheduler: usize,
-    pub queue: u32,
-    queued: Mutex<Queued>,
-    next_token: AtomicU32,
-    ticker: Arc<Ticker>,
-}
-
-// SAFETY: the two pointers are Envoy's configuration and its scheduler, whose callbacks
-// the ABI allows from any thread (stats, scheduler commits); the rest is synchronised.
-unsafe impl Send for NodeShared {}
-unsafe impl Sync for NodeShared {}
-
-impl NodeShared {
-    pub fn config(&self) -> EnvoyPtr {
-        self.config as EnvoyPtr
-    }
-
-    fn commit(&self, event: u64) {
-        // SAFETY: the scheduler lives until the configuration is destroyed, after its
-        // ticker thread has stopped and its streams have ended.
-        unsafe { abi::commit_config(self.scheduler as EnvoyPtr, event) }
-    }
-
-    /// Queues `outgoing` for the main thread; the token its answer will carry.
-    pub fn send(&self, outgoing: Outgoing) -> u32 {
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        lock(&self.queued).outgoing.push((token, outgoing));
-        self.commit(WORK);
-        token
-    }
-
-    pub fn set_tick_ms(&self, period_ms: u64) {
-        self.ticker.set(period_ms);
-    }
-}
-
-/// Every configuration's queue, by number: how one worker wakes another (a flight it
-/// waited for landed, the change feed moved).
-fn queues() -> &'static Mutex<HashMap<u32, Weak<NodeShared>>> {
-    static QUEUES: OnceLock<Mutex<HashMap<u32, Weak<NodeShared>>>> = OnceLock::new();
-    QUEUES.get_or_init(Mutex::default)
-}
-
-pub fn wake(queue: u32, message: Vec<u8>) -> bool {
-    let Some(node) = lock(queues()).get(&queue).and_then(Weak::upgrade) else {
-        return false;
-    };
-    lock(&node.queued).messages.push(message);
-    node.commit(WORK);
-    true
-}
-
-/// Runs `f` on the worker in `slot`. If `f` panics, the worker's state is in doubt: it is
-/// abandoned (the requests it holds are refused, never forwarded), the `panics` counter
-/// moves, and a worker configured anew from `raw_config` takes its place, over the same
-/// host and so the same node-wide store. The panic is handed back.
-pub fn run_or_rebuild<H: Host, T>(
-    slot: &mut Option<Worker<H>>,
-    raw_config: &[u8],
-    queue: u32,
-    f: impl FnOnce(&Worker<H>) -> T,
-) -> Result<Option<T>, Box<dyn std::any::Any + Send>> {
-    let Some(worker) = slot.as_ref() else {
-        return Ok(None);
-    };
-    let panic = match catch_unwind(AssertUnwindSafe(|| f(worker))) {
-        Ok(done) => return Ok(Some(done)),
-        Err(panic) => panic,
-    };
-    if let Some(broken) = slot.take() {
-        let host = broken.abandon();
-        host.count(Counter::Panics);
-        log::error!("apikey-filter: a panic was caught; the worker is built again");
-        let worker = Worker::new(host);
-        worker.set_queue(queue);
-        if worker.configure(raw_config) {
-            *slot = Some(worker);
-        }
-    }
-    Err(panic)
-}
-
-/// The worker, touched only under its lock.
-struct Guarded(Option<Worker<NativeHost>>);
-
-// SAFETY: the worker (its `Rc`s and `RefCell`s included) is only reached through the
-// mutex around it, and nothing it holds leaves the lock: whatever a hook takes from it
-// is copied out first.
-unsafe impl Send for Guarded {}
 
 /// A filter configuration: `on_http_filter_config_new` makes one.
 pub struct Node {
-    pub shared: Arc<NodeShared>,
-    worker: Mutex<Guarded>,
-    /// The configuration, to build the worker again after a panic.
+    /// Its name among this process's configurations (each thread's workers by it).
+    pub id: u32,
+    /// The queue of its main thread's worker, which keeps the node's duties.
+    main_queue: u32,
+    /// Envoy's configuration and its scheduler, as addresses: both live until
+    /// `..._config_destroy`, and the ABI takes stats and scheduler commits from any thread.
+    config: usize,
+    scheduler: usize,
+    pub metrics: Metrics,
+    /// The configuration, for each thread's worker (and a worker built again).
     raw_config: Vec<u8>,
+    destroyed: AtomicBool,
+    /// Every worker's mailbox, for the ticks.
+    mailboxes: Mutex<Vec<Weak<Mailbox>>>,
+    /// What workers asked to send, for the main thread.
+    outgoing: Mutex<Vec<(Caller, Outgoing)>>,
+    next_token: AtomicU32,
     /// Main-thread state: calls in flight by Envoy's id, and the one being sent (its
     /// answer can come before its id does).
     in_flight: Mutex<HashMap<u64, InFlight>>,
     sending: Mutex<Option<InFlight>>,
+    ticker: Arc<Ticker>,
     ticker_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Node {
-    /// A configuration's node, with its worker configured from `raw`; `None` if the
-    /// configuration is refused.
+    /// A configuration's node, with its main thread's worker configured from `raw`;
+    /// `None` if the configuration is refused.
     ///
     /// # Safety
     /// `config` is the configuration being created, in `on_http_filter_config_new`, on
     /// the main thread.
     pub unsafe fn new(config: EnvoyPtr, raw: &[u8]) -> Option<Arc<Node>> {
-        static NEXT_QUEUE: AtomicU32 = AtomicU32::new(1);
+        static NEXT_ID: AtomicU32 = AtomicU32::new(1);
         // SAFETY: the caller's promise.
-        let scheduler = unsafe { abi::config_scheduler(config) };
+        let (scheduler, metrics) =
+            unsafe { (abi::config_scheduler(config), Metrics::define(config)) };
         let ticker = Arc::new(Ticker::default());
-        let shared = Arc::new(NodeShared {
+        let node = Arc::new(Node {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            main_queue: next_queue(),
             config: config as usize,
             scheduler: scheduler as usize,
-            queue: NEXT_QUEUE.fetch_add(1, Ordering::Relaxed),
-            queued: Mutex::default(),
+            metrics,
+            raw_config: raw.to_vec(),
+            destroyed: AtomicBool::new(false),
+            mailboxes: Mutex::default(),
+            outgoing: Mutex::default(),
             next_token: AtomicU32::new(1),
+            in_flight: Mutex::default(),
+            sending: Mutex::default(),
             ticker: ticker.clone(),
+            ticker_thread: Mutex::default(),
         });
-        // SAFETY: the caller's promise.
-        let host = unsafe { NativeHost::new(shared.clone(), config) };
-        let worker = Worker::new(host);
-        worker.set_queue(shared.queue);
-        lock(queues()).insert(shared.queue, Arc::downgrade(&shared));
-        let configured = worker.configure(raw);
-        let scheduler_ptr = shared.scheduler;
+        let scheduler_ptr = node.scheduler;
         let thread = std::thread::Builder::new()
             .name("apikey-filter-tick".into())
             .spawn(move || {
@@ -208,15 +123,8 @@ impl Node {
             })
             .map_err(|e| log::error!("apikey-filter cannot start its tick thread: {e}"))
             .ok();
-        let node = Arc::new(Node {
-            shared,
-            worker: Mutex::new(Guarded(Some(worker))),
-            raw_config: raw.to_vec(),
-            in_flight: Mutex::default(),
-            sending: Mutex::default(),
-            ticker_thread: Mutex::new(thread),
-        });
-        if configured {
+        *lock(&node.ticker_thread) = thread;
+        if local::start_main(&node) {
             Some(node)
         } else {
             node.destroy();
@@ -224,66 +132,109 @@ impl Node {
         }
     }
 
-    /// Runs `f` on the worker, under its lock. A panic in `f` rebuilds the worker
-    /// (`run_or_rebuild`), then goes on to the hook, whose guard answers for it.
-    pub fn with_worker<T>(&self, f: impl FnOnce(&Worker<NativeHost>) -> T) -> Option<T> {
-        let mut guarded = lock(&self.worker);
-        let queue = self.shared.queue;
-        match run_or_rebuild(&mut guarded.0, &self.raw_config, queue, f) {
-            Ok(done) => done,
-            Err(panic) => {
-                // The hook that panicked did not get to say it was done with its request.
-                if let Some(worker) = guarded.0.as_ref() {
-                    worker.host().end();
-                }
-                std::panic::resume_unwind(panic)
-            }
-        }
+    pub fn config(&self) -> EnvoyPtr {
+        self.config as EnvoyPtr
     }
 
-    /// The configuration is going: stops its tick, drops its worker, deletes its
-    /// scheduler.
+    pub fn scheduler(&self) -> EnvoyPtr {
+        self.scheduler as EnvoyPtr
+    }
+
+    pub fn raw_config(&self) -> &[u8] {
+        &self.raw_config
+    }
+
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
+    }
+
+    pub fn main_queue(&self) -> u32 {
+        self.main_queue
+    }
+
+    pub fn add_mailbox(&self, mailbox: &Arc<Mailbox>) {
+        let mut mailboxes = lock(&self.mailboxes);
+        mailboxes.retain(|m| m.strong_count() > 0);
+        mailboxes.push(Arc::downgrade(mailbox));
+    }
+
+    fn mailboxes(&self) -> Vec<Arc<Mailbox>> {
+        lock(&self.mailboxes)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Queues `outgoing` for the main thread; the token its answer will carry to `queue`.
+    pub fn send(&self, queue: u32, outgoing: Outgoing) -> u32 {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        lock(&self.outgoing).push((Caller { queue, token }, outgoing));
+        // SAFETY: the scheduler lives until the configuration is destroyed, after its
+        // streams have ended (a worker sends only for one of them, or on the main thread).
+        unsafe { abi::commit_config(self.scheduler(), MAIN_WORK) };
+        token
+    }
+
+    /// A worker's tick period changed: the node ticks at the shortest any worker asked.
+    pub fn retune_ticker(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shortest = self
+            .mailboxes()
+            .iter()
+            .map(|m| m.tick_ms.load(Relaxed))
+            .filter(|&ms| ms > 0)
+            .min();
+        self.ticker.set(shortest.unwrap_or(0));
+    }
+
+    /// The configuration is going: stops its tick, closes its workers' mailboxes, drops
+    /// the main thread's worker, deletes its scheduler. Each worker thread drops its own
+    /// worker with its next new one.
     pub fn destroy(&self) {
-        self.shared.ticker.stop();
+        self.destroyed.store(true, Ordering::Release);
+        self.ticker.stop();
         if let Some(thread) = lock(&self.ticker_thread).take() {
             let _ = thread.join();
         }
-        lock(queues()).remove(&self.shared.queue);
-        lock(&self.worker).0 = None;
+        for mailbox in self.mailboxes() {
+            mailbox.close();
+        }
+        local::remove(self);
         // SAFETY: created in `new`, deleted once: nothing commits it any more.
-        unsafe { abi::delete_config_scheduler(self.shared.scheduler as EnvoyPtr) }
+        unsafe { abi::delete_config_scheduler(self.scheduler()) }
     }
 
-    /// On the main thread, when the scheduler was committed: the worker's messages and
-    /// tick, then what it queued to send.
+    /// On the main thread, when the scheduler was committed: the ticks, the main worker's
+    /// mail, then what the workers queued to send.
     pub fn on_scheduled(&self, event: u64) {
         if event == TICK {
-            self.with_worker(|w| w.on_tick());
+            for mailbox in self.mailboxes() {
+                if mailbox.tick_ms.load(Ordering::Relaxed) > 0 {
+                    mailbox.post_tick();
+                }
+            }
         }
+        let main = local::existing(self);
         loop {
-            let queued = std::mem::take(&mut *lock(&self.shared.queued));
-            if queued.messages.is_empty() && queued.outgoing.is_empty() {
+            if let Some(main) = &main {
+                main.take_mail();
+            }
+            let outgoing = std::mem::take(&mut *lock(&self.outgoing));
+            if outgoing.is_empty() {
                 return;
             }
-            if !queued.messages.is_empty() {
-                self.with_worker(|w| {
-                    for message in &queued.messages {
-                        w.on_message(message);
-                    }
-                });
-            }
-            for (token, outgoing) in queued.outgoing {
-                self.send_now(token, &outgoing);
+            for (caller, outgoing) in outgoing {
+                self.send_now(caller, &outgoing);
             }
         }
     }
 
-    fn send_now(&self, token: u32, outgoing: &Outgoing) {
+    fn send_now(&self, caller: Caller, outgoing: &Outgoing) {
         let stream = matches!(outgoing.kind, OutgoingKind::Grpc);
         let pending = if stream {
-            InFlight::Grpc(token, GrpcAnswer::default())
+            InFlight::Grpc(caller, GrpcAnswer::default())
         } else {
-            InFlight::Callout(token)
+            InFlight::Callout(caller)
         };
         *lock(&self.sending) = Some(pending);
         // SAFETY: on the main thread (the scheduler's), with the live configuration.
@@ -295,14 +246,7 @@ impl Node {
                 timeout_ms,
                 ..
             } = outgoing;
-            abi::config_send(
-                self.shared.config(),
-                cluster,
-                headers,
-                body,
-                *timeout_ms,
-                stream,
-            )
+            abi::config_send(self.config(), cluster, headers, body, *timeout_ms, stream)
         };
         // Taken back unless answered during the call.
         let pending = lock(&self.sending).take();
@@ -317,11 +261,11 @@ impl Node {
                     abi::CANNOT_CREATE_REQUEST => NotSent::AnsweredAtOnce,
                     _ => NotSent::Refused,
                 };
-                self.with_worker(|w| match outgoing.kind {
-                    OutgoingKind::Callout => w.on_callout_refused(token, why),
-                    OutgoingKind::Grpc => w.on_grpc_answer(token, GrpcOutcome::NotSent),
-                });
-                self.on_scheduled(WORK);
+                let event = match outgoing.kind {
+                    OutgoingKind::Callout => Event::CalloutRefused(caller.token, why),
+                    OutgoingKind::Grpc => Event::Grpc(caller.token, GrpcEnd::NotSent),
+                };
+                super::mailbox::post(caller.queue, event);
             }
         }
     }
@@ -334,19 +278,9 @@ impl Node {
     }
 
     pub fn on_callout_done(&self, id: u64, answer: Answer) {
-        if let Some(InFlight::Callout(token)) = self.take_in_flight(id) {
-            self.deliver_callout(token, answer);
+        if let Some(InFlight::Callout(caller)) = self.take_in_flight(id) {
+            super::mailbox::post(caller.queue, Event::CalloutAnswer(caller.token, answer));
         }
-    }
-
-    fn deliver_callout(&self, token: u32, answer: Answer) {
-        let size = answer.body.len();
-        self.with_worker(|w| {
-            w.host().set_answer(answer);
-            w.on_callout_answer(token, size);
-            w.host().set_answer(Answer::default());
-        });
-        self.on_scheduled(WORK);
     }
 
     /// A part of a gRPC call's answer: `f` adds it.
@@ -382,31 +316,26 @@ impl Node {
 
     /// The call ended (completed or reset).
     pub fn on_stream_end(&self, id: u64) {
-        if let Some(InFlight::Grpc(token, answer)) = self.take_in_flight(id) {
-            self.deliver_grpc(token, answer);
-        }
-    }
-
-    fn deliver_grpc(&self, token: u32, answer: GrpcAnswer) {
+        let Some(InFlight::Grpc(caller, answer)) = self.take_in_flight(id) else {
+            return;
+        };
         let status = match (answer.http_ok, answer.status) {
             (true, Some(status)) => status,
             _ => UNAVAILABLE,
         };
-        let message = grpc_message(&answer.body).filter(|_| status == 0);
-        self.with_worker(|w| match message {
-            Some(message) => {
-                let size = message.len();
-                w.host().set_answer(Answer {
-                    body: message.to_vec(),
-                    ..Answer::default()
-                });
-                w.on_grpc_answer(token, GrpcOutcome::Message(size));
-                w.host().set_answer(Answer::default());
-            }
-            None => w.on_grpc_answer(token, GrpcOutcome::Closed(status)),
-        });
-        self.on_scheduled(WORK);
+        let end = match grpc_message(&answer.body).filter(|_| status == 0) {
+            Some(message) => GrpcEnd::Message(message.to_vec()),
+            None => GrpcEnd::Closed(status),
+        };
+        super::mailbox::post(caller.queue, Event::Grpc(caller.token, end));
     }
+}
+
+/// A queue for a new worker: unique in the process, as workers of every configuration
+/// share the node's store.
+pub fn next_queue() -> u32 {
+    static NEXT_QUEUE: AtomicU32 = AtomicU32::new(1);
+    NEXT_QUEUE.fetch_add(1, Ordering::Relaxed)
 }
 
 fn parse_status(value: &[u8]) -> Option<u32> {
@@ -475,61 +404,7 @@ impl Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::fake::{FakeHost, Node as FakeNode};
-    use crate::pipeline::worker::Flow;
-    use std::rc::Rc;
-
-    #[test]
-    fn a_panic_rebuilds_the_worker_refuses_what_it_held_and_keeps_the_node_store() {
-        let raw = br#"{"key_service": {"cluster": "keys"}, "rate_limit": {"requests": 5, "period_s": 60}}"#;
-        let fake = Rc::new(FakeNode::default());
-        let worker = Worker::new(FakeHost::new(fake.clone()));
-        worker.set_queue(7);
-        assert!(worker.configure(raw));
-        let mut slot = Some(worker);
-        // A request parked on a lookup, then a panic in the next hook.
-        let parked = run_or_rebuild(&mut slot, raw, 7, |w| {
-            let mut io = w.host().request(1);
-            w.on_request(1, &mut io, &[(b":path", b"/"), (b"x-api-key", b"k")])
-        });
-        assert!(matches!(parked, Ok(Some(Flow::Pause))));
-        let slots_before = fake.store.data.borrow().len();
-        let panicked = run_or_rebuild(&mut slot, raw, 7, |_| panic!("a bug"));
-        assert!(
-            panicked.is_err(),
-            "the panic is handed back to the hook's guard"
-        );
-        let worker = slot.as_ref().expect("a worker again");
-        assert_eq!(worker.queue(), Some(7));
-        assert_eq!(worker.host().stat("panics"), 1);
-        let reply = worker
-            .host()
-            .log_of(1)
-            .reply
-            .expect("the parked request answered");
-        assert_eq!(reply.status, 503);
-        assert!(!worker.host().log_of(1).resumed, "never forwarded");
-        assert_eq!(
-            fake.store.data.borrow().len(),
-            slots_before,
-            "the node's store kept"
-        );
-        let served = run_or_rebuild(&mut slot, raw, 7, |w| {
-            let mut io = w.host().request(2);
-            w.on_request(2, &mut io, &[(b":path", b"/")])
-        });
-        assert!(matches!(served, Ok(Some(Flow::Pause))));
-        assert_eq!(
-            slot.as_ref()
-                .unwrap()
-                .host()
-                .log_of(2)
-                .reply
-                .map(|r| r.status),
-            Some(401),
-            "the new worker serves"
-        );
-    }
+    use std::sync::atomic::AtomicU32;
 
     #[test]
     fn a_grpc_answer_body_gives_its_message() {

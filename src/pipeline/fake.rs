@@ -8,10 +8,12 @@ use super::ports::{
     Wake,
 };
 use super::stats::{counter_names, Counter, Gauge, Histogram};
+use crate::storage::process_store::ProcessStore;
 use crate::storage::shared_store::fake::FakeStore;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 /// What the node's workers share: shared data, the clock, the queues.
 #[derive(Default)]
@@ -20,6 +22,21 @@ pub struct Node {
     pub now_ms: Cell<u64>,
     pub queues: RefCell<HashMap<u32, VecDeque<Vec<u8>>>>,
     next_token: Cell<u32>,
+}
+
+/// What workers on different threads share, as the dynamic module's do: the process
+/// store and their queues. A host made `on_process` uses these instead of its node's.
+#[derive(Default)]
+pub struct Process {
+    pub store: ProcessStore,
+    pub queues: Mutex<HashMap<u32, VecDeque<Vec<u8>>>>,
+}
+
+impl Process {
+    /// The next message queued for `queue`.
+    pub fn next_message(&self, queue: u32) -> Option<Vec<u8>> {
+        self.queues.lock().unwrap().get_mut(&queue)?.pop_front()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +119,7 @@ pub type Requests = Rc<RefCell<HashMap<u32, RequestLog>>>;
 /// One worker's host.
 pub struct FakeHost {
     pub node: Rc<Node>,
+    pub process: Option<Arc<Process>>,
     pub refuse_callouts: Cell<bool>,
     pub callouts: RefCell<Vec<SentCallout>>,
     pub grpc_calls: RefCell<Vec<SentGrpc>>,
@@ -130,6 +148,7 @@ impl FakeHost {
     pub fn new(node: Rc<Node>) -> FakeHost {
         FakeHost {
             node,
+            process: None,
             refuse_callouts: Cell::new(false),
             callouts: RefCell::default(),
             grpc_calls: RefCell::default(),
@@ -145,6 +164,14 @@ impl FakeHost {
             defined: RefCell::default(),
             requests: Requests::default(),
             unparked: Cell::new(0),
+        }
+    }
+
+    /// A worker thread's host in a process (`Process`).
+    pub fn on_process(node: Rc<Node>, process: Arc<Process>) -> FakeHost {
+        FakeHost {
+            process: Some(process),
+            ..FakeHost::new(node)
         }
     }
 
@@ -200,11 +227,17 @@ impl Clock for FakeHost {
 
 impl SharedStore for FakeHost {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.node.store.get(key)
+        match &self.process {
+            Some(process) => process.store.get(key),
+            None => self.node.store.get(key),
+        }
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        self.node.store.set(key, value, cas)
+        match &self.process {
+            Some(process) => process.store.set(key, value, cas),
+            None => self.node.store.set(key, value, cas),
+        }
     }
 }
 
@@ -269,12 +302,23 @@ impl Callouts for FakeHost {
 
 impl Wake for FakeHost {
     fn wake(&self, queue: u32, message: &[u8]) -> bool {
-        self.node
-            .queues
-            .borrow_mut()
-            .entry(queue)
-            .or_default()
-            .push_back(message.to_vec());
+        let message = message.to_vec();
+        match &self.process {
+            Some(process) => process
+                .queues
+                .lock()
+                .unwrap()
+                .entry(queue)
+                .or_default()
+                .push_back(message),
+            None => self
+                .node
+                .queues
+                .borrow_mut()
+                .entry(queue)
+                .or_default()
+                .push_back(message),
+        }
         true
     }
 

@@ -83,7 +83,7 @@ impl<H: Host> Worker<H> {
         self.host.set_gauge(Gauge::ChangesAgeS, age_s);
         let polling = self.flights.borrow().get(&FlightKey::FeedPoll).is_some();
         let mut next_check_ms = state.polled_at_ms.saturating_add(feed.interval_ms);
-        if state.poll_due(now_ms, feed.interval_ms) && !polling {
+        if state.poll_due(now_ms, feed.interval_ms) && !polling && self.on_duty.get().is_none() {
             let me = self.queue.get().unwrap_or_default();
             let claimed = FeedState {
                 polled_at_ms: now_ms,

@@ -9,6 +9,9 @@ use super::request::{admit, log_key, refuse, Handled, RateHeaders, Request};
 use super::stats::{Counter, Histogram, RlsFailureKind};
 use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
+use crate::flights::coordinator::Message;
+use crate::keys::cache::Cached;
+use crate::keys::key_hash::KeyHash;
 use crate::keys::known_key::{KeyQuotas, KnownKey};
 use crate::quotas::allowance::{
     rate_items, window_left_s, Checked, Decision, Known, QuotaState, MIN_ALLOWANCE,
@@ -261,7 +264,7 @@ impl<H: Host> Worker<H> {
             return self.ask_quotas(context_id, io, request, known, ask);
         };
         if report_at.is_some() {
-            self.note_unreported(&known, report_at);
+            self.note_unreported(&request.key_hash, &known, report_at);
         }
         let items = rate_items(&known_now, unreported, &quotas.list, now_ms);
         if let Decision::Admit { lent } = decision {
@@ -419,7 +422,7 @@ impl<H: Host> Worker<H> {
                     store::update(&self.host, table(config), quotas.id, now_ms, failing)
                         .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
                 if decision == Decision::AdmitUnasked {
-                    self.note_unreported(known, Some(report_at));
+                    self.note_unreported(&request.key_hash, known, Some(report_at));
                 }
                 step_of(&self.host, decision, None)
             }
@@ -522,7 +525,7 @@ impl<H: Host> Worker<H> {
                     return self.settle_without_request(&request, &known, ask.carried, &answer);
                 };
                 let handled = self.conclude_check(&mut io, &request, &known, ask, answer);
-                self.after_quotas(context_id, &mut io, &known, handled);
+                self.after_quotas(context_id, &mut io, &request.key_hash, &known, handled);
                 self.host.unpark();
             }
             QuotaCall::Report { known, hits, .. } => self.on_report_answer(&known, hits, answer),
@@ -535,12 +538,13 @@ impl<H: Host> Worker<H> {
         &self,
         context_id: u32,
         io: &mut impl RequestIo,
+        key_hash: &KeyHash,
         known: &Rc<KnownKey>,
         handled: Handled,
     ) {
         self.count_key(known, &handled);
         if let Handled::Forward(rate_headers) = handled {
-            self.note_unreported(known, None);
+            self.note_unreported(key_hash, known, None);
             if let Some(rate_headers) = rate_headers {
                 self.rate_headers
                     .borrow_mut()
@@ -551,15 +555,28 @@ impl<H: Host> Worker<H> {
     }
 
     /// Remembers a key this worker admitted requests of, so that its tick reports them;
-    /// `report_at`: the node's state asks for a report, which can be claimed then.
-    pub(super) fn note_unreported(&self, known: &Rc<KnownKey>, report_at: Option<u64>) {
+    /// `report_at`: the node's state asks for a report, which can be claimed then. A
+    /// worker that leaves the node's duties to another tells it of each new key: its own
+    /// tick may not run until its next request.
+    pub(super) fn note_unreported(
+        &self,
+        key_hash: &KeyHash,
+        known: &Rc<KnownKey>,
+        report_at: Option<u64>,
+    ) {
         let Some(quotas) = &known.quotas else {
             return;
         };
         let mut unreported = self.unreported.borrow_mut();
+        let new = !unreported.contains_key(&quotas.id);
         // The request path's common case, with no host call: nothing new to plan.
-        if report_at.is_none() && unreported.contains_key(&quotas.id) {
+        if report_at.is_none() && !new {
             return;
+        }
+        if let (true, Some(on_duty)) = (new, self.on_duty.get()) {
+            let _ = self
+                .host
+                .wake(on_duty, &Message::Unreported(*key_hash).encode());
         }
         let now_ms = self.host.now_ms();
         unreported
@@ -588,6 +605,24 @@ impl<H: Host> Worker<H> {
         {
             self.report_due_ms.set(Some(due_ms));
             self.reschedule(now_ms);
+        }
+    }
+
+    /// Another worker admitted requests of `key_hash` unreported: the worker on duty
+    /// reports for the node too, from the node's entry of the key, so that the report
+    /// does not wait for that worker's next request.
+    pub(super) fn on_unreported_elsewhere(&self, key_hash: &KeyHash) {
+        let now_ms = self.host.now_ms();
+        let cached = match self.cache.borrow().as_ref() {
+            Some(cache) => cache.node_wide(&self.host, key_hash, now_ms),
+            None => return,
+        };
+        if let Cached::Hit { known, .. } = cached {
+            let report_at = self.config().and_then(|c| {
+                let interval_ms = c.rate_limit_service.as_ref()?.report_interval_ms();
+                Some(now_ms + interval_ms)
+            });
+            self.note_unreported(key_hash, &known, report_at);
         }
     }
 

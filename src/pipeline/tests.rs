@@ -1079,6 +1079,7 @@ fn a_copy_refreshed_from_another_workers_refresh_is_trusted_as_that_entry_not_lo
 }
 
 mod quotas;
+mod threads;
 
 /// Answers `worker`'s callout `token` (not necessarily its latest).
 fn answer_token(worker: &Worker<FakeHost>, token: u32, status: &str, body: &str, overloaded: bool) {

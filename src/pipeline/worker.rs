@@ -119,6 +119,9 @@ pub struct Worker<H: Host> {
     pub(super) report_due_ms: Cell<Option<u64>>,
     /// Shares of nodes' allowances this worker admits from on its own, by quota id.
     pub(super) lent: RefCell<HashMap<u64, Lent>>,
+    /// The worker that keeps the node's duties (polls the change feed, reports what the
+    /// node admitted unasked), when not this one.
+    pub(super) on_duty: Cell<Option<u32>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -138,6 +141,7 @@ impl<H: Host> Worker<H> {
             quota_calls: RefCell::default(),
             unreported: RefCell::default(),
             report_due_ms: Cell::default(),
+            on_duty: Cell::new(None),
             lent: RefCell::default(),
         }
     }
@@ -148,6 +152,17 @@ impl<H: Host> Worker<H> {
 
     pub fn queue(&self) -> Option<u32> {
         self.queue.get()
+    }
+
+    /// Leaves the node's duties (feed polls, reports) to the worker of queue `on_duty`
+    /// (None: this one keeps them). A host whose workers do not all run when idle leaves
+    /// them to one that does.
+    pub fn set_on_duty(&self, on_duty: Option<u32>) {
+        self.on_duty.set(on_duty);
+    }
+
+    pub fn on_duty(&self) -> Option<u32> {
+        self.on_duty.get()
     }
 
     pub fn set_queue(&self, queue: u32) {
@@ -316,7 +331,7 @@ impl<H: Host> Worker<H> {
                 };
                 self.count_key(&known, &handled);
                 if matches!(handled, Handled::Forward(_)) {
-                    self.note_unreported(&known, None);
+                    self.note_unreported(&key_hash, &known, None);
                 }
                 handled
             }
@@ -452,6 +467,7 @@ impl<H: Host> Worker<H> {
                 self.on_peer_landed(ended, FlightKey::Lookup(key_hash))
             }
             Some(Message::Feed(news)) => self.on_feed_news(&news),
+            Some(Message::Unreported(key_hash)) => self.on_unreported_elsewhere(&key_hash),
             None => {}
         }
     }
@@ -820,7 +836,7 @@ impl<H: Host> Worker<H> {
                 }
                 handled => handled,
             };
-            self.after_quotas(context_id, &mut io, known, handled);
+            self.after_quotas(context_id, &mut io, &key_hash, known, handled);
         }
         self.host.unpark();
     }

@@ -9,16 +9,16 @@ use crate::quotas::allowance::MIN_ALLOWANCE;
 use crate::quotas::rls_messages::{self as rls, code};
 use prost::Message;
 
-const DAILY: &str =
+pub(super) const DAILY: &str =
     r#"{"key_id": "k_alice", "owner": "acme", "quotas": [{"requests": 1000, "unit": "day"}]}"#;
 
-fn rls_config(sync_interval_ms: u64, failure_mode: &str) -> String {
+pub(super) fn rls_config(sync_interval_ms: u64, failure_mode: &str) -> String {
     config(&format!(
         r#""rate_limit": null, "rate_limit_service": {{"cluster": "rls", "sync_interval_ms": {sync_interval_ms}, "failure_mode": "{failure_mode}"}}"#
     ))
 }
 
-fn ok(remaining: u32) -> Vec<u8> {
+pub(super) fn ok(remaining: u32) -> Vec<u8> {
     verdict(code::OK, remaining)
 }
 
@@ -201,6 +201,30 @@ fn one_worker_reports_for_the_node_once_half_its_allowance_is_admitted() {
         assert!(matches!(t.get(&a, "sk").1, Flow::Forward(_)));
     }
     assert_eq!(calls(&a).len(), 1 + usize::from(a_reported));
+}
+
+#[test]
+fn a_worker_that_leaves_the_duties_to_another_has_its_admissions_reported_while_it_idles() {
+    let t = Test::new();
+    let cfg = rls_config(1_000, "open");
+    let on_duty = t.worker(1, &cfg);
+    let idle = t.worker(2, &cfg);
+    idle.set_on_duty(Some(1));
+    let id = t.known(&idle);
+    fail_grpc(&idle, 14);
+    assert!(idle.host().log_of(id).resumed);
+    assert!(matches!(t.get(&idle, "sk").1, Flow::Forward(_)));
+    assert_eq!(idle.host().stat("quota.failure_open"), 2);
+    // The worker that admitted them never ticks again; the one on duty, told of the key,
+    // reports them.
+    t.deliver(&on_duty);
+    t.advance(1_000);
+    on_duty.on_tick();
+    let report = calls(&on_duty).last().cloned().expect("a report");
+    assert_eq!((report.context_id, decoded(&report).hits_addend), (0, 2));
+    // Told once per key, not per request.
+    assert!(matches!(t.get(&idle, "sk").1, Flow::Forward(_)));
+    assert!(t.node.queues.borrow().get(&1).is_none_or(|q| q.is_empty()));
 }
 
 #[test]
