@@ -3,7 +3,7 @@
 //! the same for spellings every common upstream reads alike.
 #![no_main]
 
-use apikey_filter::request::canonical_path::{canonical_path, starts_with_ignoring_case};
+use apikey_core::vocabulary::canonical_path::{canonical_path, starts_with_ignoring_case};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|path: &[u8]| {

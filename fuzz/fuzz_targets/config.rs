@@ -4,7 +4,7 @@
 //! start-up log line) must work and never show a `key_service.headers` value.
 #![no_main]
 
-use apikey_filter::config::{Config, FailureMode, KeySource};
+use apikey_core::config::{Config, FailureMode, KeySource};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

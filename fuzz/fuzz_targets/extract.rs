@@ -2,10 +2,10 @@
 //! of the demo configuration: `x-api-key`, `Bearer` on `authorization`, `?api_key=`.
 #![no_main]
 
-use apikey_filter::config::KeySource;
-use apikey_filter::request::extract::{extract, KeyOutcome, MAX_KEY_LEN};
-use apikey_filter::request::header_map::{self, Header};
-use apikey_filter::request::query::take_param;
+use apikey_core::config::KeySource;
+use apikey_core::request::extract::{extract, KeyOutcome, MAX_KEY_LEN};
+use apikey_core::request::header_map::{self, Header};
+use apikey_core::request::query::take_param;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,7 @@
 //! client's, byte for byte.
 #![no_main]
 
-use apikey_filter::request::query::{form_decode, split_path, take_param};
+use apikey_core::request::query::{form_decode, split_path, take_param};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 

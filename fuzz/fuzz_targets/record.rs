@@ -6,9 +6,9 @@
 //! the whole input is the body of a `200`.
 #![no_main]
 
-use apikey_filter::keys::answer::{classify, Answer, Failure};
-use apikey_filter::keys::entry::{self, CacheEntry, Verdict};
-use apikey_filter::keys::record::{parse_record, KeyRecord, RecordLimit, MAX_SCOPES, MAX_TEXT_LEN};
+use apikey_core::keys::answer::{classify, Answer, Failure};
+use apikey_core::keys::entry::{self, CacheEntry, Verdict};
+use apikey_core::keys::record::{parse_record, KeyRecord, RecordLimit, MAX_SCOPES, MAX_TEXT_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fn header_safe(s: &str) -> bool {

@@ -5,11 +5,11 @@
 //! The first input byte picks the parser, the rest is its input.
 #![no_main]
 
-use apikey_filter::config::{Checksum, KeyFormat};
-use apikey_filter::keys::feed::{classify, FeedAnswer};
-use apikey_filter::request::cidr::Cidr;
-use apikey_filter::request::key_format::{checksum, conforms};
-use apikey_filter::request::referrer::{allowed, ReferrerPattern};
+use apikey_core::config::{Checksum, KeyFormat};
+use apikey_core::keys::feed::{classify, FeedAnswer};
+use apikey_core::vocabulary::cidr::Cidr;
+use apikey_core::request::key_format::{checksum, conforms};
+use apikey_core::vocabulary::referrer::{allowed, ReferrerPattern};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,8 +5,8 @@
 //! The first input byte picks the parser, the rest is its input.
 #![no_main]
 
-use apikey_filter::flights::coordinator::Message;
-use apikey_filter::request::client_address::without_port;
+use apikey_core::flights::coordinator::Message;
+use apikey_core::request::client_address::without_port;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

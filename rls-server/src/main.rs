@@ -21,19 +21,15 @@
 //! server does. A small HTTP admin endpoint (`--admin`) counts calls and switches the
 //! server into failure modes for the tests (see `admin`).
 //!
-//! No protoc: the messages are the filter's own (`src/quotas/rls_messages.rs`) and the
-//! service is wired by hand the way tonic's generated code does it.
-
-#[path = "../../src/quotas/rls_messages.rs"]
-#[allow(dead_code)]
-mod rls_messages;
+//! No protoc: the messages are the filter's own (the core's `quotas::rls_messages`) and
+//! the service is wired by hand the way tonic's generated code does it.
 
 use limitador::counter::Counter;
 use limitador::limit::{Context, Expression, Limit, Namespace};
 use limitador::RateLimiter;
 use prost::bytes::BufMut;
 use prost::Message;
-use rls_messages::{
+use apikey_core::quotas::rls_messages::{
     code, unit, CurrentLimit, DescriptorStatus, Duration, RateLimitDescriptor, RateLimitRequest,
     RateLimitResponse,
 };
@@ -627,7 +623,7 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
 struct RateLimitService(Arc<State>);
 
 impl NamedService for RateLimitService {
-    const NAME: &'static str = rls_messages::SERVICE;
+    const NAME: &'static str = apikey_core::quotas::rls_messages::SERVICE;
 }
 
 impl<B> Service<http::Request<B>> for RateLimitService

@@ -1,8 +1,0 @@
-pub mod answer;
-pub mod cache;
-pub mod copies;
-pub mod entry;
-pub mod feed;
-pub mod key_hash;
-pub mod known_key;
-pub mod record;
