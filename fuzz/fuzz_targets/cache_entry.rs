@@ -3,8 +3,8 @@
 //! encode → decode unchanged, and judging its trust must never panic on it.
 #![no_main]
 
-use apikey_core::keys::cache::{Trust, TrustRules};
 use apikey_core::keys::entry::{decode, encode, find, Verdict};
+use apikey_core::keys::trust::{Trust, TrustRules};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,8 @@
 //! client's, byte for byte.
 #![no_main]
 
-use apikey_core::request::query::{form_decode, split_path, take_param};
+use apikey_core::request::query::{split_path, take_param};
+use apikey_core::vocabulary::form::form_decode;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 

@@ -69,7 +69,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(!failure.kind().name().is_empty());
         assert!(!failure.describe().is_empty());
     }
-    assert_eq!(classify(None, Some(body), false), Answer::Failed(Failure::Reset));
+    assert_eq!(
+        classify(None, Some(body), false),
+        Answer::Failed(Failure::Reset)
+    );
     // `x-envoy-overloaded` matters on Envoy's own 503 only.
     let overloaded = classify(Some(status), Some(body), true);
     if code == Some(503) {

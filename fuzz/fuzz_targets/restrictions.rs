@@ -7,8 +7,8 @@
 
 use apikey_core::config::{Checksum, KeyFormat};
 use apikey_core::keys::feed::{classify, FeedAnswer};
-use apikey_core::vocabulary::cidr::Cidr;
 use apikey_core::request::key_format::{checksum, conforms};
+use apikey_core::vocabulary::cidr::Cidr;
 use apikey_core::vocabulary::referrer::{allowed, ReferrerPattern};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,14 +23,20 @@ fuzz_target!(|data: &[u8]| {
                 let mut out = Vec::new();
                 cidr.encode(&mut out);
                 assert_eq!(Cidr::decode(&out.try_into().unwrap()), Some(cidr));
-                assert!(cidr.contains(cidr.network), "a network holds its own address");
+                assert!(
+                    cidr.contains(cidr.network),
+                    "a network holds its own address"
+                );
             }
         }
         1 => {
             // A pattern, then a newline, then a referrer.
             let (pattern, referrer) = text.split_once('\n').unwrap_or((&text, ""));
             if let Some(parsed) = ReferrerPattern::parse(pattern) {
-                assert_eq!(ReferrerPattern::parse(&parsed.to_text()).as_ref(), Some(&parsed));
+                assert_eq!(
+                    ReferrerPattern::parse(&parsed.to_text()).as_ref(),
+                    Some(&parsed)
+                );
                 let _ = allowed(&[parsed], Some(referrer.as_bytes()));
             }
         }
