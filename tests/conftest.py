@@ -1,16 +1,11 @@
-"""pytest support: harness on the import path, a clear message when the .wasm is missing,
-and a per-test timeout so a hung Envoy or key service fails one test, not the whole run."""
+"""pytest support: a clear message when the .wasm is missing, and a per-test timeout so a hung Envoy or key service fails one test, not the whole run."""
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from harness import FILTER_PATH  # noqa: E402
+from testbed.harness import FILTER_PATH
 
 DEFAULT_TIMEOUT_S = 120
 # These run the helper servers on their own; they need neither the .wasm nor Envoy.

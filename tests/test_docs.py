@@ -1,7 +1,7 @@
 """The repository stands on its own: its documents link to nothing outside it."""
 import re
 
-from harness import ROOT
+from testbed.harness import ROOT
 
 
 def test_no_document_links_outside_the_repository():

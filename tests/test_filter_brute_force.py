@@ -1,7 +1,7 @@
 """`brute_force`: a client that keeps sending bad keys is refused before any lookup."""
 import pytest
 
-from harness import Stack, key_hash
+from testbed.harness import Stack, key_hash
 
 CONFIG = {
     "key_service": {"cluster": "key_service", "timeout_ms": 1000},

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import Stack, key_hash
+from testbed.harness import Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 RECORD = {"key_id": "k_cache", "owner": "acme", "scopes": ["read"]}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from harness import envoy_refuses
+from testbed.harness import envoy_refuses
 
 REFUSED_PREFIX = "apikey-filter configuration refused: "
 CLUSTER = {"cluster": "key_service"}  # the template's key service cluster

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import Stack, key_hash
+from testbed.harness import Stack, key_hash
 
 INTERVAL_MS = 200
 FEED = {"interval_ms": INTERVAL_MS, "ttl_s": 3600}

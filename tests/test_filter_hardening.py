@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import BUILD, HOST, Stack, key_hash
+from testbed.harness import BUILD, HOST, Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 3000}
 READER = "hard-reader-3f9a"  # holds orders:read and reports:read, never orders:write

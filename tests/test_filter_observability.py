@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from harness import Stack, key_hash
+from testbed.harness import Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 KEYS = {

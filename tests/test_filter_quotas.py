@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import Stack, key_hash
-from rls_client import DAY, RlsClient, descriptor
-from rls_service import RlsService
+from testbed.harness import Stack, key_hash
+from testbed.rls_client import DAY, RlsClient, descriptor
+from testbed.rls_service import RlsService
 
 KEY_SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from harness import BUILD, Stack, key_hash
+from testbed.harness import BUILD, Stack, key_hash
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 SLOW_REFILL = {"requests": 1, "period_s": 3600}
@@ -178,7 +178,7 @@ def with_custom_section(wasm, out):
 
 
 def test_pushing_a_new_configuration_or_new_code_keeps_running_buckets():
-    from harness import WASM_PATH
+    from testbed.harness import WASM_PATH
 
     config = {"key_service": SERVICE, "rate_limit": {**SLOW_REFILL, "burst": 10}}
     with Stack(config, concurrency=2, lds=True) as s:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import Stack, http_request, key_hash
+from testbed.harness import Stack, http_request, key_hash
 
 CHALLENGE_APIKEY = 'ApiKey realm="api"'
 CHALLENGE_BOTH = 'ApiKey realm="api", Bearer realm="api"'

@@ -5,10 +5,9 @@ import sys
 
 import pytest
 
-from harness import BASE62, ROOT, Stack, key_hash, with_checksum
+from testbed.harness import BASE62, ROOT, Stack, key_hash, with_checksum
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from keyformat import new_key  # noqa: E402
+from testbed.keyformat import new_key
 
 SERVICE = {"cluster": "key_service", "timeout_ms": 1000}
 SPEC_EXAMPLE = "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"

@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from harness import (ROOT, WASM_PATH, HarnessError, Process, envoy_binary, free_port, http_request,
+from testbed.harness import (ROOT, WASM_PATH, HarnessError, Process, envoy_binary, free_port, http_request,
                      render_envoy, start_helper_server)
-from rls_service import RlsService
+from testbed.rls_service import RlsService
 
 ENVOY_DIR = ROOT / "envoy"
 COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
@@ -136,15 +136,18 @@ def test_compose_file_structure():
     listen, admin = listen_at["port_value"], admin_at["port_value"]
     assert sorted(services["envoy"]["ports"]) == sorted(f"127.0.0.1:{p}:{p}" for p in (listen, admin))
 
-    # Each helper: its script is in its scripts mount, it listens on all interfaces, on the port
-    # that the config's cluster names, under the service name that the cluster resolves.
+    # Each helper: its module is in the test bed's mount under its working directory, it
+    # listens on all interfaces, on the port that the config's cluster names, under the
+    # service name that the cluster resolves.
     for service, cluster in (("keyservice", "key_service"), ("upstream", "upstream")):
         discovery, host, port = clusters(envoy)[cluster]
         assert (discovery, host) == ("STRICT_DNS", service), cluster
         cmd = services[service]["command"]
         assert cmd[cmd.index("--port") + 1] == str(port) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
-        script = Path(cmd[1])
-        assert (mounts[service, str(script.parent)] / script.name).is_file(), cmd
+        assert cmd[:2] == ["python3", "-m"], cmd
+        package, module = cmd[2].split(".")
+        workdir = services[service]["working_dir"]
+        assert (mounts[service, f"{workdir}/{package}"] / f"{module}.py").is_file(), cmd
     keys = services["keyservice"]["command"]
     assert mounts["keyservice", keys[keys.index("--keys") + 1]] == ENVOY_DIR / "demo" / "keys.json"
     filter_config = json.loads(wasm_config(envoy)["configuration"]["value"])
@@ -258,7 +261,7 @@ def test_dashboards_are_the_three_with_their_pictures():
     assert [p.stem for p in DASHBOARDS] == ["debug", "executive", "on-call"]
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(set(uids)) == len(uids), uids
-    for path in DASHBOARDS:  # docs/observability.md's pictures (scripts/dashboard-pictures)
+    for path in DASHBOARDS:  # docs/observability.md's pictures (lab/dashboard-pictures)
         assert (ROOT / "docs" / "dashboards" / f"{path.stem}.png").is_file(), path.stem
 
 
@@ -358,10 +361,10 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
     procs, rls = [], RlsService()
     try:
         rls.start()
-        ks, ks_bound = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / "ks.log",
+        ks, ks_bound = start_helper_server("keyservice", "keyservice", 0, tmp_path / "ks.log",
                                            ["--keys", ENVOY_DIR / "demo" / "keys.json"])
         procs.append(ks)
-        up, up_bound = start_helper_server("upstream", "upstream.py", 0, tmp_path / "up.log")
+        up, up_bound = start_helper_server("upstream", "upstream", 0, tmp_path / "up.log")
         procs.append(up)
         listen, admin = free_port(), free_port()
         config = compose_config_locally(tmp_path, {

@@ -40,9 +40,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import (BUILD, HOST, ROOT, SCRIPTS, HarnessError, Process, Stack, _remove, free_port,
+from testbed.harness import (BUILD, HOST, ROOT, SCRIPTS, HarnessError, Process, Stack, _remove, free_port,
                      http_request, key_hash)
-from rls_service import RlsService
+from testbed.rls_service import RlsService
 
 PROM_DIR = ROOT / "observability" / "prometheus"
 RULES = PROM_DIR / "rules.yml"

@@ -7,9 +7,9 @@ import pytest
 
 grpc = pytest.importorskip("grpc", reason="grpcio: run scripts/setup-python")
 
-from rls_client import (DAY, HOUR, MINUTE, OK, OVER_LIMIT, UNKNOWN, RlsClient as Client,  # noqa: E402
+from testbed.rls_client import (DAY, HOUR, MINUTE, OK, OVER_LIMIT, UNKNOWN, RlsClient as Client,  # noqa: E402
                         decode_response, descriptor, request)
-from rls_service import RlsService  # noqa: E402
+from testbed.rls_service import RlsService  # noqa: E402
 
 # func_only: the first test may build rls-server (scripts/build-rls-server, minutes when
 # cold) in its fixture; only the tests themselves are held to the timeout.
@@ -233,7 +233,7 @@ def test_bad_calls_are_refused_and_logged_and_the_server_carries_on(rls, client)
 def test_the_shipped_limitador_limits_file_keeps_the_demo_quotas():
     """envoy/ratelimit/limitador-limits.yaml as Limitador reads it: demo-key-frank's 5 a day,
     whatever override the filter sends (1000 here), and the per-owner example."""
-    from harness import ROOT
+    from testbed.harness import ROOT
     with RlsService(limits_file=ROOT / "envoy" / "ratelimit" / "limitador-limits.yaml") as rls:
         c = Client(rls.grpc_port)
         frank = descriptor(("key_id", "k_frank"), ("window", "day"), limit=(1000, DAY))

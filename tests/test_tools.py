@@ -1,4 +1,4 @@
-"""The test helpers on their own, without Envoy: scripts/keyservice.py and scripts/upstream.py.
+"""The test helpers on their own, without Envoy: testbed/keyservice.py and testbed/upstream.py.
 If these lie, every integration test built on them lies too."""
 import hashlib
 import http.client
@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
-from harness import ROOT, KeyServiceClient, with_checksum, UpstreamClient, _Connection, http_request, key_hash, start_helper_server
+from testbed.harness import ROOT, KeyServiceClient, with_checksum, UpstreamClient, _Connection, http_request, key_hash, start_helper_server
 
 ALICE = key_hash("k-alice")
 BOB = key_hash("k-bob")
@@ -24,7 +24,7 @@ def start_key_service(tmp_path, name, extra=()):
     """A key service with alice (from its keys file, written back on changes): (process, client)."""
     keys = tmp_path / f"{name}.json"
     keys.write_text(json.dumps({"keys": {ALICE: {"key_id": "k_1", "owner": "acme", "scopes": ["a", "b"]}}}))
-    proc, port = start_helper_server("keyservice", "keyservice.py", 0, tmp_path / f"{name}.log",
+    proc, port = start_helper_server("keyservice", "keyservice", 0, tmp_path / f"{name}.log",
                                      ["--keys", keys, "--save", *extra])
     client = KeyServiceClient(port)
     client.keys_path = keys
@@ -40,7 +40,7 @@ def ks(tmp_path):
 
 @pytest.fixture
 def up(tmp_path):
-    proc, port = start_helper_server("upstream", "upstream.py", 0, tmp_path / "up.log")
+    proc, port = start_helper_server("upstream", "upstream", 0, tmp_path / "up.log")
     yield UpstreamClient(port)
     proc.stop()
 

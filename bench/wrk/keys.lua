@@ -1,4 +1,4 @@
--- wrk script for scripts/bench: every request carries an API key in x-api-key.
+-- wrk script for lab/bench: every request carries an API key in x-api-key.
 --
 --   wrk ... -s bench/wrk/keys.lua URL -- HOT_KEYS COLD_EVERY COLD_POOL THREADS
 --
@@ -6,12 +6,12 @@
 -- COLD_EVERY  0: hot keys only; N: every Nth request of a thread carries a key never sent
 --             before in this run, bench-cold-<i> (the key service knows them all)
 -- COLD_POOL   how many bench-cold-<i> keys exist; a thread that runs out wraps around
---             (those repeats are cache hits: scripts/bench reports the real miss share
+--             (those repeats are cache hits: lab/bench reports the real miss share
 --             from Envoy's counters)
 -- THREADS     wrk's -t, so that threads take disjoint cold keys
 --
 -- Every configuration runs this same script, so the load generator does the same work
--- whatever is measured. done() prints one line "BENCH_JSON {...}" for scripts/bench.
+-- whatever is measured. done() prints one line "BENCH_JSON {...}" for lab/bench.
 
 local next_thread_id = 0
 

@@ -6,7 +6,7 @@
 //! the whole input is the body of a `200`.
 #![no_main]
 
-use apikey_core::keys::answer::{classify, Answer, Failure};
+use apikey_core::keys::answer::{classify, LookupAnswer, LookupFailure};
 use apikey_core::keys::entry::{self, CacheEntry, Verdict};
 use apikey_core::keys::record::{parse_record, KeyRecord, RecordLimit, MAX_SCOPES, MAX_TEXT_LEN};
 use libfuzzer_sys::fuzz_target;
@@ -53,30 +53,30 @@ fuzz_target!(|data: &[u8]| {
         .ok()
         .and_then(|s| s.trim().parse::<u16>().ok());
     match (&answer, code) {
-        (Answer::Found(record), Some(200)) => assert_eq!(Ok(record), parsed.as_ref()),
-        (Answer::Failed(Failure::BadRecord(why)), Some(200)) => {
+        (LookupAnswer::Found(record), Some(200)) => assert_eq!(Ok(record), parsed.as_ref()),
+        (LookupAnswer::Failed(LookupFailure::BadRecord(why)), Some(200)) => {
             assert!(parsed.is_err() && !why.is_empty())
         }
-        (Answer::NotFound, Some(404)) => {}
-        (Answer::Failed(Failure::Timeout), Some(504)) => {}
-        (Answer::Failed(Failure::Status(s)), Some(c)) => {
+        (LookupAnswer::NotFound, Some(404)) => {}
+        (LookupAnswer::Failed(LookupFailure::Timeout), Some(504)) => {}
+        (LookupAnswer::Failed(LookupFailure::Status(s)), Some(c)) => {
             assert!(*s == c && ![200, 404, 504].contains(&c))
         }
-        (Answer::Failed(Failure::Reset), None) => {}
+        (LookupAnswer::Failed(LookupFailure::Reset), None) => {}
         (answer, code) => panic!("status {code:?} classified as {answer:?}"),
     }
-    if let Answer::Failed(failure) = &answer {
+    if let LookupAnswer::Failed(failure) = &answer {
         assert!(!failure.kind().name().is_empty());
         assert!(!failure.describe().is_empty());
     }
     assert_eq!(
         classify(None, Some(body), false),
-        Answer::Failed(Failure::Reset)
+        LookupAnswer::Failed(LookupFailure::Reset)
     );
     // `x-envoy-overloaded` matters on Envoy's own 503 only.
     let overloaded = classify(Some(status), Some(body), true);
     if code == Some(503) {
-        assert_eq!(overloaded, Answer::Failed(Failure::Overloaded));
+        assert_eq!(overloaded, LookupAnswer::Failed(LookupFailure::Overloaded));
     } else {
         assert_eq!(overloaded, answer);
     }

@@ -24,15 +24,15 @@
 //! No protoc: the messages are the filter's own (the core's `quotas::rls_messages`) and
 //! the service is wired by hand the way tonic's generated code does it.
 
+use apikey_core::quotas::rls_messages::{
+    code, unit, CurrentLimit, DescriptorStatus, Duration, RateLimitDescriptor, RateLimitRequest,
+    RateLimitResponse,
+};
 use limitador::counter::Counter;
 use limitador::limit::{Context, Expression, Limit, Namespace};
 use limitador::RateLimiter;
 use prost::bytes::BufMut;
 use prost::Message;
-use apikey_core::quotas::rls_messages::{
-    code, unit, CurrentLimit, DescriptorStatus, Duration, RateLimitDescriptor, RateLimitRequest,
-    RateLimitResponse,
-};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::convert::Infallible;

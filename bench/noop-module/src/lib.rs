@@ -1,7 +1,7 @@
 //! The cheapest HTTP filter Envoy 1.40's dynamic module ABI allows: every hook Envoy looks
 //! up, each doing nothing. Every request still costs Envoy its filter object and the calls
 //! into the module (new, request headers, response headers, stream complete, destroy),
-//! which is what scripts/bench measures as the dynamic module floor. No callback into
+//! which is what lab/bench measures as the dynamic module floor. No callback into
 //! Envoy: the module references no Envoy symbol.
 #![allow(clippy::missing_safety_doc)]
 use std::ffi::c_void;

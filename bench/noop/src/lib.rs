@@ -1,7 +1,7 @@
 //! The cheapest proxy-wasm HTTP filter the Rust SDK allows: a root context that hands
 //! out one empty HTTP context per request. Every request still goes through the SDK's
 //! dispatch and V8's host <-> wasm calls (create context, request headers, response
-//! headers, done, delete), which is what scripts/bench measures as the wasm floor.
+//! headers, done, delete), which is what lab/bench measures as the wasm floor.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 

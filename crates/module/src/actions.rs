@@ -121,8 +121,8 @@ impl ActionLog {
     ///
     /// # Safety
     /// `filter` is the live stream the actions belong to, on its own thread.
-    pub unsafe fn carry_out(&self, filter: EnvoyPtr) -> Ended {
-        let mut ended = Ended::No;
+    pub unsafe fn carry_out(&self, filter: EnvoyPtr) -> Ending {
+        let mut ended = Ending::No;
         for entry in &self.entries {
             // SAFETY: the caller's promise.
             unsafe {
@@ -162,9 +162,9 @@ impl ActionLog {
                             .map(|(n, v)| (self.bytes(n), self.bytes(v)))
                             .collect();
                         abi::send_response(filter, *status, &headers, self.bytes(body));
-                        ended = Ended::Replied;
+                        ended = Ending::Replied;
                     }
-                    Entry::Resume => ended = Ended::Resumed,
+                    Entry::Resume => ended = Ending::Resumed,
                 }
             }
         }
@@ -173,7 +173,7 @@ impl ActionLog {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub enum Ending {
     No,
     Replied,
     Resumed,
@@ -194,7 +194,7 @@ pub fn with_current<T>(f: impl FnOnce(&mut ActionLog) -> T) -> T {
 ///
 /// # Safety
 /// `filter` is the live stream whose hook is running, on its thread.
-pub unsafe fn carry_out_current(filter: EnvoyPtr) -> Ended {
+pub unsafe fn carry_out_current(filter: EnvoyPtr) -> Ending {
     let mut log = CURRENT.with(|log| std::mem::take(&mut *log.borrow_mut()));
     // SAFETY: the caller's promise.
     let ended = unsafe { log.carry_out(filter) };
@@ -243,7 +243,7 @@ impl Parked {
     ///
     /// # Safety
     /// `filter` is the live stream these are for, on its thread.
-    pub unsafe fn carry_out(&self, filter: EnvoyPtr) -> Ended {
+    pub unsafe fn carry_out(&self, filter: EnvoyPtr) -> Ending {
         let log = std::mem::take(&mut *self.log());
         // SAFETY: the caller's promise.
         unsafe { log.carry_out(filter) }

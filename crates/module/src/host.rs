@@ -6,8 +6,8 @@
 //! the main thread, which sends them (`super::node`).
 use super::abi::{self, EnvoyPtr, MetricType};
 use super::actions::{self, ActionLog, Parked};
-use super::mailbox::{self, Answer, Event, Mailbox};
-use super::node::{Node, Outgoing, OutgoingKind};
+use super::filter_config::{FilterConfig, Outgoing, OutgoingKind};
+use super::mailbox::{self, CallAnswer, Event, Mailbox};
 use apikey_core::pipeline::ports::{
     Callout, Callouts, Clock, GrpcCall, Host, NotSent, RequestIo, SetError, SharedStore, Stats,
     Wake,
@@ -35,9 +35,9 @@ struct Current {
 }
 
 pub struct NativeHost {
-    node: Arc<Node>,
+    node: Arc<FilterConfig>,
     mailbox: Arc<Mailbox>,
-    answer: RefCell<Answer>,
+    answer: RefCell<CallAnswer>,
     current: RefCell<Option<Current>>,
     /// Parked requests, by context id.
     parked: RefCell<HashMap<u32, Rc<Parked>>>,
@@ -54,7 +54,7 @@ struct PerKeyLabels {
 }
 
 impl NativeHost {
-    pub fn new(node: Arc<Node>, mailbox: Arc<Mailbox>) -> NativeHost {
+    pub fn new(node: Arc<FilterConfig>, mailbox: Arc<Mailbox>) -> NativeHost {
         NativeHost {
             node,
             mailbox,
@@ -86,7 +86,7 @@ impl NativeHost {
         self.parked.borrow_mut().remove(&context_id);
     }
 
-    pub fn set_answer(&self, answer: Answer) {
+    pub fn set_answer(&self, answer: CallAnswer) {
         *self.answer.borrow_mut() = answer;
     }
 

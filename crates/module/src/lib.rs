@@ -24,21 +24,21 @@ use apikey_core::host_log::{self, HostLogger};
 
 mod abi;
 mod actions;
+mod filter_config;
 mod host;
 mod local;
 mod mailbox;
-mod node;
 
 use abi::{Buffer, EnvoyPtr, HeaderPair};
-use actions::{carry_out_current, Ended, Parked};
+use actions::{carry_out_current, Ending, Parked};
 use apikey_core::pipeline::request::reply;
 use apikey_core::pipeline::worker::Flow;
 use apikey_core::request::denial::Denial;
 use apikey_core::request::header_map::Header;
+use filter_config::FilterConfig;
 use host::NativeRequest;
 use local::Local;
-use mailbox::Answer;
-use node::Node;
+use mailbox::CallAnswer;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -119,7 +119,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     guarded(std::ptr::null(), || {
         follow_host_log_level();
         // SAFETY: Envoy's promise above; on the main thread.
-        let node = unsafe { Node::new(config, raw.bytes()) };
+        let node = unsafe { FilterConfig::new(config, raw.bytes()) };
         // Its main thread's worker, configured: a refused configuration makes none.
         if local::start_main(&node) {
             Arc::into_raw(node) as *const c_void
@@ -132,9 +132,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 
 /// # Safety
 /// `node` came from `..._config_new`.
-unsafe fn node<'a>(node: *const c_void) -> &'a Node {
+unsafe fn node<'a>(node: *const c_void) -> &'a FilterConfig {
     // SAFETY: the caller's promise; the node lives until `..._config_destroy`.
-    unsafe { &*(node as *const Node) }
+    unsafe { &*(node as *const FilterConfig) }
 }
 
 /// # Safety
@@ -143,7 +143,7 @@ unsafe fn node<'a>(node: *const c_void) -> &'a Node {
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(node: *const c_void) {
     guarded((), || {
         // SAFETY: made by `Arc::into_raw` in `..._config_new`, given back once.
-        let node = unsafe { Arc::from_raw(node as *const Node) };
+        let node = unsafe { Arc::from_raw(node as *const FilterConfig) };
         local::remove(&node);
         node.destroy();
     })
@@ -202,7 +202,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
         // SAFETY: Envoy's promise.
         unsafe { node(node_ptr) }.on_callout_done(
             callout_id,
-            Answer {
+            CallAnswer {
                 status,
                 body,
                 overloaded,
@@ -335,8 +335,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
         let local = local::existing(unsafe { node(node_ptr) }).or_else(|| {
             // SAFETY: made by `Arc::into_raw`, and live, as above.
             let node = unsafe {
-                Arc::increment_strong_count(node_ptr as *const Node);
-                Arc::from_raw(node_ptr as *const Node)
+                Arc::increment_strong_count(node_ptr as *const FilterConfig);
+                Arc::from_raw(node_ptr as *const FilterConfig)
             };
             local::start_thread(&node)
         });
@@ -481,7 +481,7 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
     // The stream is not touched after this: a local reply runs its response hook now.
     // SAFETY: Envoy's promise, on the stream's thread.
     let ended = unsafe { carry_out_current(filter) };
-    if forwarded || ended == Ended::Resumed {
+    if forwarded || ended == Ending::Resumed {
         CONTINUE
     } else {
         STOP_ALL_ITERATION_AND_WATERMARK
@@ -543,7 +543,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
             return;
         };
         // SAFETY: Envoy's promise.
-        if unsafe { parked.carry_out(filter) } == Ended::Resumed {
+        if unsafe { parked.carry_out(filter) } == Ending::Resumed {
             // SAFETY: Envoy's promise.
             unsafe { abi::continue_decoding(filter) };
         }

@@ -3,9 +3,9 @@
 //! path; what other threads tell it waits in its mailbox (`super::mailbox`). The main
 //! thread's worker (made with the configuration) serves no request: it keeps the change
 //! feed and the node's ticks. A worker thread's is made at its first request.
+use super::filter_config::FilterConfig;
 use super::host::NativeHost;
-use super::mailbox::{Answer, Event, GrpcEnd, Mailbox};
-use super::node::Node;
+use super::mailbox::{CallAnswer, Event, GrpcEnd, Mailbox};
 use apikey_core::pipeline::quotas::GrpcOutcome;
 use apikey_core::pipeline::rebuild::run_or_rebuild;
 use apikey_core::pipeline::worker::Worker;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 /// One configuration's worker on this thread.
 pub struct Local {
-    pub node: Arc<Node>,
+    pub node: Arc<FilterConfig>,
     pub mailbox: Arc<Mailbox>,
     worker: RefCell<Option<Worker<NativeHost>>>,
 }
@@ -29,7 +29,7 @@ thread_local! {
 impl Local {
     /// A worker configured from the node's configuration, with its mailbox; `None` if the
     /// configuration is refused.
-    fn new(node: &Arc<Node>, mailbox: Arc<Mailbox>) -> Option<Rc<Local>> {
+    fn new(node: &Arc<FilterConfig>, mailbox: Arc<Mailbox>) -> Option<Rc<Local>> {
         // Known to the node first: configuring asks for the worker's tick.
         node.add_mailbox(&mailbox);
         let worker = Worker::new(NativeHost::new(node.clone(), mailbox.clone()));
@@ -80,11 +80,11 @@ impl Local {
 }
 
 fn deliver(w: &Worker<NativeHost>, event: Event) {
-    let with_answer = |answer: Answer, f: &dyn Fn(usize)| {
+    let with_answer = |answer: CallAnswer, f: &dyn Fn(usize)| {
         let size = answer.body.len();
         w.host().set_answer(answer);
         f(size);
-        w.host().set_answer(Answer::default());
+        w.host().set_answer(CallAnswer::default());
     };
     match event {
         Event::Message(message) => w.on_message(&message),
@@ -93,9 +93,9 @@ fn deliver(w: &Worker<NativeHost>, event: Event) {
         }
         Event::CalloutRefused(token, why) => w.on_callout_refused(token, why),
         Event::Grpc(token, GrpcEnd::Message(body)) => {
-            let answer = Answer {
+            let answer = CallAnswer {
                 body,
-                ..Answer::default()
+                ..CallAnswer::default()
             };
             with_answer(answer, &|size| {
                 w.on_grpc_answer(token, GrpcOutcome::Message(size))
@@ -109,7 +109,7 @@ fn deliver(w: &Worker<NativeHost>, event: Event) {
 }
 
 /// Makes the main thread's worker for a new configuration; false if it is refused.
-pub fn start_main(node: &Arc<Node>) -> bool {
+pub fn start_main(node: &Arc<FilterConfig>) -> bool {
     let mailbox = Mailbox::for_main(node.main_queue(), node.scheduler());
     let Some(local) = Local::new(node, mailbox) else {
         return false;
@@ -119,8 +119,11 @@ pub fn start_main(node: &Arc<Node>) -> bool {
 }
 
 /// Makes this thread's worker for `node`, at its first request here.
-pub fn start_thread(node: &Arc<Node>) -> Option<Rc<Local>> {
-    let local = Local::new(node, Mailbox::for_thread(super::node::next_queue()))?;
+pub fn start_thread(node: &Arc<FilterConfig>) -> Option<Rc<Local>> {
+    let local = Local::new(
+        node,
+        Mailbox::for_thread(super::filter_config::next_queue()),
+    )?;
     // The main thread's worker runs when this thread is idle: it keeps the node's duties.
     local.with_worker(|w| w.set_on_duty(Some(node.main_queue())));
     LOCALS.with(|l| {
@@ -134,12 +137,12 @@ pub fn start_thread(node: &Arc<Node>) -> Option<Rc<Local>> {
 
 /// This thread's worker for `node`, if it has one yet (the main thread's, on the main
 /// thread).
-pub fn existing(node: &Node) -> Option<Rc<Local>> {
+pub fn existing(node: &FilterConfig) -> Option<Rc<Local>> {
     LOCALS.with(|l| l.borrow().iter().find(|l| l.node.id == node.id).cloned())
 }
 
 /// Drops this thread's worker for `node`.
-pub fn remove(node: &Node) {
+pub fn remove(node: &FilterConfig) {
     let local = LOCALS.with(|l| {
         let mut locals = l.borrow_mut();
         let at = locals.iter().position(|l| l.node.id == node.id)?;

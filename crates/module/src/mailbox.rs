@@ -28,7 +28,7 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The answer being handed to the worker (a callout's status and body, or a gRPC
 /// message).
 #[derive(Default)]
-pub struct Answer {
+pub struct CallAnswer {
     pub status: Option<Vec<u8>>,
     pub body: Vec<u8>,
     /// It carried `x-envoy-overloaded`.
@@ -40,7 +40,7 @@ pub enum Event {
     /// Another worker's message (a flight landed, the change feed moved).
     Message(Vec<u8>),
     /// The answer to a callout it sent, by token.
-    CalloutAnswer(u32, Answer),
+    CalloutAnswer(u32, CallAnswer),
     /// A callout Envoy would not send.
     CalloutRefused(u32, NotSent),
     /// How a gRPC call it sent ended.

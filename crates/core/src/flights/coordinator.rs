@@ -7,7 +7,7 @@
 //! until woken or until the lease's deadline, when this worker takes it over. It lands
 //! when its answer is in: the lease is released and the workers that waited are named,
 //! to be woken.
-use crate::flights::lease::{self, Acquired, Ended, LeaseId};
+use crate::flights::lease::{self, Acquired, FlightEnd, LeaseId};
 use crate::storage::shared_store::SharedStore;
 use crate::vocabulary::key_hash::KeyHash;
 use std::collections::HashMap;
@@ -39,7 +39,7 @@ impl FlightKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Ask(KeyHash),
-    Woken(Ended, KeyHash),
+    Woken(FlightEnd, KeyHash),
     Feed(FeedNews),
     /// The node admitted requests of this key that are not reported yet: for the worker
     /// on duty, from one that leaves it the reports.
@@ -60,9 +60,9 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let (kind, key_hash) = match self {
             Message::Ask(h) => (0, h),
-            Message::Woken(Ended::Answered, h) => (1, h),
-            Message::Woken(Ended::Failed, h) => (2, h),
-            Message::Woken(Ended::Overloaded, h) => (4, h),
+            Message::Woken(FlightEnd::Answered, h) => (1, h),
+            Message::Woken(FlightEnd::Failed, h) => (2, h),
+            Message::Woken(FlightEnd::Overloaded, h) => (4, h),
             Message::Unreported(h) => (5, h),
             Message::Feed(news) => {
                 let mut out = Vec::with_capacity(13 + 32 * news.forgotten.len());
@@ -98,9 +98,9 @@ impl Message {
         let key_hash: KeyHash = rest.try_into().ok()?;
         match kind {
             0 => Some(Message::Ask(key_hash)),
-            1 => Some(Message::Woken(Ended::Answered, key_hash)),
-            2 => Some(Message::Woken(Ended::Failed, key_hash)),
-            4 => Some(Message::Woken(Ended::Overloaded, key_hash)),
+            1 => Some(Message::Woken(FlightEnd::Answered, key_hash)),
+            2 => Some(Message::Woken(FlightEnd::Failed, key_hash)),
+            4 => Some(Message::Woken(FlightEnd::Overloaded, key_hash)),
             5 => Some(Message::Unreported(key_hash)),
             _ => None,
         }
@@ -282,7 +282,7 @@ impl<P> Flights<P> {
         store: &impl SharedStore,
         key: FlightKey,
         me: u32,
-        ended: Ended,
+        ended: FlightEnd,
         now_ms: u64,
     ) -> Option<(Flight<P>, Vec<u32>)> {
         let flight = self.flights.remove(&key)?;
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(theirs.next_deadline_ms(), Some(2_500));
         assert_eq!(mine.answered(77), Some(KEY));
         assert_eq!(mine.answered(77), None, "one answer per token");
-        let (flight, peers) = mine.land(&s, KEY, 10, Ended::Answered, 1_100).unwrap();
+        let (flight, peers) = mine.land(&s, KEY, 10, FlightEnd::Answered, 1_100).unwrap();
         assert_eq!(
             (flight.sent_at_ms(), flight.parked, peers),
             (Some(1_000), vec![1], vec![20])
@@ -394,10 +394,12 @@ mod tests {
         assert_eq!(mine.take_over_overdue(1_500), vec![KEY]);
         assert_eq!(mine.next_deadline_ms(), None);
         assert_eq!(mine.start(&s, KEY, 20, 1_500, 1_500, true), Start::Send);
-        let (flight, peers) = mine.land(&s, KEY, 20, Ended::Failed, 1_600).unwrap();
+        let (flight, peers) = mine.land(&s, KEY, 20, FlightEnd::Failed, 1_600).unwrap();
         assert_eq!((flight.parked, peers), (vec![3], vec![]));
         assert_eq!(
-            gone.land(&s, KEY, 10, Ended::Answered, 1_700).unwrap().1,
+            gone.land(&s, KEY, 10, FlightEnd::Answered, 1_700)
+                .unwrap()
+                .1,
             Vec::<u32>::new(),
             "the old owner's lease was taken: it wakes nobody"
         );
@@ -411,7 +413,7 @@ mod tests {
         assert_eq!(flights.start(&s, KEY, 1, 0, 1_000, true), Start::Send);
         flights.sent(KEY, 5);
         assert_eq!(flights.answered(5), Some(KEY));
-        let (flight, _) = flights.land(&s, KEY, 1, Ended::Answered, 10).unwrap();
+        let (flight, _) = flights.land(&s, KEY, 1, FlightEnd::Answered, 10).unwrap();
         assert_eq!((flight.parked.len(), flight.payload), (0, 7));
         assert!(flights.join(KEY, None, || 8));
         assert_eq!(
@@ -426,9 +428,9 @@ mod tests {
     fn messages_round_trip() {
         for message in [
             Message::Ask([5; 32]),
-            Message::Woken(Ended::Answered, [5; 32]),
-            Message::Woken(Ended::Failed, [5; 32]),
-            Message::Woken(Ended::Overloaded, [5; 32]),
+            Message::Woken(FlightEnd::Answered, [5; 32]),
+            Message::Woken(FlightEnd::Failed, [5; 32]),
+            Message::Woken(FlightEnd::Overloaded, [5; 32]),
             Message::Feed(FeedNews::default()),
             Message::Feed(FeedNews {
                 epoch: 3,
@@ -457,7 +459,7 @@ mod tests {
         assert!(flights.start_unleased(FlightKey::FeedPoll, 5));
         assert!(!flights.start_unleased(FlightKey::FeedPoll, 6), "under way");
         let (flight, peers) = flights
-            .land(&s, FlightKey::FeedPoll, 1, Ended::Answered, 9)
+            .land(&s, FlightKey::FeedPoll, 1, FlightEnd::Answered, 9)
             .unwrap();
         assert_eq!((flight.sent_at_ms(), peers), (Some(5), vec![]));
         assert_eq!(s.next_cas.get(), writes, "no lease taken or released");

@@ -45,7 +45,7 @@ pub enum Acquired {
 
 /// How a released lookup ended, for the workers woken by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub enum FlightEnd {
     /// The verdict is in the cache.
     Answered,
     /// The key service failed: nothing was cached.
@@ -123,13 +123,13 @@ pub fn release(
     store: &impl SharedStore,
     id: &LeaseId,
     me: u32,
-    ended: Ended,
+    ended: FlightEnd,
     now_ms: u64,
 ) -> Vec<u32> {
     let released = match ended {
-        Ended::Answered => encode_answered(id, now_ms),
+        FlightEnd::Answered => encode_answered(id, now_ms),
         // Nothing was cached: the next request asks again.
-        Ended::Failed | Ended::Overloaded => Vec::new(),
+        FlightEnd::Failed | FlightEnd::Overloaded => Vec::new(),
     };
     let key = slot_key(id);
     for _ in 0..MAX_ATTEMPTS {
@@ -229,7 +229,7 @@ mod tests {
             acquire(&s, &KEY, 3, 1003, 500, true),
             Acquired::Waiting { deadline_ms: 1500 }
         );
-        assert_eq!(release(&s, &KEY, 1, Ended::Failed, 1004), vec![2, 3]);
+        assert_eq!(release(&s, &KEY, 1, FlightEnd::Failed, 1004), vec![2, 3]);
         assert_eq!(
             acquire(&s, &KEY, 2, 1004, 500, true),
             Acquired::Owner,
@@ -243,11 +243,11 @@ mod tests {
         assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
         assert_eq!(acquire(&s, &KEY, 2, 1500, 500, true), Acquired::Owner);
         assert_eq!(
-            release(&s, &KEY, 1, Ended::Answered, 1600),
+            release(&s, &KEY, 1, FlightEnd::Answered, 1600),
             Vec::<u32>::new()
         );
         assert_eq!(
-            release(&s, &KEY, 2, Ended::Answered, 1600),
+            release(&s, &KEY, 2, FlightEnd::Answered, 1600),
             Vec::<u32>::new()
         );
     }
@@ -277,7 +277,7 @@ mod tests {
                 );
             }
         }));
-        assert_eq!(release(&s, &KEY, 1, Ended::Answered, 1002), vec![9]);
+        assert_eq!(release(&s, &KEY, 1, FlightEnd::Answered, 1002), vec![9]);
     }
 
     #[test]
@@ -285,7 +285,7 @@ mod tests {
         let s = store();
         assert_eq!(acquire(&s, &KEY, 1, 1000, 500, true), Acquired::Owner);
         assert_eq!(
-            release(&s, &KEY, 1, Ended::Answered, 1100),
+            release(&s, &KEY, 1, FlightEnd::Answered, 1100),
             Vec::<u32>::new()
         );
         assert_eq!(acquire(&s, &KEY, 2, 1100, 500, true), Acquired::Answered);
@@ -299,7 +299,7 @@ mod tests {
             "later, a lookup is a new one (the entry may have expired)"
         );
         assert_eq!(
-            release(&s, &KEY, 2, Ended::Answered, 5000),
+            release(&s, &KEY, 2, FlightEnd::Answered, 5000),
             Vec::<u32>::new()
         );
         assert_eq!(

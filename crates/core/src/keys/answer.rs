@@ -6,14 +6,14 @@ use crate::keys::record::{parse_record, KeyRecord};
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum LookupAnswer {
     Found(KeyRecord),
     NotFound,
-    Failed(Failure),
+    Failed(LookupFailure),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub enum LookupFailure {
     /// Envoy refused to send it (e.g. the cluster does not exist).
     NotSent,
     /// Not sent for load: Envoy's own 503 for a cluster over its circuit breaker
@@ -61,29 +61,29 @@ impl FailureKind {
     }
 }
 
-impl Failure {
+impl LookupFailure {
     pub fn kind(&self) -> FailureKind {
         match self {
-            Failure::NotSent => FailureKind::NotSent,
-            Failure::Overloaded => FailureKind::Overloaded,
-            Failure::Reset => FailureKind::Reset,
-            Failure::Timeout => FailureKind::Timeout,
-            Failure::Status(_) => FailureKind::Status,
-            Failure::BadRecord(_) => FailureKind::BadRecord,
+            LookupFailure::NotSent => FailureKind::NotSent,
+            LookupFailure::Overloaded => FailureKind::Overloaded,
+            LookupFailure::Reset => FailureKind::Reset,
+            LookupFailure::Timeout => FailureKind::Timeout,
+            LookupFailure::Status(_) => FailureKind::Status,
+            LookupFailure::BadRecord(_) => FailureKind::BadRecord,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
-            Failure::NotSent => "could not be sent (does the cluster exist?)".into(),
-            Failure::Overloaded => {
+            LookupFailure::NotSent => "could not be sent (does the cluster exist?)".into(),
+            LookupFailure::Overloaded => {
                 "not sent: the key service cluster or key_service.max_pending is at its limit"
                     .into()
             }
-            Failure::Reset => "no response (connection refused or reset)".into(),
-            Failure::Timeout => "timed out (504)".into(),
-            Failure::Status(s) => format!("answered HTTP {s}"),
-            Failure::BadRecord(why) => format!("answered 200 with a bad record: {why}"),
+            LookupFailure::Reset => "no response (connection refused or reset)".into(),
+            LookupFailure::Timeout => "timed out (504)".into(),
+            LookupFailure::Status(s) => format!("answered HTTP {s}"),
+            LookupFailure::BadRecord(why) => format!("answered 200 with a bad record: {why}"),
         }
     }
 }
@@ -100,35 +100,35 @@ pub fn status_code(status: &[u8]) -> Option<u16> {
 /// `body` is `None` when it was longer than `MAX_ANSWER_BYTES` and so not read.
 /// `overloaded`: it carried `x-envoy-overloaded` (Envoy's own answer for a cluster over
 /// its circuit breaker).
-pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>, overloaded: bool) -> Answer {
+pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>, overloaded: bool) -> LookupAnswer {
     let Some(status) = status else {
-        return Answer::Failed(Failure::Reset);
+        return LookupAnswer::Failed(LookupFailure::Reset);
     };
     if overloaded && status_code(status) == Some(503) {
-        return Answer::Failed(Failure::Overloaded);
+        return LookupAnswer::Failed(LookupFailure::Overloaded);
     }
     let code = status_code(status);
     let Some(body) = body else {
         let why = format!("an answer of more than {MAX_ANSWER_BYTES} bytes");
-        return Answer::Failed(match code {
-            Some(200) => Failure::BadRecord(why),
-            Some(other) => Failure::Status(other),
-            None => Failure::Reset,
+        return LookupAnswer::Failed(match code {
+            Some(200) => LookupFailure::BadRecord(why),
+            Some(other) => LookupFailure::Status(other),
+            None => LookupFailure::Reset,
         });
     };
     match code {
         Some(200) => match parse_record(body) {
-            Ok(record) => Answer::Found(record),
-            Err(e) => Answer::Failed(Failure::BadRecord(e.to_string())),
+            Ok(record) => LookupAnswer::Found(record),
+            Err(e) => LookupAnswer::Failed(LookupFailure::BadRecord(e.to_string())),
         },
-        Some(404) => Answer::NotFound,
-        Some(504) => Answer::Failed(Failure::Timeout),
+        Some(404) => LookupAnswer::NotFound,
+        Some(504) => LookupAnswer::Failed(LookupFailure::Timeout),
         // Envoy answers a refused or reset connection with a 503 of its own.
         Some(503) if ENVOY_UNREACHABLE.iter().any(|p| body.starts_with(p)) => {
-            Answer::Failed(Failure::Reset)
+            LookupAnswer::Failed(LookupFailure::Reset)
         }
-        Some(other) => Answer::Failed(Failure::Status(other)),
-        None => Answer::Failed(Failure::Reset),
+        Some(other) => LookupAnswer::Failed(LookupFailure::Status(other)),
+        None => LookupAnswer::Failed(LookupFailure::Reset),
     }
 }
 
@@ -136,7 +136,7 @@ pub fn classify(status: Option<&[u8]>, body: Option<&[u8]>, overloaded: bool) ->
 mod tests {
     use super::*;
 
-    fn classify_(status: Option<&[u8]>, body: Option<&[u8]>) -> Answer {
+    fn classify_(status: Option<&[u8]>, body: Option<&[u8]>) -> LookupAnswer {
         classify(status, body, false)
     }
 
@@ -147,49 +147,55 @@ mod tests {
         );
         assert_eq!(
             classify(Some(b"503"), body, true),
-            Answer::Failed(Failure::Overloaded)
+            LookupAnswer::Failed(LookupFailure::Overloaded)
         );
         // The key service's own 503 with the header is not Envoy's overload.
         assert_eq!(
             classify(Some(b"200"), Some(br#"{"key_id":"k"}"#), true),
-            Answer::Found(parse_record(br#"{"key_id":"k"}"#).unwrap())
+            LookupAnswer::Found(parse_record(br#"{"key_id":"k"}"#).unwrap())
         );
     }
 
     #[test]
     fn verdicts() {
         assert!(
-            matches!(classify_(Some(b"200"), Some(br#"{"key_id":"k"}"#)), Answer::Found(r) if r.key_id == "k")
+            matches!(classify_(Some(b"200"), Some(br#"{"key_id":"k"}"#)), LookupAnswer::Found(r) if r.key_id == "k")
         );
-        assert_eq!(classify_(Some(b"404"), Some(b"whatever")), Answer::NotFound);
+        assert_eq!(
+            classify_(Some(b"404"), Some(b"whatever")),
+            LookupAnswer::NotFound
+        );
     }
 
     #[test]
     fn failures() {
-        assert_eq!(classify_(None, Some(b"")), Answer::Failed(Failure::Reset));
+        assert_eq!(
+            classify_(None, Some(b"")),
+            LookupAnswer::Failed(LookupFailure::Reset)
+        );
         assert_eq!(
             classify_(Some(b"504"), Some(b"upstream request timeout")),
-            Answer::Failed(Failure::Timeout)
+            LookupAnswer::Failed(LookupFailure::Timeout)
         );
         assert_eq!(
             classify_(Some(b"503"), Some(b"upstream connect error or disconnect")),
-            Answer::Failed(Failure::Reset)
+            LookupAnswer::Failed(LookupFailure::Reset)
         );
         assert_eq!(
             classify_(Some(b"500"), Some(b"")),
-            Answer::Failed(Failure::Status(500))
+            LookupAnswer::Failed(LookupFailure::Status(500))
         );
         assert_eq!(
             classify_(Some(b"401"), Some(b"")),
-            Answer::Failed(Failure::Status(401))
+            LookupAnswer::Failed(LookupFailure::Status(401))
         );
         assert_eq!(
             classify_(Some(b"x"), Some(b"")),
-            Answer::Failed(Failure::Reset)
+            LookupAnswer::Failed(LookupFailure::Reset)
         );
         assert!(matches!(
             classify_(Some(b"200"), Some(b"{\"key_id\": ")),
-            Answer::Failed(Failure::BadRecord(_))
+            LookupAnswer::Failed(LookupFailure::BadRecord(_))
         ));
     }
 
@@ -197,11 +203,11 @@ mod tests {
     fn an_answer_too_large_to_read_is_a_failure_never_a_verdict() {
         assert!(matches!(
             classify_(Some(b"200"), None),
-            Answer::Failed(Failure::BadRecord(why)) if why.contains("65536")
+            LookupAnswer::Failed(LookupFailure::BadRecord(why)) if why.contains("65536")
         ));
         assert_eq!(
             classify_(Some(b"404"), None),
-            Answer::Failed(Failure::Status(404))
+            LookupAnswer::Failed(LookupFailure::Status(404))
         );
     }
 

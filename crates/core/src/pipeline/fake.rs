@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 /// What the node's workers share: shared data, the clock, the queues.
 #[derive(Default)]
-pub struct Node {
+pub struct FakeNode {
     pub store: FakeStore,
     pub now_ms: Cell<u64>,
     pub queues: RefCell<HashMap<u32, VecDeque<Vec<u8>>>>,
@@ -118,7 +118,7 @@ pub type Requests = Rc<RefCell<HashMap<u32, RequestLog>>>;
 
 /// One worker's host.
 pub struct FakeHost {
-    pub node: Rc<Node>,
+    pub node: Rc<FakeNode>,
     pub process: Option<Arc<Process>>,
     pub refuse_callouts: Cell<bool>,
     pub callouts: RefCell<Vec<SentCallout>>,
@@ -145,7 +145,7 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
-    pub fn new(node: Rc<Node>) -> FakeHost {
+    pub fn new(node: Rc<FakeNode>) -> FakeHost {
         FakeHost {
             node,
             process: None,
@@ -168,7 +168,7 @@ impl FakeHost {
     }
 
     /// A worker thread's host in a process (`Process`).
-    pub fn on_process(node: Rc<Node>, process: Arc<Process>) -> FakeHost {
+    pub fn on_process(node: Rc<FakeNode>, process: Arc<Process>) -> FakeHost {
         FakeHost {
             process: Some(process),
             ..FakeHost::new(node)

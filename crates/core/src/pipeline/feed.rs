@@ -13,7 +13,7 @@ use super::stats::{Counter, Gauge};
 use super::worker::{Payload, Worker};
 use crate::config::ChangeFeed;
 use crate::flights::coordinator::{FeedNews, FlightKey, Message};
-use crate::flights::lease::Ended;
+use crate::flights::lease::FlightEnd;
 use crate::flights::workers;
 use crate::keys::feed::{is_healthy, poll_path, FeedAnswer, FeedState};
 use crate::storage::shared_store::SetError;
@@ -135,7 +135,7 @@ impl<H: Host> Worker<H> {
             &self.host,
             FlightKey::FeedPoll,
             me,
-            Ended::Answered,
+            FlightEnd::Answered,
             now_ms,
         );
         let (Some((flight, _)), Some(feed)) = (landed, self.feed_config()) else {

@@ -115,12 +115,12 @@ pub fn stat_name(key_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::fake::{FakeHost, Node};
+    use crate::pipeline::fake::{FakeHost, FakeNode};
     use crate::storage::slots::create_slots;
     use std::rc::Rc;
 
     fn host(max_keys: u32) -> FakeHost {
-        let host = FakeHost::new(Rc::new(Node::default()));
+        let host = FakeHost::new(Rc::new(FakeNode::default()));
         create_slots(&host, Table::per_key_stats(max_keys));
         host
     }
@@ -154,7 +154,7 @@ mod tests {
 
     #[test]
     fn workers_of_a_node_agree_on_which_key_ids_have_counters() {
-        let node = Rc::new(Node::default());
+        let node = Rc::new(FakeNode::default());
         let (a, b) = (FakeHost::new(node.clone()), FakeHost::new(node));
         create_slots(&a, Table::per_key_stats(1));
         let (on_a, on_b) = (PerKeyStats::new(1), PerKeyStats::new(1));

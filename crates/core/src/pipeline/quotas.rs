@@ -17,7 +17,7 @@ use crate::quotas::allowance::{
     REPORT_EVERY_INTERVALS,
 };
 use crate::quotas::quota::Quota;
-use crate::quotas::rls::{self, Answer, Failure, Verdict};
+use crate::quotas::rls::{self, RlsAnswer, RlsFailure, RlsVerdict};
 use crate::quotas::rls_messages;
 use crate::quotas::store;
 use crate::request::denial::Denial;
@@ -330,7 +330,7 @@ impl<H: Host> Worker<H> {
         let now_ms = self.host.now_ms();
         let hits = ask.carried.saturating_add(1);
         let Some(token) = self.send_call(&request.config, &known, hits) else {
-            let answer = Err(Failure::NotSent);
+            let answer = Err(RlsFailure::NotSent);
             return Some(self.conclude_check(io, &request, &known, ask, answer));
         };
         let call = QuotaCall::Check {
@@ -374,7 +374,7 @@ impl<H: Host> Worker<H> {
         request: &Request,
         known: &Rc<KnownKey>,
         ask: QuotaAsk,
-        answer: Answer,
+        answer: RlsAnswer,
     ) -> Handled {
         let QuotaAsk {
             rate_headers,
@@ -447,7 +447,7 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn count_verdict(&self, verdict: &Verdict) {
+    fn count_verdict(&self, verdict: &RlsVerdict) {
         self.host.count(if verdict.over_limit {
             Counter::RlsOverLimit
         } else {
@@ -455,7 +455,7 @@ impl<H: Host> Worker<H> {
         });
     }
 
-    fn count_failure(&self, failure: Failure, known: &KnownKey, now_ms: u64) {
+    fn count_failure(&self, failure: RlsFailure, known: &KnownKey, now_ms: u64) {
         self.host.count(Counter::RlsError);
         self.host
             .count(Counter::RlsErrorKind(RlsFailureKind::of(failure)));
@@ -495,7 +495,7 @@ impl<H: Host> Worker<H> {
             self.host.record(Histogram::RlsLatencyMs, waited_ms);
         }
         let answer = match outcome {
-            GrpcOutcome::NotSent => Err(Failure::NotSent),
+            GrpcOutcome::NotSent => Err(RlsFailure::NotSent),
             GrpcOutcome::Message(size) => {
                 let message = (size <= rls::MAX_ANSWER_BYTES).then(|| self.host.grpc_message(size));
                 rls::classify(message.as_deref(), descriptors)
@@ -504,7 +504,7 @@ impl<H: Host> Worker<H> {
                 let timeout_ms = self
                     .config()
                     .and_then(|c| c.rate_limit_service.as_ref().map(|r| r.timeout_ms));
-                Err(Failure::from_status(
+                Err(RlsFailure::from_status(
                     status,
                     waited_ms,
                     timeout_ms.unwrap_or(u64::MAX),
@@ -750,11 +750,11 @@ impl<H: Host> Worker<H> {
                 };
                 self.quota_calls.borrow_mut().insert(token, call);
             }
-            None => self.on_report_answer(&known, hits, Err(Failure::NotSent)),
+            None => self.on_report_answer(&known, hits, Err(RlsFailure::NotSent)),
         }
     }
 
-    fn on_report_answer(&self, known: &KnownKey, hits: u32, answer: Answer) {
+    fn on_report_answer(&self, known: &KnownKey, hits: u32, answer: RlsAnswer) {
         let (Some(config), Some(quotas)) = (self.config(), &known.quotas) else {
             return;
         };
@@ -795,7 +795,7 @@ impl<H: Host> Worker<H> {
         request: &Request,
         known: &KnownKey,
         carried: u32,
-        answer: &Answer,
+        answer: &RlsAnswer,
     ) {
         let config = &request.config;
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {

@@ -41,7 +41,7 @@ pub fn run_or_rebuild<H: Host, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::fake::{FakeHost, Node as FakeNode};
+    use crate::pipeline::fake::{FakeHost, FakeNode};
     use crate::pipeline::worker::Flow;
     use std::rc::Rc;
 

@@ -1,7 +1,7 @@
 //! The filter's stats (CONTRACT "Observability"): one name per counter, in one list that the
 //! host defines at start-up and docs/observability.md's table is checked against.
 use crate::keys::answer::FailureKind;
-use crate::quotas::rls::Failure;
+use crate::quotas::rls::RlsFailure;
 use crate::request::denial::{Denial, CODES};
 
 /// Every stat name starts with this (Envoy shows them as `wasmcustom.apikey_filter.*`).
@@ -70,12 +70,12 @@ impl RlsFailureKind {
         RlsFailureKind::BadAnswer,
     ];
 
-    pub fn of(failure: Failure) -> RlsFailureKind {
+    pub fn of(failure: RlsFailure) -> RlsFailureKind {
         match failure {
-            Failure::NotSent => RlsFailureKind::NotSent,
-            Failure::Timeout => RlsFailureKind::Timeout,
-            Failure::Grpc(_) => RlsFailureKind::GrpcStatus,
-            Failure::BadAnswer => RlsFailureKind::BadAnswer,
+            RlsFailure::NotSent => RlsFailureKind::NotSent,
+            RlsFailure::Timeout => RlsFailureKind::Timeout,
+            RlsFailure::Grpc(_) => RlsFailureKind::GrpcStatus,
+            RlsFailure::BadAnswer => RlsFailureKind::BadAnswer,
         }
     }
 

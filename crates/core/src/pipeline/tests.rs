@@ -3,7 +3,7 @@
 //! The whole pipeline against a fake host: every row of the status table, the identity
 //! and RateLimit headers, the key service's failures, and one callout per key for the
 //! node, natively.
-use super::fake::{FakeHost, Node, Reply};
+use super::fake::{FakeHost, FakeNode, Reply};
 use super::worker::{Flow, Worker};
 use crate::request::header_map::Header;
 use crate::vocabulary::key_hash::{hash_hex, hash_key};
@@ -20,13 +20,13 @@ fn config(extra: &str) -> String {
 }
 
 struct Test {
-    node: Rc<Node>,
+    node: Rc<FakeNode>,
     next_context: std::cell::Cell<u32>,
 }
 
 impl Test {
     fn new() -> Test {
-        let node = Rc::new(Node::default());
+        let node = Rc::new(FakeNode::default());
         node.now_ms.set(1_700_000_000_000);
         Test {
             node,

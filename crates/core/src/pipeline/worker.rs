@@ -18,10 +18,10 @@ use super::stats::{Counter, Histogram};
 use super::warnings::Warnings;
 use crate::config::Config;
 use crate::flights::coordinator::{FlightKey, Flights, Message, Start};
-use crate::flights::lease::Ended;
+use crate::flights::lease::FlightEnd;
 use crate::flights::pending;
 use crate::flights::scheduler::Scheduler;
-use crate::keys::answer::{self, classify, Answer, Failure};
+use crate::keys::answer::{self, classify, LookupAnswer, LookupFailure};
 use crate::keys::cache::{BeforeLookup, Cached, KeyCache, Looked};
 use crate::keys::copies::CopyId;
 use crate::keys::entry::Verdict;
@@ -515,7 +515,8 @@ impl<H: Host> Worker<H> {
             Start::Send => {
                 let max_pending = config.key_service.max_pending;
                 if !pending::enter(&self.host, max_pending, now_ms, hold_ms) {
-                    return self.on_answer(key_hash, Answer::Failed(Failure::Overloaded));
+                    return self
+                        .on_answer(key_hash, LookupAnswer::Failed(LookupFailure::Overloaded));
                 }
                 if let Some(Payload::Lookup { counted, .. }) = self
                     .flights
@@ -564,19 +565,19 @@ impl<H: Host> Worker<H> {
         true
     }
 
-    fn on_peer_landed(&self, ended: Ended, key: FlightKey) {
+    fn on_peer_landed(&self, ended: FlightEnd, key: FlightKey) {
         if !self.flights.borrow().is_waiting_on_peer(&key) {
             return;
         }
         match ended {
-            Ended::Failed => self.land(key, Resolution::Failed),
-            Ended::Overloaded => self.land(key, Resolution::Overloaded),
-            Ended::Answered if !self.answer_from_cache(key) => {
+            FlightEnd::Failed => self.land(key, Resolution::Failed),
+            FlightEnd::Overloaded => self.land(key, Resolution::Overloaded),
+            FlightEnd::Answered if !self.answer_from_cache(key) => {
                 // The verdict may already be gone (a tiny cache, or ttl 0): ask again.
                 self.flights.borrow_mut().requeue(key);
                 self.start(key, false);
             }
-            Ended::Answered => {}
+            FlightEnd::Answered => {}
         }
     }
 
@@ -625,14 +626,14 @@ impl<H: Host> Worker<H> {
         };
         match self.host.send_callout(&callout) {
             Ok(token) => self.flights.borrow_mut().sent(key, token),
-            Err(NotSent::Refused) => self.not_sent(key, Failure::NotSent),
-            Err(NotSent::AnsweredAtOnce) => self.not_sent(key, Failure::Overloaded),
+            Err(NotSent::Refused) => self.not_sent(key, LookupFailure::NotSent),
+            Err(NotSent::AnsweredAtOnce) => self.not_sent(key, LookupFailure::Overloaded),
         }
     }
 
-    fn not_sent(&self, key: FlightKey, failure: Failure) {
+    fn not_sent(&self, key: FlightKey, failure: LookupFailure) {
         match key {
-            FlightKey::Lookup(key_hash) => self.on_answer(key_hash, Answer::Failed(failure)),
+            FlightKey::Lookup(key_hash) => self.on_answer(key_hash, LookupAnswer::Failed(failure)),
             FlightKey::FeedPoll => {
                 self.on_poll_answer(feed::FeedAnswer::Failed(failure.describe()))
             }
@@ -644,8 +645,8 @@ impl<H: Host> Worker<H> {
     pub fn on_callout_refused(&self, token: u32, why: NotSent) {
         let key = self.flights.borrow_mut().answered(token);
         let failure = match why {
-            NotSent::Refused => Failure::NotSent,
-            NotSent::AnsweredAtOnce => Failure::Overloaded,
+            NotSent::Refused => LookupFailure::NotSent,
+            NotSent::AnsweredAtOnce => LookupFailure::Overloaded,
         };
         if let Some(key) = key {
             self.not_sent(key, failure);
@@ -675,7 +676,7 @@ impl<H: Host> Worker<H> {
 
     /// Counts the key service's answer, puts its verdict in the cache, and lands the
     /// flight.
-    fn on_answer(&self, key_hash: KeyHash, answer: Answer) {
+    fn on_answer(&self, key_hash: KeyHash, answer: LookupAnswer) {
         let key = FlightKey::Lookup(key_hash);
         let now_ms = self.host.now_ms();
         let (asked, counted, sent_at_ms) = match self.flights.borrow().get(&key) {
@@ -695,13 +696,13 @@ impl<H: Host> Worker<H> {
         }
         let answered = !matches!(
             answer,
-            Answer::Failed(Failure::NotSent | Failure::Overloaded)
+            LookupAnswer::Failed(LookupFailure::NotSent | LookupFailure::Overloaded)
         );
         if let Some(sent_at_ms) = sent_at_ms.filter(|_| answered) {
             let latency_ms = now_ms.saturating_sub(sent_at_ms);
             self.host.record(Histogram::KeyServiceLatencyMs, latency_ms);
         }
-        if matches!(answer, Answer::Found(_) | Answer::NotFound) {
+        if matches!(answer, LookupAnswer::Found(_) | LookupAnswer::NotFound) {
             if let Some(since_ms) = asked.and_then(|asked| self.superseded(&key_hash, asked)) {
                 self.host.count(Counter::KeyServiceSuperseded);
                 return self.land(key, Resolution::Superseded(since_ms));
@@ -710,18 +711,18 @@ impl<H: Host> Worker<H> {
         let resolution = match self.cache.borrow().as_ref() {
             None => Resolution::Failed,
             Some(cache) => match answer {
-                Answer::Found(record) => {
+                LookupAnswer::Found(record) => {
                     self.host.count(Counter::KeyServiceFound);
                     let known = cache.known_key(record.clone());
                     cache.store_verdict(&self.host, &key_hash, Verdict::Found(record), now_ms);
                     Resolution::Known(known, now_ms)
                 }
-                Answer::NotFound => {
+                LookupAnswer::NotFound => {
                     self.host.count(Counter::KeyServiceNotFound);
                     cache.store_verdict(&self.host, &key_hash, Verdict::NotFound, now_ms);
                     Resolution::Unknown
                 }
-                Answer::Failed(failure) => {
+                LookupAnswer::Failed(failure) => {
                     self.host.count(Counter::KeyServiceError);
                     self.host
                         .count(Counter::KeyServiceErrorKind(failure.kind()));
@@ -732,7 +733,7 @@ impl<H: Host> Worker<H> {
                             failure.describe()
                         )
                     });
-                    if failure == Failure::Overloaded {
+                    if failure == LookupFailure::Overloaded {
                         // Not the key service's failure: no pause (a paused key is
                         // answered as failed, which `failure_mode` open forwards).
                         Resolution::Overloaded
@@ -752,10 +753,10 @@ impl<H: Host> Worker<H> {
         let ended = match resolution {
             // Superseded: the workers that waited read the tombstone, and ask again.
             Resolution::Known(..) | Resolution::Unknown | Resolution::Superseded(_) => {
-                Ended::Answered
+                FlightEnd::Answered
             }
-            Resolution::Failed => Ended::Failed,
-            Resolution::Overloaded => Ended::Overloaded,
+            Resolution::Failed => FlightEnd::Failed,
+            Resolution::Overloaded => FlightEnd::Overloaded,
         };
         let me = self.queue.get().unwrap_or_default();
         let now_ms = self.host.now_ms();

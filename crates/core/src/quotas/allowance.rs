@@ -21,7 +21,7 @@
 //! from it without touching shared data; what they admitted is settled on their tick or
 //! when they borrow again.
 use crate::quotas::quota::Quota;
-use crate::quotas::rls::Verdict;
+use crate::quotas::rls::RlsVerdict;
 use crate::storage::bytes::Reader;
 
 /// A node takes at most this fraction of what is left of a quota as its allowance.
@@ -182,7 +182,7 @@ impl QuotaState {
     /// those `Decision::Ask` carried).
     pub fn on_check(
         &mut self,
-        verdict: &Verdict,
+        verdict: &RlsVerdict,
         quotas: &[Quota],
         hits: u32,
         now_ms: u64,
@@ -244,7 +244,7 @@ impl QuotaState {
     }
 
     /// The answer to the node's report.
-    pub fn on_report(&mut self, verdict: &Verdict, quotas: &[Quota], now_ms: u64, mode: Mode) {
+    pub fn on_report(&mut self, verdict: &RlsVerdict, quotas: &[Quota], now_ms: u64, mode: Mode) {
         let reported = std::mem::take(&mut self.reporting);
         self.claim_until_ms = 0;
         self.learn(verdict, quotas, now_ms);
@@ -326,7 +326,7 @@ impl QuotaState {
         rate_items(&self.known, unreported, quotas, now_ms)
     }
 
-    fn learn(&mut self, verdict: &Verdict, quotas: &[Quota], now_ms: u64) {
+    fn learn(&mut self, verdict: &RlsVerdict, quotas: &[Quota], now_ms: u64) {
         let Some(statuses) = &verdict.statuses else {
             self.known.clear();
             if verdict.over_limit {
@@ -493,7 +493,7 @@ pub fn window_left_s(quota: &Quota, now_ms: u64) -> u64 {
 /// When an over-limit answer means a quota is spent (not just that the call's hits did
 /// not fit): seconds until its window ends. A status over the limit with nothing left
 /// says so; without statuses, only a call for one request does.
-fn spent_for_good(verdict: &Verdict, quotas: &[Quota], hits: u32, now_ms: u64) -> Option<u64> {
+fn spent_for_good(verdict: &RlsVerdict, quotas: &[Quota], hits: u32, now_ms: u64) -> Option<u64> {
     match &verdict.statuses {
         Some(statuses) => statuses
             .iter()
@@ -512,7 +512,7 @@ fn spent_for_good(verdict: &Verdict, quotas: &[Quota], hits: u32, now_ms: u64) -
 /// A spent quota's `Retry-After`: until its window ends, as the service says; without
 /// statuses, until the shortest of the key's windows ends (the service does not say
 /// which quota is spent).
-fn retry_after_s(verdict: &Verdict, quotas: &[Quota], now_ms: u64) -> u64 {
+fn retry_after_s(verdict: &RlsVerdict, quotas: &[Quota], now_ms: u64) -> u64 {
     let said = verdict.statuses.as_ref().and_then(|statuses| {
         statuses
             .iter()
@@ -555,8 +555,8 @@ mod tests {
         per: Per::Key,
     };
 
-    fn said(over_limit: bool, remaining: u32) -> Verdict {
-        Verdict {
+    fn said(over_limit: bool, remaining: u32) -> RlsVerdict {
+        RlsVerdict {
             over_limit,
             statuses: Some(vec![QuotaStatus {
                 over_limit,
@@ -566,8 +566,8 @@ mod tests {
         }
     }
 
-    fn limitador(over_limit: bool) -> Verdict {
-        Verdict {
+    fn limitador(over_limit: bool) -> RlsVerdict {
+        RlsVerdict {
             over_limit,
             statuses: None,
         }
@@ -878,14 +878,14 @@ mod tests {
         }
 
         impl Service {
-            fn answer(&mut self, hits: u32) -> Verdict {
+            fn answer(&mut self, hits: u32) -> RlsVerdict {
                 let fits = self.counted + hits <= N;
                 if fits || self.counts_refused {
                     self.counted += hits;
                 }
                 let over_limit = !fits;
                 let remaining = N.saturating_sub(self.counted);
-                Verdict {
+                RlsVerdict {
                     over_limit,
                     statuses: self.statuses.then(|| {
                         vec![QuotaStatus {

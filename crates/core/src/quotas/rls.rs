@@ -53,7 +53,7 @@ pub fn grpc_service(cluster: &str) -> Vec<u8> {
 
 /// The service's verdict on a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub struct RlsVerdict {
     pub over_limit: bool,
     /// One per quota, in the call's order; `None` when the service sends none (Limitador)
     /// or not one per descriptor.
@@ -69,7 +69,7 @@ pub struct QuotaStatus {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub enum RlsFailure {
     /// The host refused to send the call (no such cluster).
     NotSent,
     /// No answer within `timeout_ms`.
@@ -81,41 +81,41 @@ pub enum Failure {
     BadAnswer,
 }
 
-impl Failure {
+impl RlsFailure {
     pub fn describe(self) -> String {
         match self {
-            Failure::NotSent => "not sent (no such cluster?)".into(),
-            Failure::Timeout => "timed out".into(),
-            Failure::Grpc(status) => format!("gRPC status {status}"),
-            Failure::BadAnswer => "not an RLS answer".into(),
+            RlsFailure::NotSent => "not sent (no such cluster?)".into(),
+            RlsFailure::Timeout => "timed out".into(),
+            RlsFailure::Grpc(status) => format!("gRPC status {status}"),
+            RlsFailure::BadAnswer => "not an RLS answer".into(),
         }
     }
 
     /// A call that ended with gRPC status `status` and no message, `waited_ms` after it
     /// was sent with `timeout_ms`. Envoy ends a call it timed out with UNAVAILABLE, as it
     /// does one the server refused: the time tells them apart.
-    pub fn from_status(status: u32, waited_ms: u64, timeout_ms: u64) -> Failure {
+    pub fn from_status(status: u32, waited_ms: u64, timeout_ms: u64) -> RlsFailure {
         match status {
-            GRPC_OK => Failure::BadAnswer,
-            GRPC_DEADLINE_EXCEEDED => Failure::Timeout,
+            GRPC_OK => RlsFailure::BadAnswer,
+            GRPC_DEADLINE_EXCEEDED => RlsFailure::Timeout,
             // Envoy's timer may fire a little before the filter's clock says so.
-            _ if waited_ms.saturating_add(TIMER_SLACK_MS) >= timeout_ms => Failure::Timeout,
-            _ => Failure::Grpc(status),
+            _ if waited_ms.saturating_add(TIMER_SLACK_MS) >= timeout_ms => RlsFailure::Timeout,
+            _ => RlsFailure::Grpc(status),
         }
     }
 }
 
-pub type Answer = Result<Verdict, Failure>;
+pub type RlsAnswer = Result<RlsVerdict, RlsFailure>;
 
 /// Reads an answer to a call with `descriptors` quotas: `message` is the response
 /// message (`None`: larger than `MAX_ANSWER_BYTES`).
-pub fn classify(message: Option<&[u8]>, descriptors: usize) -> Answer {
-    let message = message.ok_or(Failure::BadAnswer)?;
-    let answer = rls::RateLimitResponse::decode(message).map_err(|_| Failure::BadAnswer)?;
+pub fn classify(message: Option<&[u8]>, descriptors: usize) -> RlsAnswer {
+    let message = message.ok_or(RlsFailure::BadAnswer)?;
+    let answer = rls::RateLimitResponse::decode(message).map_err(|_| RlsFailure::BadAnswer)?;
     let over_limit = match answer.overall_code {
         code::OK => false,
         code::OVER_LIMIT => true,
-        _ => return Err(Failure::BadAnswer),
+        _ => return Err(RlsFailure::BadAnswer),
     };
     let statuses = (answer.statuses.len() == descriptors && descriptors > 0).then(|| {
         answer
@@ -130,7 +130,7 @@ pub fn classify(message: Option<&[u8]>, descriptors: usize) -> Answer {
             })
             .collect()
     });
-    Ok(Verdict {
+    Ok(RlsVerdict {
         over_limit,
         statuses,
     })
@@ -212,7 +212,7 @@ mod tests {
         let bytes = answer(code::OK, vec![status(code::OK, 5, None)]);
         assert_eq!(
             classify(Some(&bytes), 2),
-            Ok(Verdict {
+            Ok(RlsVerdict {
                 over_limit: false,
                 statuses: None
             })
@@ -220,7 +220,7 @@ mod tests {
         let limitador = answer(code::OVER_LIMIT, vec![]);
         assert_eq!(
             classify(Some(&limitador), 1),
-            Ok(Verdict {
+            Ok(RlsVerdict {
                 over_limit: true,
                 statuses: None
             })
@@ -231,20 +231,20 @@ mod tests {
     fn what_is_not_an_answer_is_a_bad_answer() {
         assert_eq!(
             classify(Some(&[0xff, 0xff, 0xff]), 1),
-            Err(Failure::BadAnswer)
+            Err(RlsFailure::BadAnswer)
         );
         assert_eq!(
             classify(Some(&answer(code::UNKNOWN, vec![])), 1),
-            Err(Failure::BadAnswer)
+            Err(RlsFailure::BadAnswer)
         );
-        assert_eq!(classify(None, 1), Err(Failure::BadAnswer));
-        assert_eq!(Failure::from_status(4, 10, 100), Failure::Timeout);
-        assert_eq!(Failure::from_status(14, 10, 100), Failure::Grpc(14));
-        assert_eq!(Failure::from_status(14, 100, 100), Failure::Timeout);
-        assert_eq!(Failure::from_status(14, 95, 100), Failure::Timeout);
+        assert_eq!(classify(None, 1), Err(RlsFailure::BadAnswer));
+        assert_eq!(RlsFailure::from_status(4, 10, 100), RlsFailure::Timeout);
+        assert_eq!(RlsFailure::from_status(14, 10, 100), RlsFailure::Grpc(14));
+        assert_eq!(RlsFailure::from_status(14, 100, 100), RlsFailure::Timeout);
+        assert_eq!(RlsFailure::from_status(14, 95, 100), RlsFailure::Timeout);
         assert_eq!(
-            Failure::from_status(0, 10, 100),
-            Failure::BadAnswer,
+            RlsFailure::from_status(0, 10, 100),
+            RlsFailure::BadAnswer,
             "OK without a message"
         );
     }

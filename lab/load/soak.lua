@@ -1,6 +1,6 @@
--- wrk script for scripts/soak: mixed traffic, every response counted by what was sent.
+-- wrk script for lab/soak: mixed traffic, every response counted by what was sent.
 --
---   wrk -t T -c T -s scripts/load/soak.lua URL -- VALID UNKNOWN REVOKED EXPIRED DELAY_MS SEED [RANDOM_LOG]
+--   wrk -t T -c T -s lab/load/soak.lua URL -- VALID UNKNOWN REVOKED EXPIRED DELAY_MS SEED [RANDOM_LOG]
 --
 -- Run it with as many connections as threads (-c = -t): each thread then has one request in
 -- flight at a time, so a response always belongs to the request made last and can be
@@ -50,7 +50,7 @@ function init(args)
   local seed = tonumber(args[6]) or 1
   math.randomseed(seed * 1000003 + thread_id * 7919)
   if args[7] then
-    -- the random keys sent, "<unix second> <key>" a line, so that scripts/soak can tell
+    -- the random keys sent, "<unix second> <key>" a line, so that lab/soak can tell
     -- which of them shared a cache slot with a valid key
     random_log = io.open(args[7] .. "." .. thread_id, "w")
     random_log:setvbuf("line")

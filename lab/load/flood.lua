@@ -1,12 +1,12 @@
--- wrk script for scripts/flood: every request carries a key never sent before.
+-- wrk script for lab/flood: every request carries a key never sent before.
 --
---   wrk -t T -c C -s scripts/load/flood.lua URL -- QUOTA SEED [plain|format]
+--   wrk -t T -c C -s lab/load/flood.lua URL -- QUOTA SEED [plain|format]
 --
 -- Each thread sends QUOTA requests with keys flood-<thread>-<n>-<random hex> ("format":
 -- flood_ and 36 random base62 characters, a key of the filter's key_format in shape
 -- whose checksum is right only by chance), then stops
 -- (wrk.thread:stop(); a request or so per connection may still go out, with a new key
--- too). wrk's main thread only ends at -d or on SIGINT: scripts/flood watches Envoy's
+-- too). wrk's main thread only ends at -d or on SIGINT: lab/flood watches Envoy's
 -- counters and sends SIGINT once the flood is through. done() prints one line
 -- "FLOOD_SUMMARY {...}".
 

@@ -7,7 +7,7 @@
 //! sends, commits the scheduler, and the main thread sends it; the answer goes back to
 //! the worker's mailbox. A thread of the module's own keeps the ticks.
 use super::abi::{self, EnvoyPtr, MetricType};
-use super::mailbox::{lock, Answer, Event, GrpcEnd, Mailbox, MAIN_WORK};
+use super::mailbox::{lock, CallAnswer, Event, GrpcEnd, Mailbox, MAIN_WORK};
 use apikey_core::pipeline::ports::NotSent;
 use apikey_core::pipeline::stats::{counter_names, Gauge, Histogram, PREFIX};
 use std::collections::HashMap;
@@ -98,7 +98,7 @@ impl Metrics {
 }
 
 /// A filter configuration: `on_http_filter_config_new` makes one.
-pub struct Node {
+pub struct FilterConfig {
     /// Its name among this process's configurations (each thread's workers by it).
     pub id: u32,
     /// The queue of its main thread's worker, which keeps the node's duties.
@@ -124,20 +124,20 @@ pub struct Node {
     ticker_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Node {
+impl FilterConfig {
     /// A configuration's node: its stats, scheduler and tick (its main thread's worker
     /// is made by `local::start_main`).
     ///
     /// # Safety
     /// `config` is the configuration being created, in `on_http_filter_config_new`, on
     /// the main thread.
-    pub unsafe fn new(config: EnvoyPtr, raw: &[u8]) -> Arc<Node> {
+    pub unsafe fn new(config: EnvoyPtr, raw: &[u8]) -> Arc<FilterConfig> {
         static NEXT_ID: AtomicU32 = AtomicU32::new(1);
         // SAFETY: the caller's promise.
         let (scheduler, metrics) =
             unsafe { (abi::config_scheduler(config), Metrics::define(config)) };
         let ticker = Arc::new(Ticker::default());
-        let node = Arc::new(Node {
+        let node = Arc::new(FilterConfig {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             main_queue: next_queue(),
             config: config as usize,
@@ -308,7 +308,7 @@ impl Node {
             .or_else(|| lock(&self.sending).take())
     }
 
-    pub fn on_callout_done(&self, id: u64, answer: Answer) {
+    pub fn on_callout_done(&self, id: u64, answer: CallAnswer) {
         if let Some(InFlight::Callout(caller)) = self.take_in_flight(id) {
             super::mailbox::post(caller.queue, Event::CalloutAnswer(caller.token, answer));
         }

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Does a flood of random keys take stale-if-error away from valid keys?
 
-    python3 scripts/load/flood_then_outage.py [K] [MAX_ENTRIES]     # 100000 100000
+    python3 lab/load/flood_then_outage.py [K] [MAX_ENTRIES]     # 100000 100000
 
 A stub key service (an Envoy with direct_response routes: 200 keys answered 200, everything
 else 404), the recording upstream and Envoy with the filter (cache.max_entries MAX_ENTRIES,
 ttl_s 600, stale_if_error_s 600). It asks for the 200 valid keys (cached), sends K never-seen
-random keys (wrk, scripts/load/flood.lua), stops the stub key service, then asks for the 200
+random keys (wrk, lab/load/flood.lua), stops the stub key service, then asks for the 200
 valid keys again and prints what they got. Every one should get 200 from the cache: an unknown
 key's negative entry never displaces a found one that may still be used (src/cache_entry.rs).
 Before that rule, with one slot per key, about 1 - exp(-K / MAX_ENTRIES) of the valid keys

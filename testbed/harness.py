@@ -1,6 +1,6 @@
 """Integration-test harness: a real Envoy loading the real apikey_filter.wasm, in front of
-the reference key service (scripts/keyservice.py) and a recording upstream
-(scripts/upstream.py), all on 127.0.0.1.
+the reference key service (testbed/keyservice.py) and a recording upstream
+(testbed/upstream.py), all on 127.0.0.1.
 
     from harness import Stack, key_hash
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
+# The helper servers run as `python -m testbed.<module>`: the repository's root on their path.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # APIKEY_WASM=FILE runs the tests against another build (a debug one, an older release).
 DEFAULT_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "apikey_filter.wasm"
 WASM_PATH = Path(os.environ.get("APIKEY_WASM") or DEFAULT_WASM).resolve()
@@ -50,8 +52,7 @@ HOST = "127.0.0.1"
 POLL_S = 0.05  # every wait polls at this pace: start-up must stay quick on 2 cores
 START_TIMEOUT_S = 20
 
-sys.path.insert(0, str(SCRIPTS))
-import render_envoy  # noqa: E402  (scripts/ is not a package)
+from testbed import render_envoy  # noqa: E402
 
 
 def key_hash(raw):
@@ -66,7 +67,7 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 def with_checksum(prefix, random_part):
     """A key in the filter's key_format, its CRC-32 checksum made here with Python's zlib,
-    apart from the filter's code and from scripts/keyformat.py."""
+    apart from the filter's code and from testbed/keyformat.py."""
     n, digits = zlib.crc32(random_part.encode()), ""
     for _ in range(6):
         n, d = divmod(n, 62)
@@ -164,9 +165,10 @@ class Process:
             self.proc.wait()
 
 
-def start_helper_server(name, script, port, log_path, extra=()):
-    """Start scripts/<script> on port (0: any) and return (Process, bound port)."""
-    p = Process(name, [sys.executable, SCRIPTS / script, "--host", HOST, "--port", port, *extra], log_path).start()
+def start_helper_server(name, module, port, log_path, extra=()):
+    """Start testbed/<module>.py on port (0: any) and return (Process, bound port)."""
+    argv = [sys.executable, "-m", f"testbed.{module}", "--host", HOST, "--port", port, *extra]
+    p = Process(name, argv, log_path).start()
     try:
         line = p.wait_for_line(f"{name} listening on ")
     except BaseException:
@@ -284,7 +286,7 @@ class _JsonClient:
 
 
 class KeyServiceClient(_JsonClient):
-    """The key service's admin API (see scripts/keyservice.py)."""
+    """The key service's admin API (see testbed/keyservice.py)."""
 
     def add_key(self, key_hash, record):
         return self.call("POST", "/admin/keys", {"key_hash": key_hash, "record": record})
@@ -521,7 +523,7 @@ class Stack(Service):
         """listen_address: where Envoy's listener binds ("::1" for IPv6 clients); the
         admin and the other services stay on 127.0.0.1. bootstrap_extra: YAML appended to
         the bootstrap at its top level (e.g. a stats_config). rls_port: where the
-        `ratelimit` cluster points (a running RLS server, tests/rls_service.py)."""
+        `ratelimit` cluster points (a running RLS server, testbed/rls_service.py)."""
         self.rls_port = rls_port
         self.filter_config = filter_config
         self.listen_address = listen_address
@@ -545,12 +547,12 @@ class Stack(Service):
         self.keys_path.write_text(json.dumps({"keys": self.initial_keys}))
 
         self._upstream_proc, self.upstream_port = start_helper_server(
-            "upstream", "upstream.py", 0, self.tmp / "upstream.log")
+            "upstream", "upstream", 0, self.tmp / "upstream.log")
         self.upstream = UpstreamClient(self.upstream_port)
 
         if self.start_key_service_at_start:
             self._keyservice_proc, self.key_service_port = start_helper_server(
-                "keyservice", "keyservice.py", 0, self.tmp / "keyservice.log",
+                "keyservice", "keyservice", 0, self.tmp / "keyservice.log",
                 ["--keys", self.keys_path, "--save"])
         else:
             self.key_service_port = free_port()  # named in the config; start_key_service() binds it later
@@ -625,7 +627,7 @@ class Stack(Service):
         if self._keyservice_proc is not None and self._keyservice_proc.running():
             return
         self._keyservice_proc, _ = start_helper_server(
-            "keyservice", "keyservice.py", self.key_service_port, self.tmp / "keyservice.log",
+            "keyservice", "keyservice", self.key_service_port, self.tmp / "keyservice.log",
             ["--keys", self.keys_path, "--save"])
 
     # -- traffic ------------------------------------------------------------------------

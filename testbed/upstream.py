@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Recording upstream for apikey-filter tests and the demo: echoes what it received.
 
-    python3 scripts/upstream.py --port 8082 [--host 127.0.0.1]
+    python3 -m testbed.upstream --port 8082 [--host 127.0.0.1]
 
 Any request (any method, any path) -> 200 application/json
     {"method": m, "path": p, "headers": [[name, value], ...], "body": text}
@@ -18,7 +18,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from threaded_server import serve  # scripts/ is on sys.path: it holds this script
+from testbed.threaded_server import serve
 
 ADMIN_PATH = "/__upstream/requests"
 RECORDED_MAX = 10000  # bounded: benchmarks send far more than tests ever read

@@ -20,7 +20,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from harness import (HOST, POLL_S, SCRIPTS, HarnessError, Process, Service, _JsonClient, _remove,
+from testbed.harness import (HOST, POLL_S, SCRIPTS, HarnessError, Process, Service, _JsonClient, _remove,
                      free_port)
 
 START_TIMEOUT_S = 20

@@ -1,6 +1,6 @@
-"""Shared by scripts/soak and scripts/flood: processes, Envoy, stats, RSS, logs.
+"""Shared by lab/soak and lab/flood: processes, Envoy, stats, RSS, logs.
 
-Every process is started through tests/harness.py's Process (its log in the run directory,
+Every process is started through testbed/harness.py's Process (its log in the run directory,
 and PR_SET_PDEATHSIG, so none outlives a script killed hard) and registered in PROCS;
 stop_all() stops them in reverse order. The scripts call it in a `finally`, and SIGTERM and
 SIGHUP are turned into SystemExit so that the `finally` runs for them too (Ctrl-C raises
@@ -18,11 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCRIPTS = ROOT / "scripts"
-LOAD = SCRIPTS / "load"
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(SCRIPTS))
-import harness  # noqa: E402
-import render_envoy  # noqa: E402
+LOAD = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # the test bed
+from testbed import harness, render_envoy  # noqa: E402
 
 HOST = harness.HOST
 key_hash = harness.key_hash
@@ -138,8 +136,8 @@ def stop_all():
 
 
 def start_server(module, port, log_path, extra=()):
-    """scripts/<module>.py (keyservice or upstream). Returns (Process, bound port)."""
-    p = start(module, [sys.executable, SCRIPTS / f"{module}.py", "--host", HOST, "--port", port, *extra],
+    """testbed/<module>.py (keyservice or upstream). Returns (Process, bound port)."""
+    p = start(module, [sys.executable, "-m", f"testbed.{module}", "--host", HOST, "--port", port, *extra],
               log_path)
     try:
         line = p.wait_for_line(f"{module} listening on ")

@@ -3,7 +3,7 @@
 
 One template serves the tests, the demo and docker-compose; only the values differ.
 
-    python3 scripts/render_envoy.py --set LISTEN_PORT=10000 --set ADMIN_PORT=9901 \
+    python3 -m testbed.render_envoy --set LISTEN_PORT=10000 --set ADMIN_PORT=9901 \
         --set UPSTREAM_PORT=8082 --set KEY_SERVICE_PORT=8081 \
         --set WASM_PATH=$PWD/target/wasm32-wasip1/release/apikey_filter.wasm \
         --set ACCESS_LOG=/tmp/access.log --filter-config envoy/demo/filter-config.json -o envoy.yaml

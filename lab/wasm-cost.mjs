@@ -1,23 +1,23 @@
 // The filter's own share of a request's cost, without Envoy: runs a .wasm under a
 // stand-in proxy-wasm host in Node's V8, drives it through the requests of
-// scripts/bench's apikey-hot configuration (100 keys, all cached after the first round),
+// lab/bench's apikey-hot configuration (100 keys, all cached after the first round),
 // and reports for a cached request
 //
 //   - each host call it makes, by name: the ones that hand data back are marked, as on
 //     Envoy each of those also calls into the VM to allocate (~1.6-2.3 µs all in, against
 //     ~0.2 µs for another call; see docs/performance.md);
 //   - the time its wasm code runs, from V8's sampling profiler, in all and by function
-//     (named when the build kept its names: scripts/wasm-cost makes such a build).
+//     (named when the build kept its names: lab/wasm-cost makes such a build).
 //
 // The counts are exact: those of the median of 100 requests, one per key, the same on every
 // run. The time leaves the stand-in host out
 // and varies by a few percent from run to run; it is Node's V8, not Envoy's, so compare
-// builds with each other here, and see scripts/bench for what a user gets.
+// builds with each other here, and see lab/bench for what a user gets.
 //
 // With --cold, the same for requests whose key is new each time: a cache miss, a callout
 // (answered at once by the stand-in with a found record) and the request resumed.
 //
-//   node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]
+//   node lab/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]
 import fs from "node:fs";
 import { Session } from "node:inspector";
 import { randomFillSync } from "node:crypto";
@@ -29,12 +29,12 @@ const option = (name, fallback) => {
 };
 const wasmPath = args[0];
 if (!wasmPath || wasmPath.startsWith("--")) {
-  console.error("usage: node scripts/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]");
+  console.error("usage: node lab/wasm-cost.mjs FILE.wasm [--requests N] [--cold] [--config JSON]");
   process.exit(2);
 }
 const REQUESTS = Number(option("--requests", "300000"));
 const HOT_KEYS = 100;
-// scripts/bench's apikey-hot: a rate limit that never runs dry.
+// lab/bench's apikey-hot: a rate limit that never runs dry.
 const PLUGIN_CONFIG = option("--config",
   JSON.stringify({ key_service: { cluster: "key_service", timeout_ms: 500 },
                    rate_limit: { requests: 1000000000, period_s: 1 } }));

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference key service for apikey-filter (CONTRACT "Key service protocol"), for tests and the demo.
 
-    python3 scripts/keyservice.py --port 8081 [--host 127.0.0.1] [--keys FILE] [--save]
+    python3 -m testbed.keyservice --port 8081 [--host 127.0.0.1] [--keys FILE] [--save]
                                   [--changes-path /v1/key-changes] [--changes-kept 10000]
 
 Keys file: {"keys": {"<lowercase sha256 hex of the raw key>": {record}}}. It holds hashes
@@ -71,8 +71,8 @@ import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
-from keyformat import is_prefix, new_key  # scripts/ is on sys.path: it holds this script
-from threaded_server import serve
+from testbed.keyformat import is_prefix, new_key
+from testbed.threaded_server import serve
 
 MODES = ("normal", "status", "hang", "close", "malformed")
 CHANGES_MODES = ("normal", "status", "gone", "hang", "malformed", "bad_hashes", "huge")
