@@ -7,7 +7,7 @@
 use super::ports::{Clock, GrpcCall, Host, RequestIo, SharedStore, Stats};
 use super::request::{admit, log_key, refuse, Handled, RateHeaders, Request};
 use super::stats::{Counter, Histogram, RlsFailureKind};
-use super::worker::{remove_if_any, Worker, LEASE_MARGIN_MS};
+use super::worker::{remove_if_any, RequestState, Worker, LEASE_MARGIN_MS};
 use crate::config::{Config, RateLimitService};
 use crate::flights::coordinator::Message;
 use crate::keys::cache::Cached;
@@ -341,6 +341,9 @@ impl<H: Host> Worker<H> {
             sent_at_ms: now_ms,
         };
         self.quota_calls.borrow_mut().insert(token, call);
+        self.requests
+            .borrow_mut()
+            .insert(context_id, RequestState::AskingQuotas { token });
         None
     }
 
@@ -519,36 +522,61 @@ impl<H: Host> Worker<H> {
                 ask,
                 ..
             } => {
+                remove_if_any(&self.requests, context_id);
                 let Some(mut io) = self.host.parked(context_id) else {
                     // The request is gone, its answer here: what the call carried is
                     // settled all the same (counted by the service, or to be reported).
                     return self.settle_without_request(&request, &known, ask.carried, &answer);
                 };
                 let handled = self.conclude_check(&mut io, &request, &known, ask, answer);
-                self.after_quotas(context_id, &mut io, &request.key_hash, &known, handled);
+                self.counted(&request.key_hash, &known, &handled);
+                self.resume_waited(context_id, &mut io, handled);
                 self.host.unpark();
             }
             QuotaCall::Report { known, hits, .. } => self.on_report_answer(&known, hits, answer),
         }
     }
 
-    /// What follows a parked request's quota decision: resumed with its fields kept for
-    /// its response, or left answered.
-    pub(super) fn after_quotas(
+    /// A known key's request after its checks (`finish`): its quotas counted when it has
+    /// any, then the request counted for its key. `None`: it waits for the rate limit
+    /// service, whose answer goes on from `conclude_check`.
+    pub(super) fn after_checks(
         &self,
         context_id: u32,
         io: &mut impl RequestIo,
-        key_hash: &KeyHash,
+        request: Request,
         known: &Rc<KnownKey>,
         handled: Handled,
-    ) {
-        self.count_key(known, &handled);
-        if let Handled::Forward(rate_headers) = handled {
+    ) -> Option<Handled> {
+        let key_hash = request.key_hash;
+        let handled = match handled {
+            Handled::CountQuotas(rate_headers) => {
+                self.count_quotas(context_id, io, request, known.clone(), rate_headers)?
+            }
+            handled => handled,
+        };
+        self.counted(&key_hash, known, &handled);
+        Some(handled)
+    }
+
+    /// A known key's request, decided: counted for its key, and its key noted for the
+    /// node's report when it went on.
+    fn counted(&self, key_hash: &KeyHash, known: &Rc<KnownKey>, handled: &Handled) {
+        self.count_key(known, handled);
+        if let Handled::Forward(_) = handled {
             self.note_unreported(key_hash, known, None);
+        }
+    }
+
+    /// A request that waited (on the key service or the rate limit service) and was
+    /// decided: resumed, with its RateLimit fields kept for its response, or left
+    /// answered.
+    pub(super) fn resume_waited(&self, context_id: u32, io: &mut impl RequestIo, handled: Handled) {
+        if let Handled::Forward(rate_headers) = handled {
             if let Some(rate_headers) = rate_headers {
-                self.rate_headers
+                self.requests
                     .borrow_mut()
-                    .insert(context_id, rate_headers);
+                    .insert(context_id, RequestState::Forwarded(rate_headers));
             }
             io.resume();
         }
@@ -786,8 +814,6 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// A request that ended while its own call was out: its answer has nowhere to go,
-    /// and what the call carried is reported later.
     /// The node's part of a request's own call whose request is gone: the requests it
     /// carried are counted as the answer says, or given back to be reported.
     fn settle_without_request(
@@ -818,18 +844,10 @@ impl<H: Host> Worker<H> {
         );
     }
 
-    pub(super) fn forget_quota_call(&self, context_id: u32) {
-        let dropped = {
-            let mut calls = self.quota_calls.borrow_mut();
-            if calls.is_empty() {
-                return;
-            }
-            let token = calls.iter().find_map(|(token, call)| match call {
-                QuotaCall::Check { context_id: c, .. } if *c == context_id => Some(*token),
-                _ => None,
-            });
-            token.and_then(|token| calls.remove(&token))
-        };
+    /// A request that ended while its own call was out: the call is dropped, and what it
+    /// carried goes back to the node, to be reported.
+    pub(super) fn drop_quota_check(&self, token: u32) {
+        let dropped = remove_if_any(&self.quota_calls, token);
         let Some(QuotaCall::Check {
             request,
             known,

@@ -54,6 +54,17 @@ pub enum Flow {
     Pause,
 }
 
+/// What a worker holds for one request between its callbacks.
+pub(super) enum RequestState {
+    /// Parked until the key service answers for its key.
+    Parked(Request),
+    /// Waiting for its own call to the rate limit service (`quota_calls`, by token).
+    AskingQuotas { token: u32 },
+    /// Forwarded after waiting: its response gets these RateLimit fields (a request
+    /// forwarded at once keeps its own: see `Flow`).
+    Forwarded(RateHeaders),
+}
+
 /// How a key lookup ended, for the requests parked on it.
 pub(super) enum Resolution {
     /// Found, as stored in the node's cache at `.1` (what a refreshed copy is trusted as).
@@ -100,11 +111,9 @@ pub struct Worker<H: Host> {
     /// This worker's queue: how it is woken, and its name in leases.
     pub(super) queue: Cell<Option<u32>>,
     pub(super) flights: RefCell<Flights<Payload>>,
-    /// Requests parked on a lookup, by context id.
-    waiting: RefCell<HashMap<u32, Request>>,
-    /// RateLimit fields for the responses of requests that took a token after waiting
-    /// on the key service (the others keep theirs: see `Flow`).
-    pub(super) rate_headers: RefCell<HashMap<u32, RateHeaders>>,
+    /// What it holds for each request between callbacks, by context id: forgetting a
+    /// request is one removal.
+    pub(super) requests: RefCell<HashMap<u32, RequestState>>,
     pub(super) warnings: Warnings,
     scheduler: RefCell<Scheduler>,
     /// The change feed as this worker last saw it (see `pipeline::feed`).
@@ -132,8 +141,7 @@ impl<H: Host> Worker<H> {
             cache: RefCell::new(None),
             queue: Cell::new(None),
             flights: RefCell::default(),
-            waiting: RefCell::default(),
-            rate_headers: RefCell::default(),
+            requests: RefCell::default(),
             warnings: Warnings::default(),
             scheduler: RefCell::default(),
             feed: RefCell::default(),
@@ -318,22 +326,10 @@ impl<H: Host> Worker<H> {
                 }
                 let outcome = Outcome::Known(&known);
                 let handled = finish(&self.host, &self.warnings, io, &request, headers, outcome);
-                let handled = match handled {
-                    Handled::CountQuotas(rate_headers) => {
-                        let counted =
-                            self.count_quotas(context_id, io, request, known.clone(), rate_headers);
-                        match counted {
-                            Some(handled) => handled,
-                            None => return Flow::Pause, // waits for its answer
-                        }
-                    }
-                    handled => handled,
-                };
-                self.count_key(&known, &handled);
-                if matches!(handled, Handled::Forward(_)) {
-                    self.note_unreported(&key_hash, &known, None);
+                match self.after_checks(context_id, io, request, &known, handled) {
+                    Some(handled) => handled,
+                    None => return Flow::Pause, // waits for its answer
                 }
-                handled
             }
             Cached::NegativeHit => {
                 self.host.count(Counter::CacheNegativeHit);
@@ -371,7 +367,7 @@ impl<H: Host> Worker<H> {
     /// The response headers phase: the RateLimit fields of a request that took a token,
     /// `own` when it did so at once, else as kept for it after it waited.
     pub fn on_response(&self, context_id: u32, own: Option<RateHeaders>, io: &mut impl RequestIo) {
-        let rate_headers = own.or_else(|| remove_if_any(&self.rate_headers, context_id));
+        let rate_headers = own.or_else(|| self.take_forwarded(context_id));
         for (name, value) in rate_headers.iter().flat_map(RateHeaders::fields) {
             io.add_response_header(name, value);
         }
@@ -382,16 +378,17 @@ impl<H: Host> Worker<H> {
     /// `key_service_unavailable`, never forwarded, and the host is handed back for the
     /// worker built in its place.
     pub fn abandon(self) -> H {
-        let mut held: Vec<u32> = self.waiting.take().into_keys().collect();
-        held.extend(
-            self.quota_calls
-                .take()
-                .into_values()
-                .filter_map(|call| match call {
-                    QuotaCall::Check { context_id, .. } => Some(context_id),
-                    QuotaCall::Report { .. } => None,
-                }),
-        );
+        let held = self
+            .requests
+            .take()
+            .into_iter()
+            .filter_map(|(context_id, state)| {
+                let waits = matches!(
+                    state,
+                    RequestState::Parked(_) | RequestState::AskingQuotas { .. }
+                );
+                waits.then_some(context_id)
+            });
         let denial = Denial::KeyServiceUnavailable; // a 503: no WWW-Authenticate
         for context_id in held {
             if let Some(mut io) = self.host.parked(context_id) {
@@ -405,16 +402,45 @@ impl<H: Host> Worker<H> {
 
     /// A request that ended (its client went away, or it is done).
     pub fn forget(&self, context_id: u32) {
-        remove_if_any(&self.waiting, context_id);
-        remove_if_any(&self.rate_headers, context_id);
-        self.forget_quota_call(context_id);
+        if let Some(RequestState::AskingQuotas { token }) =
+            remove_if_any(&self.requests, context_id)
+        {
+            self.drop_quota_check(token);
+        }
+    }
+
+    /// The RateLimit fields kept for request `context_id`, if it was forwarded after
+    /// waiting.
+    fn take_forwarded(&self, context_id: u32) -> Option<RateHeaders> {
+        let mut requests = self.requests.borrow_mut();
+        match requests.get(&context_id)? {
+            RequestState::Forwarded(_) => match requests.remove(&context_id) {
+                Some(RequestState::Forwarded(rate_headers)) => Some(rate_headers),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Request `context_id`, taken out if it is parked on a lookup.
+    fn take_parked(&self, context_id: u32) -> Option<Request> {
+        let mut requests = self.requests.borrow_mut();
+        match requests.get(&context_id)? {
+            RequestState::Parked(_) => match requests.remove(&context_id) {
+                Some(RequestState::Parked(request)) => Some(request),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Parks request `context_id` until the key service answers for its key. Requests
     /// for a key already being looked up join that lookup.
     fn park(&self, context_id: u32, request: Request, stale: Option<KeyRecord>) {
         let key_hash = request.key_hash;
-        self.waiting.borrow_mut().insert(context_id, request);
+        self.requests
+            .borrow_mut()
+            .insert(context_id, RequestState::Parked(request));
         let stale = stale.and_then(|record| {
             self.cache
                 .borrow()
@@ -792,7 +818,7 @@ impl<H: Host> Worker<H> {
             return;
         }
         for context_id in flight.parked {
-            let Some(mut request) = self.waiting.borrow_mut().remove(&context_id) else {
+            let Some(mut request) = self.take_parked(context_id) else {
                 continue; // its client went away
             };
             let Some(mut io) = self.host.parked(context_id) else {
@@ -816,28 +842,14 @@ impl<H: Host> Worker<H> {
             };
             let handled = finish(&self.host, &self.warnings, &mut io, &request, &[], outcome);
             let Some(known) = known else {
-                if let Handled::Forward(_) = handled {
-                    io.resume();
-                }
+                self.resume_waited(context_id, &mut io, handled);
                 continue;
             };
-            let handled = match handled {
-                Handled::CountQuotas(rate_headers) => {
-                    let counted = self.count_quotas(
-                        context_id,
-                        &mut io,
-                        request,
-                        known.clone(),
-                        rate_headers,
-                    );
-                    match counted {
-                        Some(handled) => handled,
-                        None => continue, // waits for its answer
-                    }
-                }
-                handled => handled,
+            let Some(handled) = self.after_checks(context_id, &mut io, request, known, handled)
+            else {
+                continue; // waits for its answer
             };
-            self.after_quotas(context_id, &mut io, &key_hash, known, handled);
+            self.resume_waited(context_id, &mut io, handled);
         }
         self.host.unpark();
     }
