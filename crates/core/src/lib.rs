@@ -5,15 +5,6 @@
 //! (`pipeline::ports`). The hosts are crates of their own on this one: `apikey-filter-wasm`
 //! (proxy-wasm) and `apikey-filter-module` (Envoy's dynamic modules) only turn those ports
 //! into host calls.
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 /// The plugin configuration and its JSON reading.
 pub mod config;

@@ -412,26 +412,32 @@ impl<H: Host> Worker<H> {
     /// The RateLimit fields kept for request `context_id`, if it was forwarded after
     /// waiting.
     fn take_forwarded(&self, context_id: u32) -> Option<RateHeaders> {
-        let mut requests = self.requests.borrow_mut();
-        match requests.get(&context_id)? {
-            RequestState::Forwarded(_) => match requests.remove(&context_id) {
-                Some(RequestState::Forwarded(rate_headers)) => Some(rate_headers),
-                _ => None,
-            },
+        match self.take_state(context_id, |s| matches!(s, RequestState::Forwarded(_)))? {
+            RequestState::Forwarded(rate_headers) => Some(rate_headers),
             _ => None,
         }
     }
 
     /// Request `context_id`, taken out if it is parked on a lookup.
     fn take_parked(&self, context_id: u32) -> Option<Request> {
-        let mut requests = self.requests.borrow_mut();
-        match requests.get(&context_id)? {
-            RequestState::Parked(_) => match requests.remove(&context_id) {
-                Some(RequestState::Parked(request)) => Some(request),
-                _ => None,
-            },
+        match self.take_state(context_id, |s| matches!(s, RequestState::Parked(_)))? {
+            RequestState::Parked(request) => Some(request),
             _ => None,
         }
+    }
+
+    /// Request `context_id`'s state, taken out if it is the `wanted` kind. Most requests
+    /// hold none: with nothing held, no hashing (the response hook asks for every one).
+    fn take_state(
+        &self,
+        context_id: u32,
+        wanted: fn(&RequestState) -> bool,
+    ) -> Option<RequestState> {
+        let mut requests = self.requests.borrow_mut();
+        if requests.is_empty() || !requests.get(&context_id).is_some_and(wanted) {
+            return None;
+        }
+        requests.remove(&context_id)
     }
 
     /// Parks request `context_id` until the key service answers for its key. Requests
