@@ -416,9 +416,9 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
         {
             panic!("apikey-filter panic probe");
         }
-        let host = worker.host();
-        let flow = worker.on_request(context_id, &mut host.begin(context_id, filter), &headers);
-        host.end();
+        let mut io = worker.host().begin(context_id, filter);
+        let flow = worker.on_request(context_id, &mut io, &headers);
+        worker.host().end();
         match flow {
             Flow::Forward(rate_headers) => Some(rate_headers.map(|r| {
                 let [(_, policy), (_, state)] = r.fields();
@@ -442,7 +442,7 @@ unsafe fn on_request_headers(filter: EnvoyPtr, stream_ptr: *const c_void) -> u32
                         ))
                     };
                     local.mailbox.add_stream(context_id, parked.scheduler());
-                    host.park(context_id, parked.clone());
+                    worker.host().park(context_id, parked.clone());
                     stream.parked = Some(parked);
                 }
                 None

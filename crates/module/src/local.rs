@@ -32,7 +32,7 @@ impl Local {
     fn new(node: &Arc<FilterConfig>, mailbox: Arc<Mailbox>) -> Option<Rc<Local>> {
         // Known to the node first: configuring asks for the worker's tick.
         node.add_mailbox(&mailbox);
-        let worker = Worker::new(NativeHost::new(node.clone(), mailbox.clone()));
+        let mut worker = Worker::new(NativeHost::new(node.clone(), mailbox.clone()));
         worker.set_queue(mailbox.queue);
         if !worker.configure(node.raw_config()) {
             mailbox.close();
@@ -46,9 +46,14 @@ impl Local {
     }
 
     /// Runs `f` on the worker. A panic in `f` rebuilds the worker (`run_or_rebuild`),
-    /// then goes on to the hook, whose guard answers for it.
-    pub fn with_worker<T>(&self, f: impl FnOnce(&Worker<NativeHost>) -> T) -> Option<T> {
-        let mut slot = self.worker.borrow_mut();
+    /// then goes on to the hook, whose guard answers for it. `None` without a worker, or
+    /// if a hook is already running on it (which cannot happen: what the worker does to a
+    /// request waits until it is done, `actions`): nothing then panics.
+    pub fn with_worker<T>(&self, f: impl FnOnce(&mut Worker<NativeHost>) -> T) -> Option<T> {
+        let Ok(mut slot) = self.worker.try_borrow_mut() else {
+            log::error!("apikey-filter: a hook was called inside another; its event is dropped");
+            return None;
+        };
         let rebuilt = run_or_rebuild(&mut slot, self.node.raw_config(), self.mailbox.queue, f);
         match rebuilt {
             Ok(done) => done,
@@ -79,17 +84,22 @@ impl Local {
     }
 }
 
-fn deliver(w: &Worker<NativeHost>, event: Event) {
-    let with_answer = |answer: CallAnswer, f: &dyn Fn(usize)| {
+fn deliver(w: &mut Worker<NativeHost>, event: Event) {
+    /// Delivers an answer: the host lends its bytes to the worker while `f` runs.
+    fn with_answer(
+        w: &mut Worker<NativeHost>,
+        answer: CallAnswer,
+        f: impl FnOnce(&mut Worker<NativeHost>, usize),
+    ) {
         let size = answer.body.len();
         w.host().set_answer(answer);
-        f(size);
+        f(w, size);
         w.host().set_answer(CallAnswer::default());
-    };
+    }
     match event {
         Event::Message(message) => w.on_message(&message),
         Event::CalloutAnswer(token, answer) => {
-            with_answer(answer, &|size| w.on_callout_answer(token, size))
+            with_answer(w, answer, |w, size| w.on_callout_answer(token, size))
         }
         Event::CalloutRefused(token, why) => w.on_callout_refused(token, why),
         Event::Grpc(token, GrpcEnd::Message(body)) => {
@@ -97,7 +107,7 @@ fn deliver(w: &Worker<NativeHost>, event: Event) {
                 body,
                 ..CallAnswer::default()
             };
-            with_answer(answer, &|size| {
+            with_answer(w, answer, |w, size| {
                 w.on_grpc_answer(token, GrpcOutcome::Message(size))
             })
         }

@@ -23,11 +23,14 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 
-type FilterWorker = Worker<WasmHost>;
+/// A root context's worker, shared with its streams' contexts. Each hook borrows it for
+/// its own length: Envoy runs no hook of a VM inside another (a local reply and a resumed
+/// stream go out once the hook has returned).
+type FilterWorker = Rc<RefCell<Worker<WasmHost>>>;
 
 /// One request's context.
 struct Stream {
-    worker: Rc<FilterWorker>,
+    worker: FilterWorker,
     /// Set when the request took a token without waiting; a request that waited finds
     /// its fields with the worker.
     rate_headers: Option<RateHeaders>,
@@ -36,7 +39,7 @@ struct Stream {
 /// The VM's contexts: each root context (a filter configuration) has its worker.
 #[derive(Default)]
 struct Contexts {
-    roots: HashMap<u32, Rc<FilterWorker>>,
+    roots: HashMap<u32, FilterWorker>,
     streams: HashMap<u32, Stream>,
 }
 
@@ -44,17 +47,29 @@ thread_local! {
     static CONTEXTS: RefCell<Contexts> = RefCell::default();
 }
 
-fn root(root_id: u32) -> Option<Rc<FilterWorker>> {
+fn root(root_id: u32) -> Option<FilterWorker> {
     CONTEXTS.with(|c| c.borrow().roots.get(&root_id).cloned())
 }
 
-fn stream_worker(context_id: u32) -> Option<Rc<FilterWorker>> {
+fn stream_worker(context_id: u32) -> Option<FilterWorker> {
     CONTEXTS.with(|c| {
         c.borrow()
             .streams
             .get(&context_id)
             .map(|s| s.worker.clone())
     })
+}
+
+/// Runs `f` on the worker; `None` if a hook is already running on it (which Envoy does
+/// not do: the event is logged and dropped rather than a panic taking the VM down).
+fn with<T>(worker: &FilterWorker, f: impl FnOnce(&mut Worker<WasmHost>) -> T) -> Option<T> {
+    match worker.try_borrow_mut() {
+        Ok(mut worker) => Some(f(&mut worker)),
+        Err(_) => {
+            log::error!("apikey-filter: a hook was called inside another; its event is dropped");
+            None
+        }
+    }
 }
 
 const ACTION_CONTINUE: u32 = 0;
@@ -108,7 +123,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
     CONTEXTS.with(|c| {
         let mut contexts = c.borrow_mut();
         if parent_id == 0 {
-            let worker = Rc::new(Worker::new(WasmHost::new(context_id)));
+            let worker = Rc::new(RefCell::new(Worker::new(WasmHost::new(context_id))));
             contexts.roots.insert(context_id, worker);
         } else if let Some(worker) = contexts.roots.get(&parent_id).cloned() {
             let stream = Stream {
@@ -131,6 +146,13 @@ pub extern "C" fn proxy_on_configure(root_id: u32, configuration_size: usize) ->
     let Some(worker) = root(root_id) else {
         return false;
     };
+    with(&worker, |worker| {
+        configure(root_id, worker, configuration_size)
+    })
+    .unwrap_or(false)
+}
+
+fn configure(root_id: u32, worker: &mut Worker<WasmHost>, configuration_size: usize) -> bool {
     if worker.queue().is_none() {
         // Each VM needs a queue of its own (a queue wakes only the VM that registered it
         // last), so its name carries a random id; configuring again keeps the first one.
@@ -149,18 +171,22 @@ pub extern "C" fn proxy_on_configure(root_id: u32, configuration_size: usize) ->
 #[no_mangle]
 pub extern "C" fn proxy_on_tick(root_id: u32) {
     if let Some(worker) = root(root_id) {
-        worker.on_tick();
+        with(&worker, Worker::on_tick);
     }
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_queue_ready(root_id: u32, queue_id: u32) {
-    let Some(worker) = root(root_id).filter(|w| w.queue() == Some(queue_id)) else {
+    let Some(worker) = root(root_id) else {
         return;
     };
-    while let Some(message) = abi::dequeue(queue_id) {
-        worker.on_message(&message);
-    }
+    with(&worker, |worker| {
+        if worker.queue() == Some(queue_id) {
+            while let Some(message) = abi::dequeue(queue_id) {
+                worker.on_message(&message);
+            }
+        }
+    });
 }
 
 #[no_mangle]
@@ -172,27 +198,31 @@ pub extern "C" fn proxy_on_http_call_response(
     _trailers: usize,
 ) {
     if let Some(worker) = root(root_id) {
-        worker.on_callout_answer(token, body_size);
+        with(&worker, |w| w.on_callout_answer(token, body_size));
     }
 }
 
 /// gRPC answers come to the context that made the call: a request's own (its quota
 /// check) or the root's (a report).
-fn context_worker(context_id: u32) -> Option<Rc<FilterWorker>> {
+fn context_worker(context_id: u32) -> Option<FilterWorker> {
     root(context_id).or_else(|| stream_worker(context_id))
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token: u32, message_size: usize) {
     if let Some(worker) = context_worker(context_id) {
-        worker.on_grpc_answer(token, GrpcOutcome::Message(message_size));
+        with(&worker, |w| {
+            w.on_grpc_answer(token, GrpcOutcome::Message(message_size))
+        });
     }
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_close(context_id: u32, token: u32, status: u32) {
     if let Some(worker) = context_worker(context_id) {
-        worker.on_grpc_answer(token, GrpcOutcome::Closed(status));
+        with(&worker, |w| {
+            w.on_grpc_answer(token, GrpcOutcome::Closed(status))
+        });
     }
 }
 
@@ -204,15 +234,20 @@ pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_context: u32, _token:
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _end: bool) -> u32 {
-    let Some(worker) = stream_worker(context_id) else {
-        // No worker for its filter: a key that cannot be checked is not forwarded.
-        reply(&mut WasmRequest, "", Denial::KeyServiceUnavailable, &[]);
-        return ACTION_PAUSE;
-    };
     let serialized = abi::header_map(abi::REQUEST_HEADERS);
     let headers = header_map::parse(&serialized);
-    match worker.on_request(context_id, &mut WasmRequest, &headers) {
-        Flow::Forward(rate_headers) => {
+    let flow = stream_worker(context_id).and_then(|worker| {
+        with(&worker, |w| {
+            w.on_request(context_id, &mut WasmRequest, &headers)
+        })
+    });
+    match flow {
+        None => {
+            // No worker for its filter: a key that cannot be checked is not forwarded.
+            reply(&mut WasmRequest, "", Denial::KeyServiceUnavailable, &[]);
+            ACTION_PAUSE
+        }
+        Some(Flow::Forward(rate_headers)) => {
             if rate_headers.is_some() {
                 CONTEXTS.with(|c| {
                     if let Some(stream) = c.borrow_mut().streams.get_mut(&context_id) {
@@ -222,7 +257,7 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _en
             }
             ACTION_CONTINUE
         }
-        Flow::Pause => ACTION_PAUSE,
+        Some(Flow::Pause) => ACTION_PAUSE,
     }
 }
 
@@ -235,7 +270,9 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _headers: usize, _e
             .map(|s| (s.worker.clone(), s.rate_headers.take()))
     });
     if let Some((worker, own)) = taken {
-        worker.on_response(context_id, own, &mut WasmRequest);
+        with(&worker, |w| {
+            w.on_response(context_id, own, &mut WasmRequest)
+        });
     }
     ACTION_CONTINUE
 }
@@ -243,7 +280,7 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _headers: usize, _e
 #[no_mangle]
 pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
     if let Some(worker) = stream_worker(context_id) {
-        worker.forget(context_id);
+        with(&worker, |w| w.forget(context_id));
     }
     true
 }

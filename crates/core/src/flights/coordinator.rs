@@ -7,31 +7,10 @@
 //! until woken or until the lease's deadline, when this worker takes it over. It lands
 //! when its answer is in: the lease is released and the workers that waited are named,
 //! to be woken.
-use crate::flights::lease::{self, Acquired, FlightEnd, LeaseId};
+use crate::flights::lease::{self, Acquired, FlightEnd};
 use crate::storage::shared_store::SharedStore;
 use crate::vocabulary::key_hash::KeyHash;
 use std::collections::HashMap;
-
-/// What a flight is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FlightKey {
-    /// Asking the key service about a key (for requests, or to refresh its entry).
-    Lookup(KeyHash),
-    /// Polling the key service's change feed (one per node per interval, elected through
-    /// the feed's own state rather than a lease).
-    FeedPoll,
-}
-
-impl FlightKey {
-    /// The node-wide lease it is started under; a feed poll has none (it is elected on
-    /// the feed's own state).
-    fn lease_id(&self) -> Option<&LeaseId> {
-        match self {
-            FlightKey::Lookup(key_hash) => Some(key_hash),
-            FlightKey::FeedPoll => None,
-        }
-    }
-}
 
 /// What a worker's queue carries: a lookup one of its own requests asks for, another
 /// worker's news of a lookup this one waited for, or the change feed's news from the
@@ -150,8 +129,8 @@ pub enum Start {
 }
 
 pub struct Flights<P> {
-    flights: HashMap<FlightKey, Flight<P>>,
-    tokens: HashMap<u32, FlightKey>,
+    flights: HashMap<KeyHash, Flight<P>>,
+    tokens: HashMap<u32, KeyHash>,
 }
 
 impl<P> Default for Flights<P> {
@@ -167,12 +146,7 @@ impl<P> Flights<P> {
     /// Parks request `parked` (if any) on the flight for `key`, queuing a new flight
     /// (with `payload()`) when there is none. True when the flight is new: it must be
     /// started.
-    pub fn join(
-        &mut self,
-        key: FlightKey,
-        parked: Option<u32>,
-        payload: impl FnOnce() -> P,
-    ) -> bool {
+    pub fn join(&mut self, key: KeyHash, parked: Option<u32>, payload: impl FnOnce() -> P) -> bool {
         if let Some(flight) = self.flights.get_mut(&key) {
             flight.parked.extend(parked);
             return false;
@@ -192,7 +166,7 @@ impl<P> Flights<P> {
     pub fn start(
         &mut self,
         store: &impl SharedStore,
-        key: FlightKey,
+        key: KeyHash,
         me: u32,
         now_ms: u64,
         hold_ms: u64,
@@ -201,10 +175,10 @@ impl<P> Flights<P> {
         let Some(flight) = self.flights.get_mut(&key) else {
             return Start::Nothing;
         };
-        let Some(lease_id) = key.lease_id().filter(|_| flight.state == State::Queued) else {
+        if flight.state != State::Queued {
             return Start::Nothing;
-        };
-        match lease::acquire(store, lease_id, me, now_ms, hold_ms, trust_recent_answer) {
+        }
+        match lease::acquire(store, &key, me, now_ms, hold_ms, trust_recent_answer) {
             Acquired::Owner => {
                 flight.state = sent(now_ms, true);
                 Start::Send
@@ -221,57 +195,45 @@ impl<P> Flights<P> {
         }
     }
 
-    /// Starts a queued flight that needs no lease (it was elected otherwise). True when
-    /// it was queued: send its callout.
-    pub fn start_unleased(&mut self, key: FlightKey, now_ms: u64) -> bool {
-        match self.flights.get_mut(&key) {
-            Some(flight) if flight.state == State::Queued => {
-                flight.state = sent(now_ms, false);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The callout of `key`'s flight went out as `token`.
-    pub fn sent(&mut self, key: FlightKey, token: u32) {
+    pub fn sent(&mut self, key: KeyHash, token: u32) {
         if self.flights.contains_key(&key) {
             self.tokens.insert(token, key);
         }
     }
 
     /// The flight whose callout `token` answered, if it is still under way.
-    pub fn answered(&mut self, token: u32) -> Option<FlightKey> {
+    pub fn answered(&mut self, token: u32) -> Option<KeyHash> {
         self.tokens.remove(&token)
     }
 
     /// Queues `key`'s flight again, to be started anew (its peer's answer was not where
     /// it should be).
-    pub fn requeue(&mut self, key: FlightKey) {
+    pub fn requeue(&mut self, key: KeyHash) {
         if let Some(flight) = self.flights.get_mut(&key) {
             flight.state = State::Queued;
         }
     }
 
     /// Whether the flight is asked for and not started yet.
-    pub fn is_queued(&self, key: &FlightKey) -> bool {
+    pub fn is_queued(&self, key: &KeyHash) -> bool {
         self.flights
             .get(key)
             .is_some_and(|f| f.state == State::Queued)
     }
 
     /// Whether the flight is waiting for another worker's callout.
-    pub fn is_waiting_on_peer(&self, key: &FlightKey) -> bool {
+    pub fn is_waiting_on_peer(&self, key: &KeyHash) -> bool {
         self.flights
             .get(key)
             .is_some_and(|f| matches!(f.state, State::WaitingOnPeer { .. }))
     }
 
-    pub fn get(&self, key: &FlightKey) -> Option<&Flight<P>> {
+    pub fn get(&self, key: &KeyHash) -> Option<&Flight<P>> {
         self.flights.get(key)
     }
 
-    pub fn get_mut(&mut self, key: &FlightKey) -> Option<&mut Flight<P>> {
+    pub fn get_mut(&mut self, key: &KeyHash) -> Option<&mut Flight<P>> {
         self.flights.get_mut(key)
     }
 
@@ -280,19 +242,16 @@ impl<P> Flights<P> {
     pub fn land(
         &mut self,
         store: &impl SharedStore,
-        key: FlightKey,
+        key: KeyHash,
         me: u32,
         ended: FlightEnd,
         now_ms: u64,
     ) -> Option<(Flight<P>, Vec<u32>)> {
         let flight = self.flights.remove(&key)?;
-        let peers = match (flight.state, key.lease_id()) {
-            (
-                State::Sent {
-                    holds_lease: true, ..
-                },
-                Some(lease_id),
-            ) => lease::release(store, lease_id, me, ended, now_ms),
+        let peers = match flight.state {
+            State::Sent {
+                holds_lease: true, ..
+            } => lease::release(store, &key, me, ended, now_ms),
             _ => Vec::new(),
         };
         Some((flight, peers))
@@ -300,7 +259,7 @@ impl<P> Flights<P> {
 
     /// Flights whose peer went silent past its lease's deadline, queued again to be
     /// started (and so taken over) by this worker.
-    pub fn take_over_overdue(&mut self, now_ms: u64) -> Vec<FlightKey> {
+    pub fn take_over_overdue(&mut self, now_ms: u64) -> Vec<KeyHash> {
         let mut overdue = Vec::new();
         for (key, flight) in &mut self.flights {
             if let State::WaitingOnPeer { deadline_ms } = flight.state {
@@ -335,7 +294,7 @@ mod tests {
     use crate::storage::shared_store::fake::FakeStore;
     use crate::storage::slots::{create_slots, Table};
 
-    const KEY: FlightKey = FlightKey::Lookup([5; 32]);
+    const KEY: KeyHash = [5; 32];
 
     fn store() -> FakeStore {
         let s = FakeStore::default();
@@ -390,7 +349,7 @@ mod tests {
         assert_eq!(gone.start(&s, KEY, 10, 0, 1_500, true), Start::Send);
         mine.join(KEY, Some(3), || ());
         assert_eq!(mine.start(&s, KEY, 20, 100, 1_500, true), Start::Wait);
-        assert_eq!(mine.take_over_overdue(1_499), vec![]);
+        assert_eq!(mine.take_over_overdue(1_499), Vec::<KeyHash>::new());
         assert_eq!(mine.take_over_overdue(1_500), vec![KEY]);
         assert_eq!(mine.next_deadline_ms(), None);
         assert_eq!(mine.start(&s, KEY, 20, 1_500, 1_500, true), Start::Send);
@@ -444,24 +403,5 @@ mod tests {
         assert_eq!(Message::decode(&[9; 33]), None);
         assert_eq!(Message::decode(&[3; 20]), None, "news with part of a hash");
         assert_eq!(Message::decode(&[]), None);
-    }
-
-    #[test]
-    fn a_flight_elected_otherwise_starts_without_a_lease() {
-        let s = store();
-        let writes = s.next_cas.get();
-        let mut flights: Flights<()> = Flights::default();
-        assert!(
-            !flights.start_unleased(FlightKey::FeedPoll, 0),
-            "no such flight"
-        );
-        flights.join(FlightKey::FeedPoll, None, || ());
-        assert!(flights.start_unleased(FlightKey::FeedPoll, 5));
-        assert!(!flights.start_unleased(FlightKey::FeedPoll, 6), "under way");
-        let (flight, peers) = flights
-            .land(&s, FlightKey::FeedPoll, 1, FlightEnd::Answered, 9)
-            .unwrap();
-        assert_eq!((flight.sent_at_ms(), peers), (Some(5), vec![]));
-        assert_eq!(s.next_cas.get(), writes, "no lease taken or released");
     }
 }

@@ -8,14 +8,13 @@
 //! Whether the feed is healthy (a 200 younger than three intervals) decides how long
 //! found keys are trusted; each worker follows it from the feed state on its tick and from
 //! the news, off the request path.
-use super::ports::Host;
+use super::context::{failure_of, Context};
+use super::ports::{Host, NotSent};
 use super::stats::{Counter, Gauge};
-use super::worker::{Payload, Worker};
 use crate::config::ChangeFeed;
-use crate::flights::coordinator::{FeedNews, FlightKey, Message};
-use crate::flights::lease::FlightEnd;
+use crate::flights::coordinator::{FeedNews, Message};
 use crate::flights::workers;
-use crate::keys::feed::{is_healthy, poll_path, FeedAnswer, FeedState};
+use crate::keys::feed::{self as changes, is_healthy, poll_path, FeedAnswer, FeedState};
 use crate::storage::shared_store::SetError;
 
 /// The node's feed state in shared data.
@@ -23,156 +22,228 @@ const STATE_KEY: &str = "apikey_filter/v1/feed";
 /// Compare-and-swap attempts at the feed state before leaving it to the next interval.
 const MAX_ATTEMPTS: u32 = 8;
 
-/// The feed as one worker last saw it.
+/// The feed desk: the change feed as this worker last saw it, and its poll in flight.
 #[derive(Debug, Default)]
-pub struct FeedView {
+pub struct Feed {
     /// The feed's last 200, as far as this worker knows.
-    pub last_ok_ms: u64,
+    last_ok_ms: u64,
     /// When this worker next looks at the feed state (None: the feed is off).
-    pub next_check_ms: Option<u64>,
+    next_check_ms: Option<u64>,
     /// When this worker started following the feed (the age of a feed never answered).
-    pub following_since_ms: u64,
+    following_since_ms: u64,
+    /// This worker's poll in flight: its callout's token (None while it is being sent),
+    /// and the cursor it sent.
+    poll: Option<Poll>,
 }
 
-impl<H: Host> Worker<H> {
-    fn feed_config(&self) -> Option<ChangeFeed> {
-        self.config()?.key_service.changes.clone()
+#[derive(Debug)]
+struct Poll {
+    token: Option<u32>,
+    after: Option<String>,
+}
+
+/// The node's feed epoch, when the change feed is on.
+pub fn node_epoch<H: Host>(cx: &Context<H>) -> Option<u32> {
+    cx.config()?.key_service.changes.as_ref()?;
+    Some(read_state(&cx.host).0.epoch)
+}
+
+fn feed_config<H: Host>(cx: &Context<H>) -> Option<ChangeFeed> {
+    cx.config()?.key_service.changes.clone()
+}
+
+fn read_state(host: &impl Host) -> (FeedState, Option<u32>) {
+    match host.get(STATE_KEY) {
+        Some((value, cas)) => (FeedState::decode(&value).unwrap_or_default(), Some(cas)),
+        None => (FeedState::default(), None),
+    }
+}
+
+/// Changes the node's feed state with compare-and-swap; the state as written (or, when
+/// every attempt lost, as last read).
+fn update_state(host: &impl Host, change: impl Fn(&mut FeedState)) -> FeedState {
+    let mut latest = FeedState::default();
+    for _ in 0..MAX_ATTEMPTS {
+        let (mut state, cas) = read_state(host);
+        change(&mut state);
+        latest = state;
+        match host.set(STATE_KEY, &latest.encode(), cas) {
+            Err(SetError::CasMismatch) => continue,
+            _ => break,
+        }
+    }
+    latest
+}
+
+impl Feed {
+    /// When this worker next looks at the feed state.
+    pub fn next_check_ms(&self) -> Option<u64> {
+        self.next_check_ms
     }
 
     /// On configuration: the worker joins the node's list (to be woken with news), makes
     /// sure the feed state exists, and looks at it on its next tick.
-    pub(super) fn start_following_feed(&self) {
-        let me = self.queue.get().unwrap_or_default();
-        workers::register(&self.host, me);
-        if self.host.get(STATE_KEY).is_none() {
+    pub fn start_following<H: Host>(cx: &mut Context<H>) -> Feed {
+        let mut feed = Feed::default();
+        let Some(config) = feed_config(cx) else {
+            return feed;
+        };
+        workers::register(&cx.host, cx.me());
+        if cx.host.get(STATE_KEY).is_none() {
             // Both may write when two workers start together: the same empty state.
-            let _ = self
-                .host
-                .set(STATE_KEY, &FeedState::default().encode(), None);
+            let _ = cx.host.set(STATE_KEY, &FeedState::default().encode(), None);
         }
-        let now_ms = self.host.now_ms();
-        if let Some(feed) = self.feed_config() {
-            let (state, _) = self.read_state();
-            self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
-        }
-        let mut view = self.feed.borrow_mut();
-        view.next_check_ms = Some(now_ms);
-        view.following_since_ms = now_ms;
+        let now_ms = cx.host.now_ms();
+        let (state, _) = read_state(&cx.host);
+        feed.follow(
+            cx,
+            state.epoch,
+            state.last_ok_ms,
+            now_ms,
+            config.interval_ms,
+        );
+        feed.next_check_ms = Some(now_ms);
+        feed.following_since_ms = now_ms;
+        feed
     }
 
     /// Follows the node's feed state, and polls when a poll is due and this worker wins it.
-    pub(super) fn on_feed_tick(&self, now_ms: u64) {
-        let Some(feed) = self.feed_config() else {
+    pub fn on_tick<H: Host>(&mut self, cx: &mut Context<H>, now_ms: u64) {
+        let Some(config) = feed_config(cx) else {
             return;
         };
-        if self
-            .feed
-            .borrow()
-            .next_check_ms
-            .is_none_or(|at| at > now_ms)
-        {
+        if self.next_check_ms.is_none_or(|at| at > now_ms) {
             return;
         }
-        let (state, cas) = self.read_state();
-        self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
-        let since_ms = match self.feed.borrow().last_ok_ms {
-            0 => self.feed.borrow().following_since_ms,
+        let (state, cas) = read_state(&cx.host);
+        self.follow(
+            cx,
+            state.epoch,
+            state.last_ok_ms,
+            now_ms,
+            config.interval_ms,
+        );
+        let since_ms = match self.last_ok_ms {
+            0 => self.following_since_ms,
             last_ok_ms => last_ok_ms,
         };
         let age_s = now_ms.saturating_sub(since_ms) / 1000;
-        self.host.set_gauge(Gauge::ChangesAgeS, age_s);
-        let polling = self.flights.borrow().get(&FlightKey::FeedPoll).is_some();
-        let mut next_check_ms = state.polled_at_ms.saturating_add(feed.interval_ms);
-        if state.poll_due(now_ms, feed.interval_ms) && !polling && self.on_duty.get().is_none() {
-            let me = self.queue.get().unwrap_or_default();
+        cx.host.set_gauge(Gauge::ChangesAgeS, age_s);
+        let mut next_check_ms = state.polled_at_ms.saturating_add(config.interval_ms);
+        let polling = self.poll.is_some();
+        if state.poll_due(now_ms, config.interval_ms) && !polling && cx.on_duty.is_none() {
             let claimed = FeedState {
                 polled_at_ms: now_ms,
-                poller: me,
+                poller: cx.me(),
                 ..state.clone()
             };
             // Whoever writes first polls; the others see the new `polled_at_ms`.
-            if self.host.set(STATE_KEY, &claimed.encode(), cas).is_ok() {
-                self.poll(state.cursor, &feed);
+            if cx.host.set(STATE_KEY, &claimed.encode(), cas).is_ok() {
+                self.poll(cx, state.cursor, &config);
             }
-            next_check_ms = now_ms.saturating_add(feed.interval_ms);
+            next_check_ms = now_ms.saturating_add(config.interval_ms);
         }
-        self.feed.borrow_mut().next_check_ms = Some(next_check_ms.max(now_ms + 1));
+        self.next_check_ms = Some(next_check_ms.max(now_ms + 1));
     }
 
-    /// The node's feed epoch, when the change feed is on.
-    pub(super) fn node_feed_epoch(&self) -> Option<u32> {
-        self.config()?.key_service.changes.as_ref()?;
-        Some(self.read_state().0.epoch)
-    }
-
-    fn read_state(&self) -> (FeedState, Option<u32>) {
-        match self.host.get(STATE_KEY) {
-            Some((value, cas)) => (FeedState::decode(&value).unwrap_or_default(), Some(cas)),
-            None => (FeedState::default(), None),
-        }
-    }
-
-    fn poll(&self, after: Option<String>, feed: &ChangeFeed) {
-        let Some(config) = self.config() else {
+    fn poll<H: Host>(&mut self, cx: &mut Context<H>, after: Option<String>, feed: &ChangeFeed) {
+        let Some(config) = cx.config().cloned() else {
             return;
         };
         let path = poll_path(&feed.path, after.as_deref());
-        let key = FlightKey::FeedPoll;
-        let mut flights = self.flights.borrow_mut();
-        flights.join(key, None, || Payload::Poll { after });
-        let started = flights.start_unleased(key, self.host.now_ms());
-        drop(flights);
-        if started {
-            self.send_callout(key, &path, &config);
+        self.poll = Some(Poll { token: None, after });
+        match cx.send_to_key_service(&config, &path) {
+            Ok(token) => {
+                if let Some(poll) = &mut self.poll {
+                    poll.token = Some(token);
+                }
+            }
+            Err(why) => self.on_answer(cx, FeedAnswer::Failed(not_sent(why))),
         }
     }
 
+    /// Whether `token` is the callout of this worker's poll.
+    fn polled_with(&self, token: u32) -> bool {
+        self.poll.as_ref().is_some_and(|p| p.token == Some(token))
+    }
+
+    /// Callout `token`, if it is this desk's poll, could not be sent after all. False: not
+    /// this desk's.
+    pub fn on_callout_refused<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        token: u32,
+        why: NotSent,
+    ) -> bool {
+        if !self.polled_with(token) {
+            return false;
+        }
+        self.on_answer(cx, FeedAnswer::Failed(not_sent(why)));
+        true
+    }
+
+    /// The answer to callout `token`, if it is this desk's poll, is being delivered, with
+    /// a body of `body_size`. False: not this desk's.
+    pub fn on_callout_answer<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        token: u32,
+        body_size: usize,
+    ) -> bool {
+        if !self.polled_with(token) {
+            return false;
+        }
+        let status = cx.host.callout_status();
+        let body =
+            (body_size <= changes::MAX_ANSWER_BYTES).then(|| cx.host.callout_body(body_size));
+        self.on_answer(cx, changes::classify(status.as_deref(), body.as_deref()));
+        true
+    }
+
     /// The feed answered this worker's poll.
-    pub(super) fn on_poll_answer(&self, answer: FeedAnswer) {
-        let now_ms = self.host.now_ms();
-        let me = self.queue.get().unwrap_or_default();
-        let landed = self.flights.borrow_mut().land(
-            &self.host,
-            FlightKey::FeedPoll,
-            me,
-            FlightEnd::Answered,
-            now_ms,
-        );
-        let (Some((flight, _)), Some(feed)) = (landed, self.feed_config()) else {
-            return;
-        };
-        let Payload::Poll { after } = flight.payload else {
+    fn on_answer<H: Host>(&mut self, cx: &mut Context<H>, answer: FeedAnswer) {
+        let now_ms = cx.host.now_ms();
+        let me = cx.me();
+        let (Some(Poll { after, .. }), Some(config)) = (self.poll.take(), feed_config(cx)) else {
             return;
         };
         match answer {
             FeedAnswer::Changes { cursor, key_hashes } => {
-                self.host.count(Counter::ChangesOk);
-                let forgotten = match self.cache.borrow_mut().as_mut() {
-                    Some(cache) => cache.forget_all(&self.host, &key_hashes, now_ms),
+                cx.host.count(Counter::ChangesOk);
+                let forgotten = match cx.configured.as_mut() {
+                    Some(c) => c.cache.forget_all(&cx.host, &key_hashes, now_ms),
                     None => 0,
                 };
                 if forgotten > 0 {
-                    self.host
-                        .count_n(Counter::ChangesForgotten, forgotten as u64);
+                    cx.host.count_n(Counter::ChangesForgotten, forgotten as u64);
                 }
-                let state = self.update_state(|state| {
+                let state = update_state(&cx.host, |state| {
                     // A slower poll of an older cursor must not move the feed back.
                     if state.cursor == after {
                         state.cursor = Some(cursor.clone());
                     }
                     state.last_ok_ms = state.last_ok_ms.max(now_ms);
                 });
-                self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
-                self.tell_others(FeedNews {
-                    epoch: state.epoch,
-                    ok_at_ms: state.last_ok_ms,
-                    forgotten: key_hashes,
-                });
+                self.follow(
+                    cx,
+                    state.epoch,
+                    state.last_ok_ms,
+                    now_ms,
+                    config.interval_ms,
+                );
+                tell_others(
+                    cx,
+                    FeedNews {
+                        epoch: state.epoch,
+                        ok_at_ms: state.last_ok_ms,
+                        forgotten: key_hashes,
+                    },
+                );
             }
             FeedAnswer::Gone if after.is_some() => {
-                self.host.count(Counter::ChangesReset);
+                cx.host.count(Counter::ChangesReset);
                 log::warn!("change feed: cursor too old (410): the node forgets every cache entry");
-                let state = self.update_state(|state| {
+                let state = update_state(&cx.host, |state| {
                     if state.cursor == after {
                         state.epoch = state.epoch.wrapping_add(1);
                         state.cursor = None;
@@ -180,73 +251,75 @@ impl<H: Host> Worker<H> {
                     state.polled_at_ms = now_ms;
                     state.poller = me;
                 });
-                self.follow(state.epoch, state.last_ok_ms, now_ms, feed.interval_ms);
-                self.tell_others(FeedNews {
-                    epoch: state.epoch,
-                    ok_at_ms: state.last_ok_ms,
-                    forgotten: Vec::new(),
-                });
+                self.follow(
+                    cx,
+                    state.epoch,
+                    state.last_ok_ms,
+                    now_ms,
+                    config.interval_ms,
+                );
+                tell_others(
+                    cx,
+                    FeedNews {
+                        epoch: state.epoch,
+                        ok_at_ms: state.last_ok_ms,
+                        forgotten: Vec::new(),
+                    },
+                );
                 // Ask again at once, without a cursor: where does the feed stand now?
-                self.poll(state.cursor, &feed);
+                self.poll(cx, state.cursor, &config);
             }
             // A 410 to a poll without a cursor says nothing: a feed failure, not a reason
             // to forget everything again.
-            FeedAnswer::Gone => self.on_poll_answer_failed("answered 410 without a cursor", now_ms),
-            FeedAnswer::Failed(why) => self.on_poll_answer_failed(&why, now_ms),
+            FeedAnswer::Gone => failed(cx, "answered 410 without a cursor", now_ms),
+            FeedAnswer::Failed(why) => failed(cx, &why, now_ms),
         }
-        self.reschedule(now_ms);
-    }
-
-    fn on_poll_answer_failed(&self, why: &str, now_ms: u64) {
-        self.host.count(Counter::ChangesError);
-        self.warnings
-            .warn(now_ms, || format!("change feed poll failed: {why}"));
-    }
-
-    /// Changes the node's feed state with compare-and-swap; the state as written (or, when
-    /// every attempt lost, as last read).
-    fn update_state(&self, change: impl Fn(&mut FeedState)) -> FeedState {
-        let mut latest = FeedState::default();
-        for _ in 0..MAX_ATTEMPTS {
-            let (mut state, cas) = self.read_state();
-            change(&mut state);
-            latest = state;
-            match self.host.set(STATE_KEY, &latest.encode(), cas) {
-                Err(SetError::CasMismatch) => continue,
-                _ => break,
-            }
-        }
-        latest
-    }
-
-    fn tell_others(&self, news: FeedNews) {
-        let me = self.queue.get().unwrap_or_default();
-        let message = Message::Feed(news).encode();
-        for worker in workers::others(&self.host, me) {
-            // A worker that is gone refuses: nothing to do.
-            let _ = self.host.wake(worker, &message);
-        }
+        cx.wake_by(now_ms);
     }
 
     /// Another worker's news of the feed: drop the copies of what it forgot.
-    pub(super) fn on_feed_news(&self, news: &FeedNews) {
-        let Some(feed) = self.feed_config() else {
+    pub fn on_news<H: Host>(&mut self, cx: &mut Context<H>, news: &FeedNews) {
+        let Some(config) = feed_config(cx) else {
             return;
         };
-        if let Some(cache) = self.cache.borrow_mut().as_mut() {
-            cache.forget_copies(&news.forgotten);
+        if let Some(c) = cx.configured.as_mut() {
+            c.cache.forget_copies(&news.forgotten);
         }
-        let now_ms = self.host.now_ms();
-        self.follow(news.epoch, news.ok_at_ms, now_ms, feed.interval_ms);
+        let now_ms = cx.host.now_ms();
+        self.follow(cx, news.epoch, news.ok_at_ms, now_ms, config.interval_ms);
     }
 
     /// Takes the feed's epoch and health into the trust rules.
-    fn follow(&self, epoch: u32, ok_at_ms: u64, now_ms: u64, interval_ms: u64) {
-        let mut view = self.feed.borrow_mut();
-        view.last_ok_ms = view.last_ok_ms.max(ok_at_ms);
-        let healthy = is_healthy(view.last_ok_ms, now_ms, interval_ms);
-        if let Some(cache) = self.cache.borrow_mut().as_mut() {
-            cache.follow_feed(healthy, epoch);
+    fn follow<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        epoch: u32,
+        ok_at_ms: u64,
+        now_ms: u64,
+        interval_ms: u64,
+    ) {
+        self.last_ok_ms = self.last_ok_ms.max(ok_at_ms);
+        let healthy = is_healthy(self.last_ok_ms, now_ms, interval_ms);
+        if let Some(c) = cx.configured.as_mut() {
+            c.cache.follow_feed(healthy, epoch);
         }
+    }
+}
+
+fn failed<H: Host>(cx: &mut Context<H>, why: &str, now_ms: u64) {
+    cx.host.count(Counter::ChangesError);
+    cx.warnings
+        .warn(now_ms, || format!("change feed poll failed: {why}"));
+}
+
+fn not_sent(why: NotSent) -> String {
+    failure_of(why).describe()
+}
+
+fn tell_others<H: Host>(cx: &Context<H>, news: FeedNews) {
+    let message = Message::Feed(news).encode();
+    for worker in workers::others(&cx.host, cx.me()) {
+        // A worker that is gone refuses: nothing to do.
+        let _ = cx.host.wake(worker, &message);
     }
 }

@@ -10,7 +10,6 @@
 use super::ports::{SetError, SharedStore, Stats};
 use crate::limits::buckets::owner_id;
 use crate::storage::slots::Table;
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Slots tried from a `key_id`'s home slot.
@@ -22,16 +21,16 @@ type Counters = Option<(u32, u32)>;
 
 pub struct PerKeyStats {
     table: Table,
-    decided: RefCell<HashMap<String, Counters>>,
-    other: RefCell<Option<Counters>>,
+    decided: HashMap<String, Counters>,
+    other: Option<Counters>,
 }
 
 impl PerKeyStats {
     pub fn new(max_keys: u32) -> PerKeyStats {
         PerKeyStats {
             table: Table::per_key_stats(max_keys),
-            decided: RefCell::default(),
-            other: RefCell::default(),
+            decided: HashMap::new(),
+            other: None,
         }
     }
 
@@ -40,23 +39,22 @@ impl PerKeyStats {
     }
 
     /// Counts one request of `key_id`, allowed or denied.
-    pub fn count<H: SharedStore + Stats>(&self, host: &H, key_id: &str, allowed: bool) {
-        let known = self.decided.borrow().get(key_id).copied();
-        let counters = known.unwrap_or_else(|| {
-            let counters = if self.admit(host, key_id) {
-                define_pair(host, &format!("key.{}", stat_name(key_id)))
-            } else {
-                None
-            };
-            self.decided
-                .borrow_mut()
-                .insert(key_id.to_string(), counters);
-            counters
-        });
+    pub fn count<H: SharedStore + Stats>(&mut self, host: &H, key_id: &str, allowed: bool) {
+        let counters = match self.decided.get(key_id) {
+            Some(counters) => *counters,
+            None => {
+                let counters = if self.admit(host, key_id) {
+                    define_pair(host, &format!("key.{}", stat_name(key_id)))
+                } else {
+                    None
+                };
+                self.decided.insert(key_id.to_string(), counters);
+                counters
+            }
+        };
         let counters = counters.or_else(|| {
             *self
                 .other
-                .borrow_mut()
                 .get_or_insert_with(|| define_pair(host, "key.other"))
         });
         if let Some((allowed_id, denied_id)) = counters {
@@ -128,7 +126,7 @@ mod tests {
     #[test]
     fn the_first_max_keys_key_ids_get_counters_and_the_others_share_one() {
         let host = host(3);
-        let stats = PerKeyStats::new(3);
+        let mut stats = PerKeyStats::new(3);
         for (key_id, allowed) in [
             ("a", true),
             ("b", false),
@@ -157,7 +155,7 @@ mod tests {
         let node = Rc::new(FakeNode::default());
         let (a, b) = (FakeHost::new(node.clone()), FakeHost::new(node));
         create_slots(&a, Table::per_key_stats(1));
-        let (on_a, on_b) = (PerKeyStats::new(1), PerKeyStats::new(1));
+        let (mut on_a, mut on_b) = (PerKeyStats::new(1), PerKeyStats::new(1));
         on_a.count(&a, "first", true);
         on_b.count(&b, "second", true);
         on_b.count(&b, "first", true);

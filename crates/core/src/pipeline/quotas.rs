@@ -4,11 +4,11 @@
 //! Off the request path, on its tick, a worker reports what the node admitted unasked,
 //! for each key it admitted some of: one report per key per interval for the whole node,
 //! claimed in the key's shared state, and the answer sets the next allowance.
+use super::context::{Context, LEASE_MARGIN_MS};
 use super::ports::{Clock, GrpcCall, Host, RequestIo, SharedStore, Stats};
 use super::request::{admit, log_key, refuse, Handled, RateHeaders, Request};
 use super::stats::{Counter, Histogram, RlsFailureKind};
-use super::worker::{remove_if_any, RequestState, Worker, LEASE_MARGIN_MS};
-use crate::config::{Config, RateLimitService};
+use crate::config::Config;
 use crate::flights::coordinator::Message;
 use crate::keys::cache::Cached;
 use crate::keys::known_key::{KeyQuotas, KnownKey};
@@ -23,6 +23,7 @@ use crate::quotas::store;
 use crate::request::denial::Denial;
 use crate::storage::slots::Table;
 use crate::vocabulary::key_hash::KeyHash;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// `(r, t)` of each quota's RateLimit item; `None` when the service sends no statuses.
@@ -84,7 +85,7 @@ pub struct QuotaAsk {
 }
 
 /// A share of the node's allowance for a key that this worker admits from on its own.
-pub(super) struct Lent {
+struct Lent {
     left: u32,
     used: u32,
     /// What the node knew of the quotas when it lent the share, and what it had admitted
@@ -95,7 +96,7 @@ pub(super) struct Lent {
 }
 
 /// A key this worker admitted requests of, for its tick.
-pub(super) struct Unreported {
+struct Unreported {
     known: Rc<KnownKey>,
     /// The node's state asked for a report when this worker last saw it.
     due: bool,
@@ -104,21 +105,54 @@ pub(super) struct Unreported {
 }
 
 /// A call to the rate limit service in flight.
-pub(super) enum QuotaCall {
+enum QuotaCall {
     /// A request's own call, for itself.
-    Check {
-        context_id: u32,
-        request: Request,
-        known: Rc<KnownKey>,
-        ask: QuotaAsk,
-        sent_at_ms: u64,
-    },
+    Check(Check),
     /// The node's report of what it admitted unasked.
     Report {
         known: Rc<KnownKey>,
         hits: u32,
         sent_at_ms: u64,
     },
+}
+
+/// A request's own call to the rate limit service, for itself.
+pub struct Check {
+    pub context_id: u32,
+    pub request: Request,
+    pub known: Rc<KnownKey>,
+    ask: QuotaAsk,
+    sent_at_ms: u64,
+}
+
+/// A request's own call, answered (or failed).
+pub struct CheckAnswered {
+    pub check: Check,
+    answer: RlsAnswer,
+}
+
+/// How counting a request against its quotas went.
+pub enum Counted {
+    Decided(Handled),
+    /// It waits for its own call, `token`, to be answered.
+    Asking {
+        token: u32,
+    },
+}
+
+/// The quotas desk: this worker's calls to the rate limit service, the keys it admitted
+/// requests of unasked, and its shares of the node's allowances.
+#[derive(Default)]
+pub struct Quotas {
+    /// Calls to the rate limit service in flight, by token.
+    calls: HashMap<u32, QuotaCall>,
+    /// Keys with quotas this worker admitted requests of unasked, by quota id: its tick
+    /// reports them.
+    unreported: HashMap<u64, Unreported>,
+    /// When the tick next reports (None: nothing to report).
+    report_due_ms: Option<u64>,
+    /// Shares of nodes' allowances this worker admits from on its own, by quota id.
+    lent: HashMap<u64, Lent>,
 }
 
 fn table(config: &Config) -> Table {
@@ -205,47 +239,46 @@ pub fn refuse_quota(
     refuse(host, io, &request.config, refusal.denial, &extra);
 }
 
-impl<H: Host> Worker<H> {
+impl Quotas {
+    /// When the tick next reports.
+    pub fn report_due_ms(&self) -> Option<u64> {
+        self.report_due_ms
+    }
+
     /// Counts a request against its key's quotas: from this worker's share of the node's
     /// allowance (no shared data), else from the node's allowance, else by asking the
-    /// service. `None`: it waits for the answer; else what became of it.
-    pub(super) fn count_quotas(
-        &self,
+    /// service.
+    pub fn count<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
         context_id: u32,
         io: &mut impl RequestIo,
         request: Request,
         known: Rc<KnownKey>,
         rate_headers: Option<RateHeaders>,
-    ) -> Option<Handled> {
+    ) -> Counted {
         let config = request.config.clone();
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
             // Callers count only keys with quotas under a service: never left unanswered.
-            refuse(
-                &self.host,
-                io,
-                &config,
-                Denial::RateLimitServiceUnavailable,
-                &[],
-            );
-            return Some(Handled::Answered);
+            let denial = Denial::RateLimitServiceUnavailable;
+            refuse(&cx.host, io, &config, denial, &[]);
+            return Counted::Decided(Handled::Answered);
         };
         let now_ms = request.now_ms;
         if let Some(items) = self.admit_lent(quotas, now_ms) {
-            self.host.count(Counter::QuotaAllowance);
-            admit(&self.host, io, &request, &known);
-            return Some(Handled::Forward(with_quota_items(
-                rate_headers,
-                quotas,
-                items,
-                false,
-                now_ms,
-            )));
+            cx.host.count(Counter::QuotaAllowance);
+            admit(&cx.host, io, &request, &known);
+            let fields = with_quota_items(rate_headers, quotas, items, false, now_ms);
+            return Counted::Decided(Handled::Forward(fields));
         }
         // This worker's share is used up: it is settled, and the node decides.
-        let used = remove_if_any(&self.lent, quotas.id).map_or(0, |l| l.used);
+        let used = match self.lent.is_empty() {
+            true => 0,
+            false => self.lent.remove(&quotas.id).map_or(0, |l| l.used),
+        };
         let mode = service.mode();
         let interval_ms = service.report_interval_ms();
-        let decided = store::update(&self.host, table(&config), quotas.id, now_ms, |state| {
+        let decided = store::update(&cx.host, table(&config), quotas.id, now_ms, |state| {
             state.settle(used, 0, now_ms, mode);
             let decision = state.decide(now_ms, mode, &quotas.list);
             let unreported = state.spent.saturating_add(state.reporting);
@@ -261,10 +294,10 @@ impl<H: Host> Worker<H> {
                 rate_headers,
                 carried: 0,
             };
-            return self.ask_quotas(context_id, io, request, known, ask);
+            return self.ask(cx, context_id, io, request, known, ask);
         };
         if report_at.is_some() {
-            self.note_unreported(&request.key_hash, &known, report_at);
+            self.note_unreported(cx, &request.key_hash, &known, report_at);
         }
         let items = rate_items(&known_now, unreported, &quotas.list, now_ms);
         if let Decision::Admit { lent } = decision {
@@ -276,117 +309,100 @@ impl<H: Host> Worker<H> {
                     unreported,
                     lent_at_ms: now_ms,
                 };
-                self.lent.borrow_mut().insert(quotas.id, share);
+                self.lent.insert(quotas.id, share);
             }
         }
-        match step_of(&self.host, decision, items) {
+        match step_of(&cx.host, decision, items) {
             QuotaStep::Admitted(items) => {
-                admit(&self.host, io, &request, &known);
-                Some(Handled::Forward(with_quota_items(
-                    rate_headers,
-                    quotas,
-                    items,
-                    false,
-                    now_ms,
-                )))
+                admit(&cx.host, io, &request, &known);
+                let fields = with_quota_items(rate_headers, quotas, items, false, now_ms);
+                Counted::Decided(Handled::Forward(fields))
             }
             QuotaStep::Ask { carried } => {
                 let ask = QuotaAsk {
                     rate_headers,
                     carried,
                 };
-                self.ask_quotas(context_id, io, request, known, ask)
+                self.ask(cx, context_id, io, request, known, ask)
             }
             QuotaStep::Refused(refusal) => {
-                refuse_quota(&self.host, io, &request, quotas, rate_headers, refusal);
-                Some(Handled::Answered)
+                refuse_quota(&cx.host, io, &request, quotas, rate_headers, refusal);
+                Counted::Decided(Handled::Answered)
             }
         }
     }
 
     /// One request from this worker's share of the node's allowance: its RateLimit items.
-    fn admit_lent(&self, quotas: &KeyQuotas, now_ms: u64) -> Option<Items> {
-        let mut lent = self.lent.borrow_mut();
-        if lent.is_empty() {
+    fn admit_lent(&mut self, quotas: &KeyQuotas, now_ms: u64) -> Option<Items> {
+        if self.lent.is_empty() {
             return None;
         }
-        let share = lent.get_mut(&quotas.id).filter(|share| share.left > 0)?;
+        let share = self
+            .lent
+            .get_mut(&quotas.id)
+            .filter(|share| share.left > 0)?;
         share.left -= 1;
         share.used += 1;
         let unreported = share.unreported.saturating_add(share.used);
         Some(rate_items(&share.known, unreported, &quotas.list, now_ms))
     }
 
-    /// Sends a request's own call about its quotas. `None`: it waits for the answer;
-    /// else what became of it at once (the call could not be sent).
-    pub(super) fn ask_quotas(
-        &self,
+    /// Sends a request's own call about its quotas; it is decided at once when the call
+    /// could not be sent.
+    fn ask<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
         context_id: u32,
         io: &mut impl RequestIo,
         request: Request,
         known: Rc<KnownKey>,
         ask: QuotaAsk,
-    ) -> Option<Handled> {
-        let now_ms = self.host.now_ms();
+    ) -> Counted {
+        let now_ms = cx.host.now_ms();
         let hits = ask.carried.saturating_add(1);
-        let Some(token) = self.send_call(&request.config, &known, hits) else {
-            let answer = Err(RlsFailure::NotSent);
-            return Some(self.conclude_check(io, &request, &known, ask, answer));
-        };
-        let call = QuotaCall::Check {
+        let check = Check {
             context_id,
             request,
             known,
             ask,
             sent_at_ms: now_ms,
         };
-        self.quota_calls.borrow_mut().insert(token, call);
-        self.requests
-            .borrow_mut()
-            .insert(context_id, RequestState::AskingQuotas { token });
-        None
-    }
-
-    /// `ShouldRateLimit` for `hits` requests of `known`'s key, from the context acting now.
-    fn send_call(&self, config: &Config, known: &KnownKey, hits: u32) -> Option<u32> {
-        let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
-            return None;
+        let Some(token) = send_call(&cx.host, &check.request.config, &check.known, hits) else {
+            let answered = CheckAnswered {
+                check,
+                answer: Err(RlsFailure::NotSent),
+            };
+            return Counted::Decided(self.conclude_check(cx, io, answered));
         };
-        let record = &known.record;
-        let message = rls::encode_call(
-            &service.domain,
-            &quotas.list,
-            &record.key_id,
-            &record.owner,
-            hits,
-        );
-        self.host.send_grpc(&GrpcCall {
-            cluster: &service.cluster,
-            service: &rls::grpc_service(&service.cluster),
-            service_name: rls_messages::SERVICE,
-            method: rls_messages::METHOD,
-            message: &message,
-            timeout_ms: service.timeout_ms,
-        })
+        self.calls.insert(token, QuotaCall::Check(check));
+        Counted::Asking { token }
     }
 
     /// A request's own call answered (or failed): admits or refuses it.
-    fn conclude_check(
-        &self,
+    pub fn conclude_check<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
         io: &mut impl RequestIo,
-        request: &Request,
-        known: &Rc<KnownKey>,
-        ask: QuotaAsk,
-        answer: RlsAnswer,
+        answered: CheckAnswered,
     ) -> Handled {
-        let QuotaAsk {
-            rate_headers,
-            carried,
-        } = ask;
+        let CheckAnswered {
+            check:
+                Check {
+                    request,
+                    known,
+                    ask:
+                        QuotaAsk {
+                            rate_headers,
+                            carried,
+                        },
+                    ..
+                },
+            answer,
+        } = answered;
         let config = &request.config;
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
             refuse(
-                &self.host,
+                &cx.host,
                 io,
                 config,
                 Denial::RateLimitServiceUnavailable,
@@ -394,18 +410,18 @@ impl<H: Host> Worker<H> {
             );
             return Handled::Answered;
         };
-        let now_ms = self.host.now_ms();
+        let now_ms = cx.host.now_ms();
         let mode = service.mode();
         let step = match answer {
             Ok(verdict) => {
-                self.count_verdict(&verdict);
+                count_verdict(&cx.host, &verdict);
                 let check = |state: &mut QuotaState| {
                     let hits = carried.saturating_add(1);
                     let checked = state.on_check(&verdict, &quotas.list, hits, now_ms, mode);
                     (checked, state.rate_items(&quotas.list, now_ms))
                 };
                 let (checked, items) =
-                    store::update(&self.host, table(config), quotas.id, now_ms, check)
+                    store::update(&cx.host, table(config), quotas.id, now_ms, check)
                         .unwrap_or_else(|| check(&mut QuotaState::new(quotas.id)));
                 match checked {
                     Checked::Admitted => QuotaStep::Admitted(items),
@@ -415,96 +431,73 @@ impl<H: Host> Worker<H> {
                 }
             }
             Err(failure) => {
-                self.count_failure(failure, known, now_ms);
+                count_failure(cx, failure, &known, now_ms);
                 let interval_ms = service.report_interval_ms();
                 let failing = |state: &mut QuotaState| {
                     let decision = state.on_check_failed(carried, now_ms, mode);
                     (decision, state.report_possible_at_ms(interval_ms))
                 };
                 let (decision, report_at) =
-                    store::update(&self.host, table(config), quotas.id, now_ms, failing)
+                    store::update(&cx.host, table(config), quotas.id, now_ms, failing)
                         .unwrap_or_else(|| failing(&mut QuotaState::new(quotas.id)));
                 if decision == Decision::AdmitUnasked {
-                    self.note_unreported(&request.key_hash, known, Some(report_at));
+                    self.note_unreported(cx, &request.key_hash, &known, Some(report_at));
                 }
-                step_of(&self.host, decision, None)
+                step_of(&cx.host, decision, None)
             }
         };
         match step {
             QuotaStep::Admitted(items) => {
-                admit(&self.host, io, request, known);
+                admit(&cx.host, io, &request, &known);
                 let fields = with_quota_items(rate_headers, quotas, items, false, now_ms);
                 Handled::Forward(fields)
             }
             QuotaStep::Refused(refusal) => {
-                refuse_quota(&self.host, io, request, quotas, rate_headers, refusal);
+                refuse_quota(&cx.host, io, &request, quotas, rate_headers, refusal);
                 Handled::Answered
             }
             // A failed call is answered by `failure_mode` (`on_check_failed`), never asked
             // again: refused like the closed mode, should it ever get here.
             QuotaStep::Ask { .. } => {
                 let refusal = Refusal::unavailable();
-                refuse_quota(&self.host, io, request, quotas, rate_headers, refusal);
+                refuse_quota(&cx.host, io, &request, quotas, rate_headers, refusal);
                 Handled::Answered
             }
         }
     }
 
-    fn count_verdict(&self, verdict: &RlsVerdict) {
-        self.host.count(if verdict.over_limit {
-            Counter::RlsOverLimit
-        } else {
-            Counter::RlsOk
-        });
-    }
-
-    fn count_failure(&self, failure: RlsFailure, known: &KnownKey, now_ms: u64) {
-        self.host.count(Counter::RlsError);
-        self.host
-            .count(Counter::RlsErrorKind(RlsFailureKind::of(failure)));
-        self.warnings.warn(now_ms, || {
-            format!(
-                "rate limit service call for key {} failed: {}",
-                known.record.key_id,
-                failure.describe()
-            )
-        });
-    }
-
-    /// The answer to a call, by its token: a request's own, or a report.
-    pub fn on_grpc_answer(&self, token: u32, outcome: GrpcOutcome) {
-        let call = {
-            let mut calls = self.quota_calls.borrow_mut();
-            if calls.is_empty() {
-                return;
-            }
-            calls.remove(&token)
-        };
-        let Some(call) = call else {
-            return;
-        };
+    /// The answer to call `token`: a report's is taken in here; a request's own is handed
+    /// back, for its request.
+    pub fn on_grpc_answer<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        token: u32,
+        outcome: GrpcOutcome,
+    ) -> Option<CheckAnswered> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        let call = self.calls.remove(&token)?;
         let (known, sent_at_ms) = match &call {
-            QuotaCall::Check {
-                known, sent_at_ms, ..
-            }
-            | QuotaCall::Report {
+            QuotaCall::Check(check) => (check.known.clone(), check.sent_at_ms),
+            QuotaCall::Report {
                 known, sent_at_ms, ..
             } => (known.clone(), *sent_at_ms),
         };
         let descriptors = known.quotas.as_ref().map_or(0, |q| q.list.len());
-        let now_ms = self.host.now_ms();
+        let now_ms = cx.host.now_ms();
         let waited_ms = now_ms.saturating_sub(sent_at_ms);
         if outcome != GrpcOutcome::NotSent {
-            self.host.record(Histogram::RlsLatencyMs, waited_ms);
+            cx.host.record(Histogram::RlsLatencyMs, waited_ms);
         }
         let answer = match outcome {
             GrpcOutcome::NotSent => Err(RlsFailure::NotSent),
             GrpcOutcome::Message(size) => {
-                let message = (size <= rls::MAX_ANSWER_BYTES).then(|| self.host.grpc_message(size));
+                let message = (size <= rls::MAX_ANSWER_BYTES).then(|| cx.host.grpc_message(size));
                 rls::classify(message.as_deref(), descriptors)
             }
             GrpcOutcome::Closed(status) => {
-                let timeout_ms = self
+                let timeout_ms = cx
                     .config()
                     .and_then(|c| c.rate_limit_service.as_ref().map(|r| r.timeout_ms));
                 Err(RlsFailure::from_status(
@@ -515,70 +508,11 @@ impl<H: Host> Worker<H> {
             }
         };
         match call {
-            QuotaCall::Check {
-                context_id,
-                request,
-                known,
-                ask,
-                ..
-            } => {
-                remove_if_any(&self.requests, context_id);
-                let Some(mut io) = self.host.parked(context_id) else {
-                    // The request is gone, its answer here: what the call carried is
-                    // settled all the same (counted by the service, or to be reported).
-                    return self.settle_without_request(&request, &known, ask.carried, &answer);
-                };
-                let handled = self.conclude_check(&mut io, &request, &known, ask, answer);
-                self.counted(&request.key_hash, &known, &handled);
-                self.resume_waited(context_id, &mut io, handled);
-                self.host.unpark();
+            QuotaCall::Check(check) => Some(CheckAnswered { check, answer }),
+            QuotaCall::Report { known, hits, .. } => {
+                self.on_report_answer(cx, &known, hits, answer);
+                None
             }
-            QuotaCall::Report { known, hits, .. } => self.on_report_answer(&known, hits, answer),
-        }
-    }
-
-    /// A known key's request after its checks (`finish`): its quotas counted when it has
-    /// any, then the request counted for its key. `None`: it waits for the rate limit
-    /// service, whose answer goes on from `conclude_check`.
-    pub(super) fn after_checks(
-        &self,
-        context_id: u32,
-        io: &mut impl RequestIo,
-        request: Request,
-        known: &Rc<KnownKey>,
-        handled: Handled,
-    ) -> Option<Handled> {
-        let key_hash = request.key_hash;
-        let handled = match handled {
-            Handled::CountQuotas(rate_headers) => {
-                self.count_quotas(context_id, io, request, known.clone(), rate_headers)?
-            }
-            handled => handled,
-        };
-        self.counted(&key_hash, known, &handled);
-        Some(handled)
-    }
-
-    /// A known key's request, decided: counted for its key, and its key noted for the
-    /// node's report when it went on.
-    fn counted(&self, key_hash: &KeyHash, known: &Rc<KnownKey>, handled: &Handled) {
-        self.count_key(known, handled);
-        if let Handled::Forward(_) = handled {
-            self.note_unreported(key_hash, known, None);
-        }
-    }
-
-    /// A request that waited (on the key service or the rate limit service) and was
-    /// decided: resumed, with its RateLimit fields kept for its response, or left
-    /// answered.
-    pub(super) fn resume_waited(&self, context_id: u32, io: &mut impl RequestIo, handled: Handled) {
-        if let Handled::Forward(rate_headers) = handled {
-            if let Some(rate_headers) = rate_headers {
-                self.requests
-                    .borrow_mut()
-                    .insert(context_id, RequestState::Forwarded(rate_headers));
-            }
-            io.resume();
         }
     }
 
@@ -586,8 +520,9 @@ impl<H: Host> Worker<H> {
     /// `report_at`: the node's state asks for a report, which can be claimed then. A
     /// worker that leaves the node's duties to another tells it of each new key: its own
     /// tick may not run until its next request.
-    pub(super) fn note_unreported(
-        &self,
+    pub fn note_unreported<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
         key_hash: &KeyHash,
         known: &Rc<KnownKey>,
         report_at: Option<u64>,
@@ -595,19 +530,18 @@ impl<H: Host> Worker<H> {
         let Some(quotas) = &known.quotas else {
             return;
         };
-        let mut unreported = self.unreported.borrow_mut();
-        let new = !unreported.contains_key(&quotas.id);
+        let new = !self.unreported.contains_key(&quotas.id);
         // The request path's common case, with no host call: nothing new to plan.
         if report_at.is_none() && !new {
             return;
         }
-        if let (true, Some(on_duty)) = (new, self.on_duty.get()) {
-            let _ = self
+        if let (true, Some(on_duty)) = (new, cx.on_duty) {
+            let _ = cx
                 .host
                 .wake(on_duty, &Message::Unreported(*key_hash).encode());
         }
-        let now_ms = self.host.now_ms();
-        unreported
+        let now_ms = cx.host.now_ms();
+        self.unreported
             .entry(quotas.id)
             .and_modify(|entry| entry.due = true)
             .or_insert_with(|| Unreported {
@@ -615,53 +549,48 @@ impl<H: Host> Worker<H> {
                 due: report_at.is_some(),
                 visited_ms: now_ms,
             });
-        drop(unreported);
-        let Some(interval_ms) = self.config().and_then(|c| {
-            c.rate_limit_service
-                .as_ref()
-                .map(RateLimitService::report_interval_ms)
-        }) else {
+        let Some(interval_ms) = cx
+            .config()
+            .and_then(|c| c.rate_limit_service.as_ref())
+            .map(|s| s.report_interval_ms())
+        else {
             return;
         };
         // A wanted report is claimed as soon as it can be, not on the next round of the
         // tick: the rest of the allowance lasts about an interval.
         let due_ms = report_at.unwrap_or(now_ms + interval_ms);
-        if self
-            .report_due_ms
-            .get()
-            .is_none_or(|planned| due_ms < planned)
-        {
-            self.report_due_ms.set(Some(due_ms));
-            self.reschedule(now_ms);
+        if self.report_due_ms.is_none_or(|planned| due_ms < planned) {
+            self.report_due_ms = Some(due_ms);
+            cx.wake_by(due_ms);
         }
     }
 
     /// Another worker admitted requests of `key_hash` unreported: the worker on duty
     /// reports for the node too, from the node's entry of the key, so that the report
     /// does not wait for that worker's next request.
-    pub(super) fn on_unreported_elsewhere(&self, key_hash: &KeyHash) {
-        let now_ms = self.host.now_ms();
-        let cached = match self.cache.borrow().as_ref() {
-            Some(cache) => cache.node_wide(&self.host, key_hash, now_ms),
-            None => return,
+    pub fn on_unreported_elsewhere<H: Host>(&mut self, cx: &mut Context<H>, key_hash: &KeyHash) {
+        let now_ms = cx.host.now_ms();
+        let Some(configured) = &cx.configured else {
+            return;
         };
+        let cached = configured.cache.node_wide(&cx.host, key_hash, now_ms);
+        let Some(service) = &configured.config.rate_limit_service else {
+            return;
+        };
+        let report_at = now_ms + service.report_interval_ms();
         if let Cached::Hit { known, .. } = cached {
-            let report_at = self.config().and_then(|c| {
-                let interval_ms = c.rate_limit_service.as_ref()?.report_interval_ms();
-                Some(now_ms + interval_ms)
-            });
-            self.note_unreported(key_hash, &known, report_at);
+            self.note_unreported(cx, key_hash, &known, Some(report_at));
         }
     }
 
     /// The tick: reports, for each key this worker admitted requests of, what the node
     /// admitted unasked, when the node's report for the key is due and this worker
     /// claims it.
-    pub(super) fn on_quota_tick(&self, now_ms: u64) {
-        if self.report_due_ms.get().is_none_or(|due| now_ms < due) {
+    pub fn on_tick<H: Host>(&mut self, cx: &mut Context<H>, now_ms: u64) {
+        if self.report_due_ms.is_none_or(|due| now_ms < due) {
             return;
         }
-        let Some(config) = self.config() else {
+        let Some(config) = cx.config().cloned() else {
             return;
         };
         let Some(service) = &config.rate_limit_service else {
@@ -678,21 +607,19 @@ impl<H: Host> Worker<H> {
         // shares happen to come back; below that MIN_ALLOWANCE sizes it anyway), and at
         // least every REPORT_EVERY_INTERVALS: a quiet key costs no compare-and-swap.
         let every_ms = interval_ms * REPORT_EVERY_INTERVALS;
-        let lent = self.lent.borrow();
         let keys: Vec<Rc<KnownKey>> = self
             .unreported
-            .borrow()
             .iter()
             .filter(|(id, u)| {
                 u.due
-                    || lent
+                    || self
+                        .lent
                         .get(id)
                         .is_some_and(|share| share.used >= MIN_ALLOWANCE / 2)
                     || now_ms >= u.visited_ms.saturating_add(every_ms)
             })
             .map(|(_, u)| u.known.clone())
             .collect();
-        drop(lent);
         let mut next_ms = now_ms + interval_ms;
         for known in keys {
             let Some(quotas) = &known.quotas else {
@@ -701,7 +628,7 @@ impl<H: Host> Worker<H> {
             // What this worker admitted from its share goes to the node, in the same
             // compare-and-swap as the report's claim; it keeps the rest of the share.
             let (used, unused) = self.take_used(quotas.id, expired_at_ms);
-            let claimed = store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+            let claimed = store::update(&cx.host, table(&config), quotas.id, now_ms, |s| {
                 s.settle(used, unused, now_ms, mode);
                 let claim = s.claim_report(now_ms, interval_ms, hold_ms);
                 let owes_nothing = s.spent == 0 && s.reporting == 0;
@@ -709,9 +636,9 @@ impl<H: Host> Worker<H> {
                     .then(|| s.report_possible_at_ms(interval_ms));
                 (claim, owes_nothing, wanted_at)
             });
-            let holds_share = self.lent.borrow().contains_key(&quotas.id);
+            let holds_share = self.lent.contains_key(&quotas.id);
             let wanted_at = claimed.and_then(|(_, _, wanted_at)| wanted_at);
-            if let Some(entry) = self.unreported.borrow_mut().get_mut(&quotas.id) {
+            if let Some(entry) = self.unreported.get_mut(&quotas.id) {
                 entry.visited_ms = now_ms;
                 entry.due = wanted_at.is_some();
             }
@@ -719,25 +646,25 @@ impl<H: Host> Worker<H> {
                 next_ms = next_ms.min(at);
             }
             match claimed {
-                Some((Some(hits), ..)) => self.send_report(&config, known.clone(), hits, now_ms),
+                Some((Some(hits), ..)) => {
+                    self.send_report(cx, &config, known.clone(), hits, now_ms)
+                }
                 // Nothing owed on the node any more, and no share held: done with the key.
                 Some((None, true, _)) if !holds_share => {
-                    self.unreported.borrow_mut().remove(&quotas.id);
+                    self.unreported.remove(&quotas.id);
                 }
                 Some(_) => {}
                 // The store refused: the share's count stays with this worker.
                 None => self.give_back_used(quotas.id, used, unused),
             }
         }
-        let next = (!self.unreported.borrow().is_empty()).then_some(next_ms);
-        self.report_due_ms.set(next);
+        self.report_due_ms = (!self.unreported.is_empty()).then_some(next_ms);
     }
 
     /// Takes what this worker admitted from its share of `id`, and the rest of the
     /// share too when it was lent before `expired_at_ms`.
-    fn take_used(&self, id: u64, expired_at_ms: u64) -> (u32, u32) {
-        let mut lent = self.lent.borrow_mut();
-        let Some(share) = lent.get_mut(&id) else {
+    fn take_used(&mut self, id: u64, expired_at_ms: u64) -> (u32, u32) {
+        let Some(share) = self.lent.get_mut(&id) else {
             return (0, 0);
         };
         let used = std::mem::take(&mut share.used);
@@ -746,13 +673,12 @@ impl<H: Host> Worker<H> {
             return (used, 0);
         }
         let unused = share.left;
-        lent.remove(&id);
+        self.lent.remove(&id);
         (used, unused)
     }
 
-    fn give_back_used(&self, id: u64, used: u32, unused: u32) {
-        let mut lent = self.lent.borrow_mut();
-        match lent.get_mut(&id) {
+    fn give_back_used(&mut self, id: u64, used: u32, unused: u32) {
+        match self.lent.get_mut(&id) {
             Some(share) => share.used += used,
             None if used > 0 || unused > 0 => {
                 let share = Lent {
@@ -762,40 +688,53 @@ impl<H: Host> Worker<H> {
                     unreported: 0,
                     lent_at_ms: 0,
                 };
-                lent.insert(id, share);
+                self.lent.insert(id, share);
             }
             None => {}
         }
     }
 
-    fn send_report(&self, config: &Config, known: Rc<KnownKey>, hits: u32, now_ms: u64) {
-        match self.send_call(config, &known, hits) {
+    fn send_report<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        config: &Config,
+        known: Rc<KnownKey>,
+        hits: u32,
+        now_ms: u64,
+    ) {
+        match send_call(&cx.host, config, &known, hits) {
             Some(token) => {
                 let call = QuotaCall::Report {
                     known,
                     hits,
                     sent_at_ms: now_ms,
                 };
-                self.quota_calls.borrow_mut().insert(token, call);
+                self.calls.insert(token, call);
             }
-            None => self.on_report_answer(&known, hits, Err(RlsFailure::NotSent)),
+            None => self.on_report_answer(cx, &known, hits, Err(RlsFailure::NotSent)),
         }
     }
 
-    fn on_report_answer(&self, known: &KnownKey, hits: u32, answer: RlsAnswer) {
-        let (Some(config), Some(quotas)) = (self.config(), &known.quotas) else {
+    fn on_report_answer<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        known: &KnownKey,
+        hits: u32,
+        answer: RlsAnswer,
+    ) {
+        let (Some(config), Some(quotas)) = (cx.config().cloned(), &known.quotas) else {
             return;
         };
         let Some(service) = &config.rate_limit_service else {
             return;
         };
-        let now_ms = self.host.now_ms();
+        let now_ms = cx.host.now_ms();
         let mode = service.mode();
         match answer {
             Ok(verdict) => {
-                self.count_verdict(&verdict);
-                self.host.count_n(Counter::QuotaReported, u64::from(hits));
-                store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                count_verdict(&cx.host, &verdict);
+                cx.host.count_n(Counter::QuotaReported, u64::from(hits));
+                store::update(&cx.host, table(&config), quotas.id, now_ms, |s| {
                     s.on_report(&verdict, &quotas.list, now_ms, mode)
                 });
                 if verdict.over_limit {
@@ -806,8 +745,8 @@ impl<H: Host> Worker<H> {
                 }
             }
             Err(failure) => {
-                self.count_failure(failure, known, now_ms);
-                store::update(&self.host, table(&config), quotas.id, now_ms, |s| {
+                count_failure(cx, failure, known, now_ms);
+                store::update(&cx.host, table(&config), quotas.id, now_ms, |s| {
                     s.on_report_failed(now_ms)
                 });
             }
@@ -816,52 +755,90 @@ impl<H: Host> Worker<H> {
 
     /// The node's part of a request's own call whose request is gone: the requests it
     /// carried are counted as the answer says, or given back to be reported.
-    fn settle_without_request(
-        &self,
-        request: &Request,
-        known: &KnownKey,
-        carried: u32,
-        answer: &RlsAnswer,
-    ) {
+    pub fn settle_without_request<H: Host>(&mut self, cx: &Context<H>, answered: &CheckAnswered) {
+        let Check {
+            request,
+            known,
+            ask,
+            ..
+        } = &answered.check;
         let config = &request.config;
         let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
             return;
         };
-        let now_ms = self.host.now_ms();
+        let now_ms = cx.host.now_ms();
         let mode = service.mode();
         store::update(
-            &self.host,
+            &cx.host,
             table(config),
             quotas.id,
             now_ms,
-            |state| match answer {
+            |state| match &answered.answer {
                 Ok(verdict) => {
-                    let hits = carried.saturating_add(1);
+                    let hits = ask.carried.saturating_add(1);
                     let _ = state.on_check(verdict, &quotas.list, hits, now_ms, mode);
                 }
-                Err(_) => state.give_back(carried),
+                Err(_) => state.give_back(ask.carried),
             },
         );
     }
 
     /// A request that ended while its own call was out: the call is dropped, and what it
     /// carried goes back to the node, to be reported.
-    pub(super) fn drop_quota_check(&self, token: u32) {
-        let dropped = remove_if_any(&self.quota_calls, token);
-        let Some(QuotaCall::Check {
-            request,
-            known,
-            ask,
-            ..
-        }) = dropped
-        else {
+    pub fn drop_check<H: Host>(&mut self, cx: &Context<H>, token: u32) {
+        let Some(QuotaCall::Check(check)) = self.calls.remove(&token) else {
             return;
         };
-        if let Some(quotas) = &known.quotas {
-            let now_ms = self.host.now_ms();
-            store::update(&self.host, table(&request.config), quotas.id, now_ms, |s| {
-                s.give_back(ask.carried)
+        if let Some(quotas) = &check.known.quotas {
+            let now_ms = cx.host.now_ms();
+            let table = table(&check.request.config);
+            store::update(&cx.host, table, quotas.id, now_ms, |s| {
+                s.give_back(check.ask.carried)
             });
         }
     }
+}
+
+/// `ShouldRateLimit` for `hits` requests of `known`'s key, from the context acting now.
+fn send_call(host: &impl Host, config: &Config, known: &KnownKey, hits: u32) -> Option<u32> {
+    let (Some(service), Some(quotas)) = (&config.rate_limit_service, &known.quotas) else {
+        return None;
+    };
+    let record = &known.record;
+    let message = rls::encode_call(
+        &service.domain,
+        &quotas.list,
+        &record.key_id,
+        &record.owner,
+        hits,
+    );
+    host.send_grpc(&GrpcCall {
+        cluster: &service.cluster,
+        service: &rls::grpc_service(&service.cluster),
+        service_name: rls_messages::SERVICE,
+        method: rls_messages::METHOD,
+        message: &message,
+        timeout_ms: service.timeout_ms,
+    })
+}
+
+fn count_verdict(stats: &impl Stats, verdict: &RlsVerdict) {
+    stats.count(if verdict.over_limit {
+        Counter::RlsOverLimit
+    } else {
+        Counter::RlsOk
+    });
+}
+
+fn count_failure<H: Host>(cx: &mut Context<H>, failure: RlsFailure, known: &KnownKey, now_ms: u64) {
+    cx.host.count(Counter::RlsError);
+    cx.host
+        .count(Counter::RlsErrorKind(RlsFailureKind::of(failure)));
+    cx.warnings.warn(now_ms, || {
+        format!(
+            "rate limit service call for key {} failed: {}",
+            known.record.key_id,
+            failure.describe()
+        )
+    });
 }

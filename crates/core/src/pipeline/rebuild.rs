@@ -14,9 +14,9 @@ pub fn run_or_rebuild<H: Host, T>(
     slot: &mut Option<Worker<H>>,
     raw_config: &[u8],
     queue: u32,
-    f: impl FnOnce(&Worker<H>) -> T,
+    f: impl FnOnce(&mut Worker<H>) -> T,
 ) -> Result<Option<T>, Box<dyn std::any::Any + Send>> {
-    let Some(worker) = slot.as_ref() else {
+    let Some(worker) = slot.as_mut() else {
         return Ok(None);
     };
     let panic = match catch_unwind(AssertUnwindSafe(|| f(worker))) {
@@ -28,7 +28,7 @@ pub fn run_or_rebuild<H: Host, T>(
         let host = broken.abandon();
         host.count(Counter::Panics);
         log::error!("apikey-filter: a panic was caught; the worker is built again");
-        let worker = Worker::new(host);
+        let mut worker = Worker::new(host);
         worker.set_queue(queue);
         worker.set_on_duty(on_duty);
         if worker.configure(raw_config) {
@@ -49,7 +49,7 @@ mod tests {
     fn a_panic_rebuilds_the_worker_refuses_what_it_held_and_keeps_the_node_store() {
         let raw = br#"{"key_service": {"cluster": "keys"}, "rate_limit": {"requests": 5, "period_s": 60}}"#;
         let fake = Rc::new(FakeNode::default());
-        let worker = Worker::new(FakeHost::new(fake.clone()));
+        let mut worker = Worker::new(FakeHost::new(fake.clone()));
         worker.set_queue(7);
         assert!(worker.configure(raw));
         let mut slot = Some(worker);

@@ -106,7 +106,7 @@ pub fn referrer<'h>(headers: &[Header<'h>]) -> Option<&'h [u8]> {
 /// are at hand (not for a request that was parked).
 pub fn finish<H: Clock + SharedStore + Stats>(
     host: &H,
-    warnings: &Warnings,
+    warnings: &mut Warnings,
     io: &mut impl RequestIo,
     request: &Request,
     headers: &[Header],
@@ -235,7 +235,7 @@ impl<R: RequestIo> Origin for RequestOrigin<'_, '_, R> {
 /// to the upstream, never to be exceeded.
 fn unavailable(
     host: &(impl Clock + Stats),
-    warnings: &Warnings,
+    warnings: &mut Warnings,
     request: &Request,
     why: Unavailable,
 ) -> Take {

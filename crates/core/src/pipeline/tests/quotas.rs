@@ -47,13 +47,13 @@ fn decoded(call: &SentGrpc) -> rls::RateLimitRequest {
 }
 
 /// Answers `worker`'s latest gRPC call with `message`.
-fn answer_grpc(worker: &Worker<FakeHost>, message: &[u8]) {
+fn answer_grpc(worker: &mut Worker<FakeHost>, message: &[u8]) {
     let token = calls(worker).last().expect("a gRPC call").token;
     *worker.host().grpc_answer.borrow_mut() = message.to_vec();
     worker.on_grpc_answer(token, GrpcOutcome::Message(message.len()));
 }
 
-fn fail_grpc(worker: &Worker<FakeHost>, status: u32) {
+fn fail_grpc(worker: &mut Worker<FakeHost>, status: u32) {
     let token = calls(worker).last().expect("a gRPC call").token;
     worker.on_grpc_answer(token, GrpcOutcome::Closed(status));
 }
@@ -61,7 +61,7 @@ fn fail_grpc(worker: &Worker<FakeHost>, status: u32) {
 impl Test {
     /// A worker with `cfg` that has found "sk" (its first request asks the service, and
     /// waits for it): that request's context id.
-    fn known(&self, worker: &Worker<FakeHost>) -> u32 {
+    fn known(&self, worker: &mut Worker<FakeHost>) -> u32 {
         let (id, _) = self.cold(worker, "sk", "200", DAILY);
         assert!(worker.host().log_of(id).reply.is_none());
         id
@@ -71,8 +71,8 @@ impl Test {
 #[test]
 fn a_key_without_allowance_asks_for_its_own_request_then_spends_the_allowance_locally() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(1_000, "open"));
-    let first = t.known(&w);
+    let mut w = t.worker(1, &rls_config(1_000, "open"));
+    let first = t.known(&mut w);
     let call = calls(&w)[0].clone();
     assert_eq!(call.context_id, first, "the request's own call");
     assert_eq!(
@@ -89,7 +89,7 @@ fn a_key_without_allowance_asks_for_its_own_request_then_spends_the_allowance_lo
     assert_eq!(entries, [("key_id", "k_alice"), ("window", "day")]);
     assert!(!w.host().log_of(first).resumed, "waits for the answer");
 
-    answer_grpc(&w, &ok(900));
+    answer_grpc(&mut w, &ok(900));
     let log = w.host().log_of(first);
     assert!(log.resumed && log.reply.is_none(), "{log:?}");
     assert_eq!(log.header_set("x-api-key-id").as_deref(), Some("k_alice"));
@@ -112,12 +112,12 @@ fn a_key_without_allowance_asks_for_its_own_request_then_spends_the_allowance_lo
     // them from the worker's own share of it.
     let allowance = 2 + MIN_ALLOWANCE;
     for _ in 0..allowance {
-        let (_, flow) = t.get(&w, "sk");
+        let (_, flow) = t.get(&mut w, "sk");
         assert!(matches!(flow, Flow::Forward(Some(_))), "{flow:?}");
     }
     assert_eq!(calls(&w).len(), 1);
     assert_eq!(w.host().stat("quota.allowance"), u64::from(allowance));
-    let (_, flow) = t.get(&w, "sk");
+    let (_, flow) = t.get(&mut w, "sk");
     assert_eq!(flow, Flow::Pause, "allowance spent: asks again");
     assert_eq!(calls(&w).len(), 2);
 }
@@ -125,16 +125,16 @@ fn a_key_without_allowance_asks_for_its_own_request_then_spends_the_allowance_lo
 #[test]
 fn over_the_quota_is_429_with_retry_after_and_then_refused_without_a_call() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(1_000, "open"));
-    let id = t.known(&w);
-    answer_grpc(&w, &verdict(code::OVER_LIMIT, 0));
+    let mut w = t.worker(1, &rls_config(1_000, "open"));
+    let id = t.known(&mut w);
+    answer_grpc(&mut w, &verdict(code::OVER_LIMIT, 0));
     let reply = reply_of(&w, id);
     assert_denied(&reply, 429, "quota_exceeded");
     assert_eq!(reply.header("retry-after"), Some("3600"));
     assert_eq!(reply.header("ratelimit"), Some("\"key-day\";r=0;t=3600"));
     assert_eq!(w.host().stat("rate_limit_service.over_limit"), 1);
     t.advance(1_000);
-    let (again, _) = t.get(&w, "sk");
+    let (again, _) = t.get(&mut w, "sk");
     let reply = reply_of(&w, again);
     assert_denied(&reply, 429, "quota_exceeded");
     assert_eq!(reply.header("retry-after"), Some("3599"));
@@ -145,14 +145,14 @@ fn over_the_quota_is_429_with_retry_after_and_then_refused_without_a_call() {
 #[test]
 fn the_exact_mode_asks_for_every_request() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(0, "open"));
-    t.known(&w);
-    answer_grpc(&w, &ok(900));
+    let mut w = t.worker(1, &rls_config(0, "open"));
+    t.known(&mut w);
+    answer_grpc(&mut w, &ok(900));
     for n in 2..5 {
-        let (id, flow) = t.get(&w, "sk");
+        let (id, flow) = t.get(&mut w, "sk");
         assert_eq!(flow, Flow::Pause);
         assert_eq!(calls(&w).len(), n);
-        answer_grpc(&w, &ok(900));
+        answer_grpc(&mut w, &ok(900));
         assert!(w.host().log_of(id).resumed);
     }
     assert_eq!(w.host().stat("quota.allowance"), 0);
@@ -163,15 +163,15 @@ fn the_exact_mode_asks_for_every_request() {
 fn one_worker_reports_for_the_node_once_half_its_allowance_is_admitted() {
     let t = Test::new();
     let cfg = rls_config(1_000, "open");
-    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
-    t.known(&a);
-    answer_grpc(&a, &ok(900));
+    let (mut a, mut b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.known(&mut a);
+    answer_grpc(&mut a, &ok(900));
     let allowance = 2 + MIN_ALLOWANCE;
-    let ticks_report = |t: &Test| {
+    let ticks_report = |t: &Test, a: &mut Worker<FakeHost>, b: &mut Worker<FakeHost>| {
         t.advance(1_000);
         b.on_tick();
         a.on_tick();
-        [&a, &b]
+        [&*a, &*b]
             .iter()
             .flat_map(|w| calls(w))
             .filter(|c| c.context_id == 0)
@@ -179,26 +179,26 @@ fn one_worker_reports_for_the_node_once_half_its_allowance_is_admitted() {
     };
     // Less than half: no report (both workers admit, b from the node's cache entry).
     for i in 0..allowance / 2 - 1 {
-        let w = if i % 2 == 0 { &a } else { &b };
+        let w = if i % 2 == 0 { &mut a } else { &mut b };
         assert!(matches!(t.get(w, "sk").1, Flow::Forward(_)));
     }
-    assert!(ticks_report(&t).is_empty());
+    assert!(ticks_report(&t, &mut a, &mut b).is_empty());
     for _ in 0..4 {
-        assert!(matches!(t.get(&b, "sk").1, Flow::Forward(_)));
+        assert!(matches!(t.get(&mut b, "sk").1, Flow::Forward(_)));
     }
-    let reports = ticks_report(&t);
+    let reports = ticks_report(&t, &mut a, &mut b);
     assert_eq!(reports.len(), 1, "one report for the node");
     // What the node held when the report was claimed: the node's own admissions and
     // the reporting worker's share; the other's share goes in a later report.
     let hits = decoded(&reports[0]).hits_addend;
     assert!(hits > 0 && hits <= allowance / 2 + 3, "{hits}");
     let a_reported = calls(&b).is_empty();
-    let reporter = if a_reported { &a } else { &b };
+    let reporter = if a_reported { &mut a } else { &mut b };
     answer_grpc(reporter, &ok(900 - hits));
     assert_eq!(reporter.host().stat("quota.reported"), u64::from(hits));
     // The answer sets the next allowance: requests go on without a call.
     for _ in 0..20 {
-        assert!(matches!(t.get(&a, "sk").1, Flow::Forward(_)));
+        assert!(matches!(t.get(&mut a, "sk").1, Flow::Forward(_)));
     }
     assert_eq!(calls(&a).len(), 1 + usize::from(a_reported));
 }
@@ -207,37 +207,37 @@ fn one_worker_reports_for_the_node_once_half_its_allowance_is_admitted() {
 fn a_worker_that_leaves_the_duties_to_another_has_its_admissions_reported_while_it_idles() {
     let t = Test::new();
     let cfg = rls_config(1_000, "open");
-    let on_duty = t.worker(1, &cfg);
-    let idle = t.worker(2, &cfg);
+    let mut on_duty = t.worker(1, &cfg);
+    let mut idle = t.worker(2, &cfg);
     idle.set_on_duty(Some(1));
-    let id = t.known(&idle);
-    fail_grpc(&idle, 14);
+    let id = t.known(&mut idle);
+    fail_grpc(&mut idle, 14);
     assert!(idle.host().log_of(id).resumed);
-    assert!(matches!(t.get(&idle, "sk").1, Flow::Forward(_)));
+    assert!(matches!(t.get(&mut idle, "sk").1, Flow::Forward(_)));
     assert_eq!(idle.host().stat("quota.failure_open"), 2);
     // The worker that admitted them never ticks again; the one on duty, told of the key,
     // reports them.
-    t.deliver(&on_duty);
+    t.deliver(&mut on_duty);
     t.advance(1_000);
     on_duty.on_tick();
     let report = calls(&on_duty).last().cloned().expect("a report");
     assert_eq!((report.context_id, decoded(&report).hits_addend), (0, 2));
     // Told once per key, not per request.
-    assert!(matches!(t.get(&idle, "sk").1, Flow::Forward(_)));
+    assert!(matches!(t.get(&mut idle, "sk").1, Flow::Forward(_)));
     assert!(t.node.queues.borrow().get(&1).is_none_or(|q| q.is_empty()));
 }
 
 #[test]
 fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
     let t = Test::new();
-    let open = t.worker(1, &rls_config(1_000, "open"));
-    let id = t.known(&open);
-    fail_grpc(&open, 14);
+    let mut open = t.worker(1, &rls_config(1_000, "open"));
+    let id = t.known(&mut open);
+    fail_grpc(&mut open, 14);
     let log = open.host().log_of(id);
     assert!(log.resumed && log.reply.is_none(), "{log:?}");
     assert_eq!(open.host().stat("rate_limit_service.error.grpc_status"), 1);
     // Paused: no call, admitted at once and kept.
-    assert!(matches!(t.get(&open, "sk").1, Flow::Forward(_)));
+    assert!(matches!(t.get(&mut open, "sk").1, Flow::Forward(_)));
     assert_eq!(calls(&open).len(), 1);
     assert_eq!(open.host().stat("quota.failure_open"), 2);
     t.advance(1_000);
@@ -246,7 +246,7 @@ fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
     assert_eq!((report.context_id, decoded(&report).hits_addend), (0, 2));
     // The report times out: its hits wait for the next.
     t.advance(500);
-    fail_grpc(&open, 14);
+    fail_grpc(&mut open, 14);
     assert_eq!(open.host().stat("rate_limit_service.error.timeout"), 1);
     t.advance(1_000);
     open.on_tick();
@@ -254,15 +254,15 @@ fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
     assert_eq!(open.host().stat("rate_limit_service.error.grpc_status"), 1);
 
     let t = Test::new();
-    let closed = t.worker(1, &rls_config(1_000, "closed"));
-    let id = t.known(&closed);
-    fail_grpc(&closed, 14);
+    let mut closed = t.worker(1, &rls_config(1_000, "closed"));
+    let id = t.known(&mut closed);
+    fail_grpc(&mut closed, 14);
     assert_denied(
         &reply_of(&closed, id),
         503,
         "rate_limit_service_unavailable",
     );
-    let (again, _) = t.get(&closed, "sk");
+    let (again, _) = t.get(&mut closed, "sk");
     assert_denied(
         &reply_of(&closed, again),
         503,
@@ -274,8 +274,8 @@ fn while_the_service_fails_open_admits_and_reports_later_closed_refuses() {
 #[test]
 fn a_call_the_host_took_but_could_not_send_is_counted_as_never_sent() {
     let t = Test::new();
-    let closed = t.worker(1, &rls_config(1_000, "closed"));
-    let id = t.known(&closed);
+    let mut closed = t.worker(1, &rls_config(1_000, "closed"));
+    let id = t.known(&mut closed);
     let token = calls(&closed)[0].token;
     closed.on_grpc_answer(token, GrpcOutcome::NotSent);
     assert_denied(
@@ -295,20 +295,20 @@ fn a_call_the_host_took_but_could_not_send_is_counted_as_never_sent() {
 #[test]
 fn a_bad_answer_is_classified_and_counted_never_a_crash() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(0, "closed"));
-    let id = t.known(&w);
-    answer_grpc(&w, &[0xff, 0xff, 0xff]);
+    let mut w = t.worker(1, &rls_config(0, "closed"));
+    let id = t.known(&mut w);
+    answer_grpc(&mut w, &[0xff, 0xff, 0xff]);
     assert_denied(&reply_of(&w, id), 503, "rate_limit_service_unavailable");
     assert_eq!(w.host().stat("rate_limit_service.error.bad_answer"), 1);
     // Limitador's OVER_LIMIT, without statuses: a verdict, not a failure.
     t.advance(2_000);
-    let (id, _) = t.get(&w, "sk");
+    let (id, _) = t.get(&mut w, "sk");
     let limitador = rls::RateLimitResponse {
         overall_code: code::OVER_LIMIT,
         statuses: vec![],
     }
     .encode_to_vec();
-    answer_grpc(&w, &limitador);
+    answer_grpc(&mut w, &limitador);
     let reply = reply_of(&w, id);
     assert_denied(&reply, 429, "quota_exceeded");
     assert!(reply.header("retry-after").is_some());
@@ -322,10 +322,10 @@ fn a_bad_answer_is_classified_and_counted_never_a_crash() {
 #[test]
 fn a_request_whose_client_left_while_it_asked_is_forgotten() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(0, "open"));
-    let id = t.known(&w);
+    let mut w = t.worker(1, &rls_config(0, "open"));
+    let id = t.known(&mut w);
     w.forget(id);
-    answer_grpc(&w, &ok(5));
+    answer_grpc(&mut w, &ok(5));
     assert!(!w.host().log_of(id).resumed);
     assert_eq!(
         w.host().stat("rate_limit_service.ok"),
@@ -337,10 +337,10 @@ fn a_request_whose_client_left_while_it_asked_is_forgotten() {
 #[test]
 fn keys_without_quotas_and_filters_without_a_service_never_call() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(1_000, "open"));
-    t.cold(&w, "other", "200", ALICE);
-    let w2 = t.worker(2, &config(""));
-    t.cold(&w2, "sk", "200", DAILY);
+    let mut w = t.worker(1, &rls_config(1_000, "open"));
+    t.cold(&mut w, "other", "200", ALICE);
+    let mut w2 = t.worker(2, &config(""));
+    t.cold(&mut w2, "sk", "200", DAILY);
     assert!(calls(&w).is_empty() && calls(&w2).is_empty());
 }
 
@@ -352,9 +352,9 @@ fn steady_calls(per_ms_a: u32, every_b_ms: u64, latency_ms: u64, seconds: u64) -
     let t = Test::new();
     let big = r#"{"key_id": "k_alice", "quotas": [{"requests": 100000000, "unit": "day"}]}"#;
     let cfg = rls_config(1_000, "open");
-    let (a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
-    t.cold(&a, "sk", "200", big);
-    let workers = [&a, &b];
+    let (mut a, b) = (t.worker(1, &cfg), t.worker(2, &cfg));
+    t.cold(&mut a, "sk", "200", big);
+    let mut workers = [a, b];
     let mut answered: Vec<usize> = vec![0, 0];
     let mut pending: Vec<(u64, usize, u32)> = Vec::new();
     let mut next_tick = [0u64; 2];
@@ -363,12 +363,12 @@ fn steady_calls(per_ms_a: u32, every_b_ms: u64, latency_ms: u64, seconds: u64) -
     for ms in 0..seconds * 1_000 {
         t.advance(1);
         for _ in 0..per_ms_a {
-            t.get(&a, "sk");
+            t.get(&mut workers[0], "sk");
         }
         if ms % every_b_ms == 0 {
-            t.get(&b, "sk");
+            t.get(&mut workers[1], "sk");
         }
-        for (i, w) in workers.iter().enumerate() {
+        for (i, w) in workers.iter_mut().enumerate() {
             let sent = calls(w);
             for call in &sent[answered[i]..] {
                 pending.push((ms + latency_ms, i, call.token));
@@ -421,15 +421,15 @@ fn steady_traffic_makes_one_call_per_interval() {
 #[test]
 fn an_answer_for_a_request_gone_meanwhile_still_settles_what_its_call_carried() {
     let t = Test::new();
-    let w = t.worker(1, &rls_config(1_000, "open"));
-    t.known(&w);
-    fail_grpc(&w, 14);
+    let mut w = t.worker(1, &rls_config(1_000, "open"));
+    t.known(&mut w);
+    fail_grpc(&mut w, 14);
     assert!(
-        matches!(t.get(&w, "sk").1, Flow::Forward(_)),
+        matches!(t.get(&mut w, "sk").1, Flow::Forward(_)),
         "admitted, kept"
     );
     t.advance(1_100); // the failure pause is over; no tick has reported yet
-    let (id, flow) = t.get(&w, "sk");
+    let (id, flow) = t.get(&mut w, "sk");
     assert_eq!(flow, Flow::Pause);
     assert_eq!(
         decoded(calls(&w).last().unwrap()).hits_addend,
@@ -438,7 +438,7 @@ fn an_answer_for_a_request_gone_meanwhile_still_settles_what_its_call_carried() 
     );
     // Its client goes; the answer arrives before the host says so.
     w.host().requests.borrow_mut().entry(id).or_default().gone = true;
-    answer_grpc(&w, &ok(900));
+    answer_grpc(&mut w, &ok(900));
     let table = crate::storage::slots::Table::quotas(100_000);
     let quota_id = crate::limits::buckets::owner_id("k_alice");
     let state =

@@ -14,7 +14,7 @@ const THREADS: u32 = 4;
 impl Test {
     /// A configured worker of queue `queue` on this thread, over `process`.
     fn worker_on(&self, process: &Arc<Process>, queue: u32, config: &str) -> Worker<FakeHost> {
-        let worker = Worker::new(FakeHost::on_process(self.node.clone(), process.clone()));
+        let mut worker = Worker::new(FakeHost::on_process(self.node.clone(), process.clone()));
         worker.set_queue(queue);
         assert!(worker.configure(config.as_bytes()), "{config}");
         worker
@@ -22,7 +22,7 @@ impl Test {
 }
 
 /// Delivers the messages other threads queued for `worker`.
-fn deliver(process: &Process, worker: &Worker<FakeHost>) {
+fn deliver(process: &Process, worker: &mut Worker<FakeHost>) {
     while let Some(message) = process.next_message(worker.queue().unwrap()) {
         worker.on_message(&message);
     }
@@ -32,7 +32,7 @@ fn deliver(process: &Process, worker: &Worker<FakeHost>) {
 /// barrier they meet at; what each returned, in queue order.
 fn on_threads<T: Send + 'static>(
     config: String,
-    body: impl Fn(&Test, &Worker<FakeHost>, &Process, &Barrier) -> T + Send + Sync + 'static,
+    body: impl Fn(&Test, &mut Worker<FakeHost>, &Process, &Barrier) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
     let process = Arc::new(Process::default());
     let barrier = Arc::new(Barrier::new(THREADS as usize));
@@ -47,9 +47,9 @@ fn on_threads<T: Send + 'static>(
             );
             std::thread::spawn(move || {
                 let t = Test::new();
-                let worker = t.worker_on(&process, queue, &config);
+                let mut worker = t.worker_on(&process, queue, &config);
                 barrier.wait();
-                body(&t, &worker, &process, &barrier)
+                body(&t, &mut worker, &process, &barrier)
             })
         })
         .collect();
