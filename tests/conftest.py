@@ -9,7 +9,7 @@ from testbed.harness import FILTER_PATH
 
 DEFAULT_TIMEOUT_S = 120
 # These run the helper servers on their own; they need neither the .wasm nor Envoy.
-NO_ENVOY_MODULES = {"test_tools.py", "test_rls_server.py"}
+NO_ENVOY_MODULES = {"test_tools.py", "test_rls_server.py", "test_keyservice.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-timeout reads its settings

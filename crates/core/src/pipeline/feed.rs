@@ -16,6 +16,7 @@ use crate::flights::coordinator::{FeedNews, Message};
 use crate::flights::workers;
 use crate::keys::feed::{self as changes, is_healthy, poll_path, FeedAnswer, FeedState};
 use crate::storage::shared_store::SetError;
+use crate::vocabulary::key_hash::KeyHash;
 
 /// The node's feed state in shared data.
 const STATE_KEY: &str = "apikey_filter/v1/feed";
@@ -224,21 +225,7 @@ impl Feed {
                     }
                     state.last_ok_ms = state.last_ok_ms.max(now_ms);
                 });
-                self.follow(
-                    cx,
-                    state.epoch,
-                    state.last_ok_ms,
-                    now_ms,
-                    config.interval_ms,
-                );
-                tell_others(
-                    cx,
-                    FeedNews {
-                        epoch: state.epoch,
-                        ok_at_ms: state.last_ok_ms,
-                        forgotten: key_hashes,
-                    },
-                );
+                self.take_news(cx, &state, key_hashes, now_ms, config.interval_ms);
             }
             FeedAnswer::Gone if after.is_some() => {
                 cx.host.count(Counter::ChangesReset);
@@ -251,21 +238,7 @@ impl Feed {
                     state.polled_at_ms = now_ms;
                     state.poller = me;
                 });
-                self.follow(
-                    cx,
-                    state.epoch,
-                    state.last_ok_ms,
-                    now_ms,
-                    config.interval_ms,
-                );
-                tell_others(
-                    cx,
-                    FeedNews {
-                        epoch: state.epoch,
-                        ok_at_ms: state.last_ok_ms,
-                        forgotten: Vec::new(),
-                    },
-                );
+                self.take_news(cx, &state, Vec::new(), now_ms, config.interval_ms);
                 // Ask again at once, without a cursor: where does the feed stand now?
                 self.poll(cx, state.cursor, &config);
             }
@@ -275,6 +248,29 @@ impl Feed {
             FeedAnswer::Failed(why) => failed(cx, &why, now_ms),
         }
         cx.wake_by(now_ms);
+    }
+
+    /// This worker's poll moved the node's feed state to `state`: it follows it, and tells
+    /// the node's other workers, with the keys the node forgot.
+    fn take_news<H: Host>(
+        &mut self,
+        cx: &mut Context<H>,
+        state: &FeedState,
+        forgotten: Vec<KeyHash>,
+        now_ms: u64,
+        interval_ms: u64,
+    ) {
+        self.follow(cx, state.epoch, state.last_ok_ms, now_ms, interval_ms);
+        let news = FeedNews {
+            epoch: state.epoch,
+            ok_at_ms: state.last_ok_ms,
+            forgotten,
+        };
+        let message = Message::Feed(news).encode();
+        for worker in workers::others(&cx.host, cx.me()) {
+            // A worker that is gone refuses: nothing to do.
+            let _ = cx.host.wake(worker, &message);
+        }
     }
 
     /// Another worker's news of the feed: drop the copies of what it forgot.
@@ -314,12 +310,4 @@ fn failed<H: Host>(cx: &mut Context<H>, why: &str, now_ms: u64) {
 
 fn not_sent(why: NotSent) -> String {
     failure_of(why).describe()
-}
-
-fn tell_others<H: Host>(cx: &Context<H>, news: FeedNews) {
-    let message = Message::Feed(news).encode();
-    for worker in workers::others(&cx.host, cx.me()) {
-        // A worker that is gone refuses: nothing to do.
-        let _ = cx.host.wake(worker, &message);
-    }
 }

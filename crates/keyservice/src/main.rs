@@ -1,0 +1,218 @@
+//! `apikey-keyservice`: the key service for apikey-filter. `serve` answers the filter's
+//! lookups and change feed on one listener and the admin API on another; `admin-token`
+//! makes the tokens the admin API takes. See docs/keyservice.md.
+mod admin_api;
+mod filter_api;
+mod issue;
+mod keys;
+mod lookup_cache;
+mod metrics;
+mod record;
+mod service;
+mod store;
+
+use clap::{Parser, Subcommand};
+use service::{now, Service};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Store, StoreError};
+
+#[derive(Parser)]
+#[command(
+    name = "apikey-keyservice",
+    version,
+    about = "The key service for apikey-filter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves the filter's API and the admin API.
+    Serve {
+        /// The database: sqlite:PATH (created if missing).
+        #[arg(long, default_value = "sqlite:apikey-keys.db")]
+        db: String,
+        /// The filter's API (/v1/...).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// The admin API (/admin/v1/...) and /metrics.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        admin_listen: SocketAddr,
+        /// When set, every /v1/ request must carry `Authorization: Bearer <its content>`.
+        #[arg(long)]
+        proxy_token_file: Option<PathBuf>,
+        /// The prefixes new keys may have; the first is the default.
+        #[arg(long, value_delimiter = ',', default_value = "ak_live_")]
+        key_prefixes: Vec<String>,
+        /// How long the change feed keeps changes; an older cursor gets 410.
+        #[arg(long, default_value_t = 604_800)]
+        changes_kept_s: i64,
+    },
+    /// Admin tokens: each is shown once, only its hash is stored.
+    AdminToken {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Prints a new admin token on one line.
+    Create {
+        #[arg(long, default_value = "sqlite:apikey-keys.db")]
+        db: String,
+        #[arg(long)]
+        name: String,
+    },
+    List {
+        #[arg(long, default_value = "sqlite:apikey-keys.db")]
+        db: String,
+    },
+    Revoke {
+        #[arg(long, default_value = "sqlite:apikey-keys.db")]
+        db: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn open(db: &str) -> Result<Store, String> {
+    let Some(path) = db.strip_prefix("sqlite:") else {
+        return Err(format!("--db {db}: only sqlite:PATH is supported"));
+    };
+    Store::open(std::path::Path::new(path)).map_err(|e| format!("--db {db}: {e:?}"))
+}
+
+fn main() -> ExitCode {
+    let done = match Cli::parse().command {
+        Command::Serve {
+            db,
+            listen,
+            admin_listen,
+            proxy_token_file,
+            key_prefixes,
+            changes_kept_s,
+        } => serve(
+            &db,
+            listen,
+            admin_listen,
+            proxy_token_file,
+            key_prefixes,
+            changes_kept_s,
+        ),
+        Command::AdminToken { command } => admin_token(command),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("apikey-keyservice: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin_token(command: TokenCommand) -> Result<(), String> {
+    match command {
+        TokenCommand::Create { db, name } => {
+            if name.is_empty() || name.len() > 64 {
+                return Err("--name: 1 to 64 characters".into());
+            }
+            let token = issue::new_admin_token().map_err(|e| e.to_string())?;
+            match open(&db)?.add_admin_token(&name, &issue::key_hash(&token), now()) {
+                Ok(()) => {
+                    println!("{token}");
+                    Ok(())
+                }
+                Err(StoreError::Conflict(why)) => Err(why),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        }
+        TokenCommand::List { db } => {
+            for (name, created_at, revoked_at) in
+                open(&db)?.admin_tokens().map_err(|e| format!("{e:?}"))?
+            {
+                let revoked = revoked_at.map_or(String::new(), |at| format!("\trevoked {at}"));
+                println!("{name}\tcreated {created_at}{revoked}");
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { db, name } => match open(&db)?.revoke_admin_token(&name, now()) {
+            Ok(()) => Ok(()),
+            Err(StoreError::NotFound) => Err(format!("no active admin token named {name}")),
+            Err(e) => Err(format!("{e:?}")),
+        },
+    }
+}
+
+fn serve(
+    db: &str,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    proxy_token_file: Option<PathBuf>,
+    prefixes: Vec<String>,
+    changes_kept_s: i64,
+) -> Result<(), String> {
+    if prefixes.is_empty() || !prefixes.iter().all(|p| issue::is_prefix(p)) {
+        return Err("--key-prefixes: each 1 to 64 visible ASCII characters".into());
+    }
+    let proxy_token = match proxy_token_file {
+        None => None,
+        Some(path) => {
+            let token = std::fs::read_to_string(&path)
+                .map_err(|e| format!("--proxy-token-file {}: {e}", path.display()))?;
+            Some(token.trim().to_string()).filter(|t| !t.is_empty())
+        }
+    };
+    let service = Arc::new(Service {
+        store: Arc::new(open(db)?),
+        cache: Default::default(),
+        metrics: Default::default(),
+        proxy_token,
+        prefixes,
+        changes_kept_s: changes_kept_s.max(1),
+    });
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let filter = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("--listen {listen}: {e}"))?;
+        let admin = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .map_err(|e| format!("--admin-listen {admin_listen}: {e}"))?;
+        eprintln!(
+            "apikey-keyservice: serving the filter's API on {listen}, the admin API on {admin_listen}"
+        );
+        tokio::spawn(service::follow_changes(
+            service.clone(),
+            Duration::from_millis(200),
+        ));
+        let filter = axum::serve(filter, filter_api::routes(service.clone()))
+            .with_graceful_shutdown(stopped());
+        let admin =
+            axum::serve(admin, admin_api::routes(service)).with_graceful_shutdown(stopped());
+        let (a, b) = tokio::join!(filter, admin);
+        a.and(b).map_err(|e| e.to_string())
+    })
+}
+
+/// SIGTERM or Ctrl-C: stop taking requests, finish those under way.
+async fn stopped() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,77 @@
+//! What both listeners share: the store, the lookup cache, the counters and the settings.
+use crate::lookup_cache::LookupCache;
+use crate::metrics::{self, Metrics};
+use crate::store::{Changes, Store, StoreError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub struct Service {
+    pub store: Arc<Store>,
+    pub cache: LookupCache,
+    pub metrics: Metrics,
+    /// Every `/v1/` request must carry it, when set.
+    pub proxy_token: Option<String>,
+    /// The prefixes new keys may have; the first is the default.
+    pub prefixes: Vec<String>,
+    /// How long the change log keeps changes.
+    pub changes_kept_s: i64,
+}
+
+pub type Shared = Arc<Service>;
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs a database call off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    service: &Shared,
+    f: impl FnOnce(&Service) -> T + Send + 'static,
+) -> Option<T> {
+    let service = service.clone();
+    tokio::task::spawn_blocking(move || f(&service)).await.ok()
+}
+
+impl Service {
+    pub fn counted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Db(why)) = &result {
+            metrics::add(&self.metrics.store_errors);
+            eprintln!("apikey-keyservice: database error: {why}");
+        }
+        result
+    }
+}
+
+/// Keeps the lookup cache coherent with changes made through other processes on the same
+/// database, and prunes the change log; every `every`.
+pub async fn follow_changes(service: Shared, every: Duration) {
+    let mut applied = None;
+    let mut pruned_at = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let after = applied;
+        let read = blocking(&service, move |s| s.store.changes(after, 10_000)).await;
+        match read {
+            Some(Ok(Changes::Listed { key_hashes, last })) => {
+                if applied.is_some() && !key_hashes.is_empty() {
+                    service.cache.forget(key_hashes.iter().map(String::as_str));
+                }
+                applied = Some(last);
+            }
+            Some(Ok(Changes::Gone)) => {
+                service.cache.forget_all();
+                applied = None;
+            }
+            _ => {}
+        }
+        let now = now();
+        if now - pruned_at >= 60 {
+            pruned_at = now;
+            let before = now - service.changes_kept_s;
+            let _ = blocking(&service, move |s| s.store.prune_changes(before)).await;
+        }
+    }
+}
