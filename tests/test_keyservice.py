@@ -90,6 +90,8 @@ BAD_CALLS = [
     ("POST", "/admin/v1/keys/k_none/revoke", None, 404, "not_found", ""),
     ("DELETE", "/admin/v1/keys/k_none", None, 404, "not_found", ""),
     ("GET", "/admin/v1/keys?limit=0", None, 400, "invalid_field", "limit"),
+    ("GET", "/admin/v1/keys?limit=many", None, 400, "invalid_field", "limit"),
+    ("GET", "/admin/v1/audit?after=x", None, 400, "invalid_field", "after"),
 ]
 
 

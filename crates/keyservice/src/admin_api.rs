@@ -7,6 +7,7 @@ use crate::metrics;
 use crate::record::{object, InvalidField, RECORD_FIELDS};
 use crate::service::{blocking, now, Shared};
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -219,12 +220,16 @@ struct ListQuery {
 
 async fn list(
     State(service): State<Shared>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = actor(&service, &headers).await {
         return refused;
     }
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(bad) => return invalid(&service, &InvalidField::new("", bad.body_text())),
+    };
     let limit = match page_size(query.limit) {
         Ok(limit) => limit,
         Err(field) => return invalid(&service, &field),
@@ -367,12 +372,16 @@ struct AuditQuery {
 
 async fn audit(
     State(service): State<Shared>,
-    Query(query): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = actor(&service, &headers).await {
         return refused;
     }
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(bad) => return invalid(&service, &InvalidField::new("", bad.body_text())),
+    };
     let limit = match page_size(query.limit) {
         Ok(limit) => limit,
         Err(field) => return invalid(&service, &field),
