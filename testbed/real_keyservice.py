@@ -72,18 +72,22 @@ class AdminClient:
 
 
 class KeyService(Service):
-    """`apikey-keyservice serve` on SQLite. port: where the filter's API listens (0: any
-    free port; a Stack names its own). Attributes once started: port, admin_port, tmp,
-    db (its URL), token (an admin token named "tests"), admin (AdminClient)."""
+    """`apikey-keyservice serve`, on SQLite in its temp dir or on the database `db` (a
+    PostgreSQL URL: testbed/postgres.py). port: where the filter's API listens (0: any free
+    port; a Stack names its own). token: an admin token already in `db` (another process
+    on the same database); else one named "tests" is made. Attributes once started: port,
+    admin_port, tmp, db, token, admin (AdminClient)."""
 
-    def __init__(self, port=0, extra=()):
+    def __init__(self, port=0, extra=(), db=None, token=None):
         self.want_port, self.extra = port, list(extra)
+        self.db, self.token = db, token
         self.tmp = self.proc = None
 
     def start(self):
         self.tmp = Path(tempfile.mkdtemp(prefix="apikey-keyservice-"))
-        self.db = f"sqlite:{self.tmp / 'keys.db'}"
-        self.token = self.cli("admin-token", "create", "--db", self.db, "--name", "tests").strip()
+        self.db = self.db or f"sqlite:{self.tmp / 'keys.db'}"
+        if self.token is None:
+            self.token = self.cli("admin-token", "create", "--db", self.db, "--name", "tests").strip()
         self.port = self.want_port or free_port()
         self.admin_port = free_port()
         self.admin = AdminClient(self.admin_port, self.token)
@@ -125,12 +129,28 @@ class KeyService(Service):
         path = "/v1/key-changes" + (f"?after={after}" if after is not None else "")
         return http_request(self.port, "GET", path, headers)
 
+    def settled(self):
+        """Waits until the feed lists every change made so far (it lists a change once every
+        live process has read it from the log: within a tail period, 100 ms)."""
+        cursor = self.changes().json()["cursor"]
+        while True:
+            time.sleep(0.3)
+            now = self.changes().json()["cursor"]
+            if now == cursor:
+                return cursor
+            cursor = now
+
     def metrics(self):
         return http_request(self.admin_port, "GET", "/metrics").text
 
     def files(self):
-        """Every file of its temp dir (the database, its WAL, the log), as bytes."""
-        return {p.name: p.read_bytes() for p in self.tmp.iterdir() if p.is_file()}
+        """Every file of its temp dir (a SQLite database, its WAL, the log), as bytes."""
+        return files_below(self.tmp)
+
+
+def files_below(folder):
+    """Every file below folder, as bytes, by path."""
+    return {str(p): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
 def wait_until(condition, what, timeout=5):

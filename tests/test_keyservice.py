@@ -1,19 +1,39 @@
-"""The key service (`apikey-keyservice`, docs/keyservice.md) on its own, against the real
-binary on SQLite: the admin API and its errors, the filter's API and change feed, restarts,
-and that no key it made is ever stored, logged, counted or audited."""
+"""The key service (`apikey-keyservice`, docs/apikey-keyservice.md) on its own, against
+the real binary on SQLite and on a real PostgreSQL: the admin API and its errors, the
+filter's API and change feed, restarts, and that no key it made is ever stored, logged,
+counted or audited."""
+import itertools
 import json
 import threading
 
 import pytest
 
 from testbed.harness import key_hash
-from testbed.real_keyservice import AdminClient, KeyService, as_json
+from testbed.postgres import Postgres
+from testbed.real_keyservice import AdminClient, KeyService, as_json, files_below
+
+DATABASES = itertools.count()
 
 
-@pytest.fixture
-def ks():
-    with KeyService() as service:
-        yield service
+@pytest.fixture(scope="module")
+def postgres():
+    with Postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ks(request):
+    """The service on each database; `ks.stored()`: every file the database and the
+    service wrote, by path."""
+    if request.param == "sqlite":
+        with KeyService() as service:
+            service.stored = service.files
+            yield service
+    else:
+        pg = request.getfixturevalue("postgres")
+        with KeyService(db=pg.database(f"keys{next(DATABASES)}")) as service:
+            service.stored = lambda: {**files_below(pg.tmp), **service.files()}
+            yield service
 
 
 def error_code(response):
@@ -99,10 +119,12 @@ BAD_CALLS = [
                          ids=[f"{c[0]} {c[1]} {c[5] or c[3]}" for c in BAD_CALLS])
 def test_bad_input_gets_the_contracts_error_and_changes_nothing(ks, method, path, body, status, code, names):
     made = ks.admin.create(owner="acme", scopes=["read"])
+    ks.settled()
     before = (ks.admin.show(made["key_id"]), ks.admin.list(), ks.admin.audit(), ks.changes(after="c-0").json())
     r = ks.admin.request(method, path.replace("{id}", made["key_id"]), body)
     assert (r.status, error_code(r)) == (status, code), r.text
     assert names in r.json()["error"]["message"]
+    ks.settled()
     after = (ks.admin.show(made["key_id"]), ks.admin.list(), ks.admin.audit(), ks.changes(after="c-0").json())
     assert after == before
 
@@ -147,6 +169,7 @@ def test_the_feed_lists_every_changed_hash_and_says_410_for_a_cursor_it_did_not_
     a = ks.admin.create(owner="a")
     b = ks.admin.create(owner="b")
     ks.admin.revoke(a["key_id"])
+    ks.settled()
     listed = ks.changes(after=start["cursor"]).json()
     assert listed["key_hashes"] == [a["key_hash"], b["key_hash"]], "each hash once, in order"
     assert ks.changes(after=listed["cursor"]).json() == {"cursor": listed["cursor"], "key_hashes": []}
@@ -181,6 +204,7 @@ def test_writers_racing_on_one_database_lose_no_change_in_the_feed(ks):
         w.start()
     for w in writers:
         w.join()
+    ks.settled()
     stop.set()
     reader.join(30)
     assert len(made) == 320
@@ -189,7 +213,7 @@ def test_writers_racing_on_one_database_lose_no_change_in_the_feed(ks):
 
 def test_a_restart_keeps_every_key_and_the_feeds_cursor(ks):
     made = [ks.admin.create(owner=f"o{i}") for i in range(5)]
-    cursor = ks.changes().json()["cursor"]
+    cursor = ks.settled()
     ks.stop_serving()
     ks.start_serving()
     for key in made:
@@ -216,10 +240,49 @@ def test_no_key_it_made_is_in_its_database_log_metrics_or_audit(ks):
         ks.lookup(key["key_hash"])
     ks.admin.revoke(made[1]["key_id"])
     keys = [m["key"] for m in made]
-    where = {**ks.files(), "metrics": ks.metrics().encode(),
+    where = {**ks.stored(), "metrics": ks.metrics().encode(),
              "audit": json.dumps(ks.admin.audit()).encode(), "list": json.dumps(ks.admin.list()).encode()}
     for name, content in where.items():
         for key in keys:
             assert key.encode() not in content, f"a key in {name}"
     assert as_json(ks.lookup(made[0]["key_hash"]))["key_id"] == made[0]["key_id"]
-    assert ks.token.encode() not in ks.files()["keys.db"], "admin tokens are stored hashed"
+    for name, content in ks.stored().items():
+        assert ks.token.encode() not in content, f"an admin token in {name}: they are stored hashed"
+
+
+def test_writers_on_two_processes_on_one_postgresql_lose_no_change_in_the_feed(postgres):
+    """Eight writers on two `serve` processes make changes while a reader polls one of
+    them: every changed hash appears, whichever process made it."""
+    url = postgres.database("two-writers")
+    with KeyService(db=url) as a, KeyService(db=url, token=a.token) as b:
+        cursor = a.changes().json()["cursor"]
+        made, seen, stop = [], set(), threading.Event()
+
+        def write(service, n):
+            for _ in range(n):
+                key = service.admin.create(owner="race")
+                made.append(key["key_hash"])
+                service.admin.update(key["key_id"], scopes=["x"])
+
+        def poll():
+            nonlocal cursor
+            while True:
+                answer = a.changes(after=cursor).json()
+                seen.update(answer["key_hashes"])
+                cursor = answer["cursor"]
+                if stop.is_set() and not answer["key_hashes"]:
+                    return
+
+        reader = threading.Thread(target=poll)
+        reader.start()
+        writers = [threading.Thread(target=write, args=(svc, 125)) for svc in [a, b] * 4]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        a.settled()
+        stop.set()
+        reader.join(30)
+        assert len(made) == 1000
+        assert set(made) <= seen
+        assert b.lookup(made[0]).json()["scopes"] == ["x"]

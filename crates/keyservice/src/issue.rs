@@ -35,6 +35,11 @@ pub fn new_admin_token() -> Result<String, getrandom::Error> {
     Ok(format!("akadm_{}", base62(40)?))
 }
 
+/// A `serve` process's name among those on one database.
+pub fn new_process_id() -> Result<String, getrandom::Error> {
+    base62(16)
+}
+
 /// `n` characters drawn uniformly from base62 (rejection sampling: no modulo bias).
 fn base62(n: usize) -> Result<String, getrandom::Error> {
     let mut out = String::with_capacity(n);

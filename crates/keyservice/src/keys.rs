@@ -2,7 +2,7 @@
 //! its hash in the change log and writes the audit event.
 use crate::issue::{new_key, new_key_id};
 use crate::record::{with_changes, InvalidField};
-use crate::store::{Event, KeyRow, Store, StoreError, Writes};
+use crate::store::{Event, KeyRow, Store, StoreError};
 use serde_json::{json, Map, Value};
 
 /// Why an admin call changed nothing.

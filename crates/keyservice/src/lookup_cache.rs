@@ -4,10 +4,19 @@
 //! for changes made through any process on the same database.
 //!
 //! A lookup that read the database while a change was being forgotten does not keep what
-//! it read (the `generation` moved): it may predate the change.
+//! it read (the `generation` moved): it may predate the change. And the cache is only
+//! used while this process keeps telling the database how far it has read the log
+//! (`reported`): the feed lists a change only once every live process has forgotten it,
+//! and a process that cannot tell is soon not counted as live, so it must not answer from
+//! memory either.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long after its last report a process answers from memory: well inside
+/// `store::PROCESS_LIVE_MS`, after which the feed stops waiting for it.
+pub const TRUSTED_FOR: Duration = Duration::from_millis(2_000);
 
 /// Entries kept at most; past it the cache starts again empty (bounded memory).
 pub const MAX_ENTRIES: usize = 500_000;
@@ -19,10 +28,29 @@ pub type Answer = Option<Arc<str>>;
 pub struct LookupCache {
     entries: RwLock<HashMap<String, Answer>>,
     generation: AtomicU64,
+    reported: Mutex<Option<Instant>>,
 }
 
 impl LookupCache {
+    /// This process told the database how far it has read the change log.
+    pub fn reported(&self) {
+        if let Ok(mut at) = self.reported.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    fn trusted(&self) -> bool {
+        self.reported
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < TRUSTED_FOR)
+    }
+
     pub fn get(&self, key_hash: &str) -> Option<Answer> {
+        if !self.trusted() {
+            return None;
+        }
         self.entries.read().ok()?.get(key_hash).cloned()
     }
 
@@ -36,7 +64,7 @@ impl LookupCache {
         let Ok(mut entries) = self.entries.write() else {
             return;
         };
-        if self.generation.load(Ordering::Acquire) != generation {
+        if self.generation.load(Ordering::Acquire) != generation || !self.trusted() {
             return;
         }
         if entries.len() >= MAX_ENTRIES {
@@ -73,6 +101,7 @@ mod tests {
     #[test]
     fn a_miss_read_before_a_change_is_not_kept() {
         let cache = LookupCache::default();
+        cache.reported();
         let before = cache.generation();
         cache.forget(["h1"]);
         cache.keep("h1", Some("old".into()), before);
@@ -81,5 +110,17 @@ mod tests {
         assert_eq!(cache.get("h1"), Some(Some("new".into())));
         cache.forget(["h1"]);
         assert_eq!(cache.get("h1"), None);
+    }
+
+    #[test]
+    fn a_process_that_has_not_reported_lately_answers_from_the_database() {
+        let cache = LookupCache::default();
+        cache.keep("h1", None, cache.generation());
+        assert_eq!(cache.len(), 0, "never reported: nothing kept");
+        cache.reported();
+        cache.keep("h1", None, cache.generation());
+        assert_eq!(cache.get("h1"), Some(None));
+        *cache.reported.lock().unwrap() = Some(Instant::now() - TRUSTED_FOR);
+        assert_eq!(cache.get("h1"), None, "not reported for too long: not used");
     }
 }

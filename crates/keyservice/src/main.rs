@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Serves the filter's API and the admin API.
     Serve {
-        /// The database: sqlite:PATH (created if missing).
+        /// The database: sqlite:PATH (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
         #[arg(long, default_value = "sqlite:apikey-keys.db")]
         db: String,
         /// The filter's API (/v1/...).
@@ -83,10 +83,7 @@ enum TokenCommand {
 }
 
 fn open(db: &str) -> Result<Store, String> {
-    let Some(path) = db.strip_prefix("sqlite:") else {
-        return Err(format!("--db {db}: only sqlite:PATH is supported"));
-    };
-    Store::open(std::path::Path::new(path)).map_err(|e| format!("--db {db}: {e:?}"))
+    Store::open(db).map_err(|e| format!("--db: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -190,7 +187,7 @@ fn serve(
         );
         tokio::spawn(service::follow_changes(
             service.clone(),
-            Duration::from_millis(200),
+            Duration::from_millis(100),
         ));
         let filter = axum::serve(filter, filter_api::routes(service.clone()))
             .with_graceful_shutdown(stopped());

@@ -45,27 +45,42 @@ impl Service {
     }
 }
 
-/// Keeps the lookup cache coherent with changes made through other processes on the same
-/// database, and prunes the change log; every `every`.
+/// Keeps the lookup cache coherent with changes made through any process on the same
+/// database: every `every`, reads the change log on from where it stands, forgets what
+/// changed, and tells the database how far this process has read (the feed waits for it).
+/// Once a minute, prunes the change log.
 pub async fn follow_changes(service: Shared, every: Duration) {
-    let mut applied = None;
+    let process = crate::issue::new_process_id().unwrap_or_else(|_| format!("p{}", now()));
+    let mut applied: Option<i64> = None;
     let mut pruned_at = 0;
     loop {
-        tokio::time::sleep(every).await;
         let after = applied;
-        let read = blocking(&service, move |s| s.store.changes(after, 10_000)).await;
+        let read = blocking(&service, move |s| match after {
+            // Starting (or after the log was pruned past us): from where it stands, with
+            // nothing in memory.
+            None => s.store.head().map(|head| Changes::Listed {
+                key_hashes: Vec::new(),
+                last: head,
+            }),
+            Some(after) => s.store.tail(after, 10_000),
+        })
+        .await;
         match read {
             Some(Ok(Changes::Listed { key_hashes, last })) => {
-                if applied.is_some() && !key_hashes.is_empty() {
+                if after.is_none() {
+                    service.cache.forget_all();
+                } else if !key_hashes.is_empty() {
                     service.cache.forget(key_hashes.iter().map(String::as_str));
                 }
                 applied = Some(last);
+                let id = process.clone();
+                let told = blocking(&service, move |s| s.store.report_process(&id, last)).await;
+                if let Some(Ok(())) = told {
+                    service.cache.reported();
+                }
             }
-            Some(Ok(Changes::Gone)) => {
-                service.cache.forget_all();
-                applied = None;
-            }
-            _ => {}
+            Some(Ok(Changes::Gone)) => applied = None,
+            _ => {} // not read: the cache stops being used once its report is too old
         }
         let now = now();
         if now - pruned_at >= 60 {
@@ -73,5 +88,6 @@ pub async fn follow_changes(service: Shared, every: Duration) {
             let before = now - service.changes_kept_s;
             let _ = blocking(&service, move |s| s.store.prune_changes(before)).await;
         }
+        tokio::time::sleep(every).await;
     }
 }
