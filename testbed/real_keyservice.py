@@ -97,7 +97,7 @@ class KeyService(Service):
     def cli(self, *args):
         done = subprocess.run([binary(), *args], capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
-            raise HarnessError(f"apikey-keyservice {' '.join(args)}: {done.stderr}")
+            raise HarnessError(f"apikey-keyservice {' '.join(map(str, args))}: {done.stderr}")
         return done.stdout
 
     def start_serving(self):

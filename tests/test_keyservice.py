@@ -286,3 +286,26 @@ def test_writers_on_two_processes_on_one_postgresql_lose_no_change_in_the_feed(p
         assert len(made) == 1000
         assert set(made) <= seen
         assert b.lookup(made[0]).json()["scopes"] == ["x"]
+
+
+def test_keys_made_elsewhere_are_imported_by_hash_once(ks, tmp_path):
+    """The demo's keys file (hashes and records): what a key service being replaced hands over."""
+    from testbed.harness import ROOT
+    demo = ROOT / "envoy" / "demo" / "keys.json"
+    ks.cli("keys", "import", "--db", ks.db, "--file", demo)
+    alice = ks.lookup(key_hash("demo-key-alice"))
+    assert alice.status == 200 and alice.json()["key_id"] == "k_alice"
+    assert ks.lookup(key_hash("demo-key-revoked")).json()["revoked"] is True
+    assert ks.admin.show("k_revoked")["revoked_at"] is not None
+    events = ks.admin.audit()["events"]
+    assert {e["action"] for e in events} == {"import"} and len(events) == len(json.loads(demo.read_text())["keys"])
+    ks.cli("keys", "import", "--db", ks.db, "--file", demo)
+    assert len(ks.admin.audit()["events"]) == len(events), "run again: nothing changes"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"keys": {"ABC": {"key_id": "k_x"}}}))
+    with pytest.raises(Exception, match="key_hash"):
+        ks.cli("keys", "import", "--db", ks.db, "--file", bad)
+    bad.write_text(json.dumps({"keys": {key_hash("x"): {"key_id": "k_x", "scopes": "all"}}}))
+    with pytest.raises(Exception, match="scopes"):
+        ks.cli("keys", "import", "--db", ks.db, "--file", bad)
+    assert ks.lookup(key_hash("x")).status == 404

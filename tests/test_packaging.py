@@ -7,6 +7,7 @@ runs the filter's on_configure, so a refused filter configuration fails validati
 (test_validation_runs_the_filters_on_configure proves it)."""
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -18,6 +19,7 @@ import yaml
 
 from testbed.harness import (ROOT, WASM_PATH, HarnessError, Process, envoy_binary, free_port, http_request,
                      render_envoy, start_helper_server)
+from testbed.real_keyservice import binary as keyservice_binary
 from testbed.rls_service import RlsService
 
 ENVOY_DIR = ROOT / "envoy"
@@ -104,7 +106,12 @@ def test_compose_file_structure():
     services = compose["services"]
     assert set(services) == {"envoy", "keyservice", "upstream", "ratelimit", "redis", "prometheus", "grafana"}
     assert services["envoy"]["image"] == f"envoyproxy/envoy:v{supported_versions()['newest']}"
-    assert services["keyservice"]["image"] == services["upstream"]["image"] == "python:3.11-slim"
+    assert services["upstream"]["image"] == "python:3.11-slim"
+    # The key service is built from the repository, by the Dockerfile the project ships.
+    build = services["keyservice"]["build"]
+    dockerfile = (ENVOY_DIR / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile == ROOT / "crates" / "keyservice" / "Dockerfile"
+    assert "cargo build --release --locked -p apikey-keyservice" in dockerfile.read_text()
     # envoyproxy/ratelimit tags only commits (no releases): pinned to one, never master/latest.
     assert re.fullmatch(r"envoyproxy/ratelimit:[0-9a-f]{8,40}", services["ratelimit"]["image"])
     assert services["redis"]["image"] == "redis:7-alpine"
@@ -139,17 +146,24 @@ def test_compose_file_structure():
     # Each helper: its module is in the test bed's mount under its working directory, it
     # listens on all interfaces, on the port that the config's cluster names, under the
     # service name that the cluster resolves.
-    for service, cluster in (("keyservice", "key_service"), ("upstream", "upstream")):
-        discovery, host, port = clusters(envoy)[cluster]
-        assert (discovery, host) == ("STRICT_DNS", service), cluster
-        cmd = services[service]["command"]
-        assert cmd[cmd.index("--port") + 1] == str(port) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
-        assert cmd[:2] == ["python3", "-m"], cmd
-        package, module = cmd[2].split(".")
-        workdir = services[service]["working_dir"]
-        assert (mounts[service, f"{workdir}/{package}"] / f"{module}.py").is_file(), cmd
-    keys = services["keyservice"]["command"]
-    assert mounts["keyservice", keys[keys.index("--keys") + 1]] == ENVOY_DIR / "demo" / "keys.json"
+    discovery, host, port = clusters(envoy)["upstream"]
+    assert (discovery, host) == ("STRICT_DNS", "upstream")
+    cmd = services["upstream"]["command"]
+    assert cmd[cmd.index("--port") + 1] == str(port) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[:2] == ["python3", "-m"], cmd
+    package, module = cmd[2].split(".")
+    workdir = services["upstream"]["working_dir"]
+    assert (mounts["upstream", f"{workdir}/{package}"] / f"{module}.py").is_file(), cmd
+    # The key service: the cluster resolves its name, at the port it serves the filter's API
+    # on, and it takes in the mounted demo keys.
+    discovery, host, port = clusters(envoy)["key_service"]
+    assert (discovery, host) == ("STRICT_DNS", "keyservice")
+    steps = keyservice_steps(services["keyservice"])
+    assert [s[:3] for s in steps] == [["apikey-keyservice", "keys", "import"],
+                                      ["exec", "apikey-keyservice", "serve"]]
+    serve = steps[1]
+    assert serve[serve.index("--listen") + 1] == f"0.0.0.0:{port}"
+    assert mounts["keyservice", steps[0][steps[0].index("--file") + 1]] == ENVOY_DIR / "demo" / "keys.json"
     filter_config = json.loads(wasm_config(envoy)["configuration"]["value"])
     assert filter_config == json.loads(DEMO_FILTER_CONFIG.read_text())
 
@@ -361,9 +375,19 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
     procs, rls = [], RlsService()
     try:
         rls.start()
-        ks, ks_bound = start_helper_server("keyservice", "keyservice", 0, tmp_path / "ks.log",
-                                           ["--keys", ENVOY_DIR / "demo" / "keys.json"])
+        # The compose key service's own commands, with a local database, file and ports.
+        ks_bound, ks_admin = free_port(), free_port()
+        local = {"sqlite:/data/keys.db": f"sqlite:{tmp_path / 'keys.db'}",
+                 "/app/keys.json": str(ENVOY_DIR / "demo" / "keys.json"),
+                 f"0.0.0.0:{ks_port}": f"127.0.0.1:{ks_bound}", "0.0.0.0:8082": f"127.0.0.1:{ks_admin}",
+                 "apikey-keyservice": str(keyservice_binary())}
+        compose_services = load_yaml(COMPOSE_FILE)["services"]
+        import_keys, serve = [[local.get(a, a) for a in step if a != "exec"]
+                              for step in keyservice_steps(compose_services["keyservice"])]
+        subprocess.run(import_keys, check=True, timeout=30)
+        ks = Process("keyservice", serve, tmp_path / "ks.log").start()
         procs.append(ks)
+        ks.wait_for_line("apikey-keyservice: serving")
         up, up_bound = start_helper_server("upstream", "upstream", 0, tmp_path / "up.log")
         procs.append(up)
         listen, admin = free_port(), free_port()
@@ -408,6 +432,13 @@ def test_compose_envoy_config_serves_the_demo_keys(tmp_path):
         for p in reversed(procs):
             p.stop()
         rls.close()
+
+
+def keyservice_steps(service):
+    """The compose key service's `sh -c` command, as the commands it runs."""
+    command = service["command"]
+    assert command[:2] == ["sh", "-c"], command
+    return [shlex.split(step) for step in command[2].split("&&")]
 
 
 def wait_ready(proxy, admin_port, timeout=20):

@@ -1,7 +1,7 @@
 //! What the admin API does to keys: each call one transaction that changes the key, lists
 //! its hash in the change log and writes the audit event.
 use crate::issue::{new_key, new_key_id};
-use crate::record::{with_changes, InvalidField};
+use crate::record::{check, with_changes, InvalidField};
 use crate::store::{Event, KeyRow, Store, StoreError};
 use serde_json::{json, Map, Value};
 
@@ -71,6 +71,52 @@ pub fn create(
         )?)
     })?;
     Ok(Issued { row, key })
+}
+
+/// Takes in a key made elsewhere, by its hash, with its record (`key_id` included): a key
+/// service being replaced by this one keeps its keys. False: a key with that hash or
+/// `key_id` is here already (an import run again changes nothing).
+pub fn import(
+    store: &Store,
+    actor: &str,
+    now: i64,
+    key_hash: &str,
+    record: &Map<String, Value>,
+) -> Result<bool, Refused> {
+    let is_hash = key_hash.len() == 64
+        && key_hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !is_hash {
+        return Err(InvalidField::new("key_hash", "must be a lowercase hex SHA-256").into());
+    }
+    let key_id = match record.get("key_id").and_then(Value::as_str) {
+        Some(key_id) if !key_id.is_empty() => key_id.to_string(),
+        _ => return Err(InvalidField::new("key_id", "is required").into()),
+    };
+    check(record)?;
+    let revoked = record.get("revoked").and_then(Value::as_bool) == Some(true);
+    let row = KeyRow {
+        key_id: key_id.clone(),
+        key_hash: key_hash.into(),
+        name: String::new(),
+        record: record.clone(),
+        created_at: now,
+        updated_at: now,
+        revoked_at: revoked.then_some(now),
+        rotated_from: None,
+        rotated_to: None,
+    };
+    store.write(|tx| -> Result<_, Refused> {
+        match tx.insert_key(&row) {
+            Err(StoreError::Conflict(_)) => return Ok(false),
+            done => done?,
+        }
+        tx.log_change(key_hash, now)?;
+        let imported = Value::Object(record.clone());
+        tx.log_event(now, &event(actor, "import", &key_id, imported))?;
+        Ok(true)
+    })
 }
 
 /// Sets record fields (and `name`) of a key.

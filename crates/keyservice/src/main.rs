@@ -59,6 +59,30 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Exits 0 when the service at `--url` (HOST:PORT) answers `GET /healthz` with 200:
+    /// a container's health check, with no other program in the image.
+    Healthz {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        url: String,
+    },
+    /// Keys made elsewhere.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Takes in keys by hash from a JSON file `{"keys": {"<sha256 hex>": {record}}}` (each
+    /// record with its `key_id`): a key service being replaced keeps its keys. Keys already
+    /// here are left as they are, so it can run at every start.
+    Import {
+        #[arg(long, default_value = "sqlite:apikey-keys.db")]
+        db: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +128,10 @@ fn main() -> ExitCode {
             changes_kept_s,
         ),
         Command::AdminToken { command } => admin_token(command),
+        Command::Keys {
+            command: KeysCommand::Import { db, file },
+        } => import(&db, &file),
+        Command::Healthz { url } => healthz(&url),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +140,54 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn healthz(address: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let timeout = Some(Duration::from_secs(2));
+    let addr: SocketAddr = address
+        .parse()
+        .map_err(|e| format!("--url {address}: {e}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("{address}: {e}"))?;
+    let _ = stream.set_read_timeout(timeout);
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    match answer.starts_with("HTTP/1.1 200") {
+        true => Ok(()),
+        false => Err(format!("{address}: not healthy")),
+    }
+}
+
+fn import(db: &str, file: &std::path::Path) -> Result<(), String> {
+    let read = |e: &dyn std::fmt::Display| format!("--file {}: {e}", file.display());
+    let text = std::fs::read_to_string(file).map_err(|e| read(&e))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| read(&e))?;
+    let Some(keys) = doc.get("keys").and_then(serde_json::Value::as_object) else {
+        return Err(read(&"no \"keys\" object"));
+    };
+    let store = open(db)?;
+    let (mut imported, mut kept) = (0, 0);
+    for (key_hash, record) in keys {
+        let Some(record) = record.as_object() else {
+            return Err(read(&format!("keys.{key_hash}: not an object")));
+        };
+        match keys::import(&store, "cli:import", now(), key_hash, record) {
+            Ok(true) => imported += 1,
+            Ok(false) => kept += 1,
+            Err(keys::Refused::Invalid(field)) => {
+                return Err(read(&format!("keys.{key_hash}: {}", field.message())))
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
+    eprintln!("apikey-keyservice: imported {imported} keys, {kept} already here");
+    Ok(())
 }
 
 fn admin_token(command: TokenCommand) -> Result<(), String> {
