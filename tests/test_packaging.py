@@ -493,6 +493,37 @@ def test_wasm_plugin_calls_the_key_service_the_manifests_define():
     assert connect_ms < key_service["timeout_ms"]
 
 
+def test_the_key_service_deployment_serves_what_the_wasm_plugin_calls():
+    """keyservice-deployment.yaml: Service `keys` port 8080 (the cluster wasmplugin.yaml names)
+    reaches the processes' --listen port; every process is on the one PostgreSQL the Secret
+    names, which is the StatefulSet's Service."""
+    docs = {(d["kind"], d["metadata"]["name"]): d
+            for d in yaml.safe_load_all((ISTIO / "keyservice-deployment.yaml").read_text())}
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {"keys-system"}
+    deployment = docs["Deployment", "keys"]
+    assert deployment["spec"]["replicas"] >= 2, "a fleet: several processes on one database"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--db") + 1] == "$(DATABASE_URL)"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args[args.index("--listen") + 1] == f"0.0.0.0:{ports['http-filter']}"
+    assert args[args.index("--admin-listen") + 1] == f"0.0.0.0:{ports['http-admin']}"
+    keys = docs["Service", "keys"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in keys] == [(8080, "http-filter")]
+    cluster = wasm_plugin()["spec"]["pluginConfig"]["key_service"]["cluster"]
+    assert cluster == "outbound|8080||keys.keys-system.svc.cluster.local"
+    secret = docs["Secret", "keys-database"]["stringData"]["url"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["DATABASE_URL"] == {"name": "keys-database", "key": "url"}
+    db = urlparse(secret)
+    assert (db.scheme, db.hostname, db.port) == ("postgres", "keys-postgres.keys-system.svc.cluster.local", 5432)
+    postgres = docs["StatefulSet", "keys-postgres"]["spec"]["template"]["spec"]["containers"][0]
+    postgres_env = {e["name"]: e.get("value") for e in postgres["env"]}
+    assert (db.username, db.password, db.path) == (
+        postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"], "/" + postgres_env["POSTGRES_DB"])
+    assert docs["Service", "keys-postgres"]["spec"]["ports"][0]["port"] == 5432
+
+
 def test_wasm_plugin_config_is_accepted_by_the_filter(tmp_path):
     """pluginConfig, as Istio hands it over (JSON), into the one template; only the cluster
     name is swapped for the template's local one, since Envoy checks that a cluster exists."""
