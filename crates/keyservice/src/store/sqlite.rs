@@ -403,3 +403,115 @@ impl Writes for Transaction<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Changes, Store};
+
+    fn store() -> (Store, tempfile_dir::Dir) {
+        let dir = tempfile_dir::Dir::new();
+        let store = Store::open(&format!("sqlite:{}", dir.path("keys.db"))).unwrap();
+        (store, dir)
+    }
+
+    fn change(store: &Store, hash: &str, at: i64) {
+        store
+            .write(|tx| -> StoreResult<()> { tx.log_change(hash, at) })
+            .unwrap();
+    }
+
+    fn listed(store: &Store, after: i64) -> Changes {
+        store.changes(Some(after), 100).unwrap()
+    }
+
+    #[test]
+    fn the_feed_waits_for_every_live_process_and_no_longer_for_a_silent_one() {
+        let (store, _dir) = store();
+        change(&store, "h1", 10);
+        change(&store, "h2", 10);
+        let everything = Changes::Listed {
+            key_hashes: vec!["h1".into(), "h2".into()],
+            last: 2,
+        };
+        assert_eq!(listed(&store, 0), everything, "no process serves yet");
+        store.report_process("a", 2).unwrap();
+        store.report_process("b", 1).unwrap();
+        let behind_b = Changes::Listed {
+            key_hashes: vec!["h1".into()],
+            last: 1,
+        };
+        assert_eq!(listed(&store, 0), behind_b, "b has not forgotten h2 yet");
+        assert_eq!(
+            store.changes(None, 100).unwrap(),
+            Changes::Listed {
+                key_hashes: vec![],
+                last: 1,
+            }
+        );
+        // b goes silent: past PROCESS_LIVE_MS the feed no longer waits for it.
+        let Store::Sqlite(db) = &store else {
+            unreachable!()
+        };
+        let silent = "UPDATE processes SET reported_ms = 0 WHERE process = 'b'";
+        db.conn().unwrap().execute(silent, []).unwrap();
+        assert_eq!(listed(&store, 0), everything);
+    }
+
+    #[test]
+    fn a_cursor_from_before_the_pruned_changes_or_never_made_is_gone() {
+        let (store, _dir) = store();
+        change(&store, "old", 10);
+        change(&store, "old", 11);
+        change(&store, "new", 1_000);
+        assert_eq!(store.prune_changes(500).unwrap(), 2);
+        assert_eq!(listed(&store, 0), Changes::Gone);
+        assert_eq!(listed(&store, 1), Changes::Gone);
+        assert_eq!(
+            listed(&store, 2),
+            Changes::Listed {
+                key_hashes: vec!["new".into()],
+                last: 3
+            }
+        );
+        assert_eq!(listed(&store, 4), Changes::Gone, "a cursor it never made");
+        // Numbers are never reused once pruned.
+        assert_eq!(store.prune_changes(5_000).unwrap(), 1);
+        change(&store, "newer", 6_000);
+        assert_eq!(
+            listed(&store, 3),
+            Changes::Listed {
+                key_hashes: vec!["newer".into()],
+                last: 4
+            }
+        );
+    }
+}
+
+/// A temporary folder for tests, removed when dropped.
+#[cfg(test)]
+mod tempfile_dir {
+    pub struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        pub fn new() -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "apikey-keyservice-test-{}-{}",
+                std::process::id(),
+                crate::issue::new_key_id().unwrap()
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        pub fn path(&self, name: &str) -> String {
+            self.0.join(name).display().to_string()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
