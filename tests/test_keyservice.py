@@ -309,3 +309,39 @@ def test_keys_made_elsewhere_are_imported_by_hash_once(ks, tmp_path):
     with pytest.raises(Exception, match="scopes"):
         ks.cli("keys", "import", "--db", ks.db, "--file", bad)
     assert ks.lookup(key_hash("x")).status == 404
+
+
+WRITE_LOCK = 0x61_706B_6B73_0002  # store/postgres.rs: the lock every write takes first
+
+
+def test_on_postgresql_a_write_commits_only_after_one_that_took_its_change_number_first(postgres):
+    """The feed's promise, shown with a writer held open on purpose: a transaction that took
+    the write lock and its change number, then waits before committing. A change made through
+    the service meanwhile waits for it, so it cannot commit a later number first; a reader
+    polling all along never moves past the held change without listing it. (Without the lock,
+    the service's change would commit at once, and a reader could pass the held number while
+    it is still invisible, never to list it.)"""
+    import subprocess
+    import time
+    from testbed.postgres import bin_dir
+    url = postgres.database("held-writer")
+    with KeyService(db=url) as ks:
+        held = key_hash("held-writer")
+        sql = (f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); "
+               f"INSERT INTO changes (key_hash, at) VALUES ('{held}', 0); SELECT pg_sleep(1.5); COMMIT;")
+        writer = subprocess.Popen(postgres._as_server_user(
+            [bin_dir() / "psql", "-h", "127.0.0.1", "-p", postgres.port, "-U", "apikey", "-d", "held-writer",
+             "-v", "ON_ERROR_STOP=1", "-c", sql]), stdout=subprocess.DEVNULL)
+        try:
+            taken = f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = {WRITE_LOCK & 0xFFFFFFFF}"
+            deadline = time.monotonic() + 10
+            while postgres.psql(taken, "held-writer").strip() != "1":
+                assert time.monotonic() < deadline, "the held writer never took the lock"
+                time.sleep(0.02)
+            made = ks.admin.create(owner="after-the-held-one")
+            assert writer.poll() is not None, "the service's write committed before the held one"
+        finally:
+            writer.wait(10)
+        ks.settled()
+        listed = ks.changes(after="c-0").json()["key_hashes"]
+        assert listed.index(held) < listed.index(made["key_hash"])
