@@ -6,6 +6,7 @@ use crate::keys::{self, view, Issued, Refused};
 use crate::metrics;
 use crate::record::{object, InvalidField, RECORD_FIELDS};
 use crate::service::{blocking, now, Shared};
+use crate::store::StoreError;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -184,23 +185,39 @@ async fn show(
     if let Err(refused) = actor(&service, &headers).await {
         return refused;
     }
-    match blocking(&service, move |s| s.store.key_by_id(&key_id)).await {
-        Some(Ok(row)) => answer(StatusCode::OK, view(&row)),
-        Some(Err(e)) => refusal(&service, e.into()),
-        None => refusal(&service, Refused::Failed("the call was cut".into())),
-    }
+    let read = blocking(&service, move |s| s.store.key_by_id(&key_id)).await;
+    read_answer(&service, read, |row| answer(StatusCode::OK, view(&row)))
 }
 
-/// A listing's `limit`: 1 to `MAX_PAGE`, 100 when not given.
-fn page_size(limit: Option<u32>) -> Result<u32, InvalidField> {
-    let limit = limit.unwrap_or(100);
+/// A listing's query, and its `limit`: 1 to `MAX_PAGE`, 100 when not given.
+fn paged<Q>(
+    service: &Shared,
+    query: Result<Query<Q>, QueryRejection>,
+    limit_of: impl Fn(&Q) -> Option<u32>,
+) -> Result<(Q, u32), Response> {
+    let Query(query) = query.map_err(|bad| {
+        let field = InvalidField::new("", bad.body_text());
+        invalid(service, &field)
+    })?;
+    let limit = limit_of(&query).unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(InvalidField::new(
-            "limit",
-            format!("must be between 1 and {MAX_PAGE}"),
-        ));
+        let field = InvalidField::new("limit", format!("must be between 1 and {MAX_PAGE}"));
+        return Err(invalid(service, &field));
     }
-    Ok(limit)
+    Ok((query, limit))
+}
+
+/// A read's answer: `ok` of what was read, else the error.
+fn read_answer<T>(
+    service: &Shared,
+    read: Option<Result<T, StoreError>>,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    match read {
+        Some(Ok(done)) => ok(done),
+        Some(Err(e)) => refusal(service, e.into()),
+        None => refusal(service, Refused::Failed("the call was cut".into())),
+    }
 }
 
 /// Where the next page starts (`after`), when this one is full.
@@ -226,28 +243,20 @@ async fn list(
     if let Err(refused) = actor(&service, &headers).await {
         return refused;
     }
-    let Query(query) = match query {
-        Ok(query) => query,
-        Err(bad) => return invalid(&service, &InvalidField::new("", bad.body_text())),
-    };
-    let limit = match page_size(query.limit) {
-        Ok(limit) => limit,
-        Err(field) => return invalid(&service, &field),
+    let (query, limit) = match paged(&service, query, |q| q.limit) {
+        Ok(paged) => paged,
+        Err(refused) => return refused,
     };
     let read = blocking(&service, move |s| {
         s.store
             .list(query.owner.as_deref(), query.after.as_deref(), limit)
     })
     .await;
-    match read {
-        Some(Ok(rows)) => {
-            let next = next_page(&rows, limit, |last| json!(last.key_id));
-            let keys: Vec<Value> = rows.iter().map(view).collect();
-            answer(StatusCode::OK, json!({"keys": keys, "next": next}))
-        }
-        Some(Err(e)) => refusal(&service, e.into()),
-        None => refusal(&service, Refused::Failed("the call was cut".into())),
-    }
+    read_answer(&service, read, |rows| {
+        let next = next_page(&rows, limit, |last| json!(last.key_id));
+        let keys: Vec<Value> = rows.iter().map(view).collect();
+        answer(StatusCode::OK, json!({"keys": keys, "next": next}))
+    })
 }
 
 async fn update(
@@ -378,26 +387,18 @@ async fn audit(
     if let Err(refused) = actor(&service, &headers).await {
         return refused;
     }
-    let Query(query) = match query {
-        Ok(query) => query,
-        Err(bad) => return invalid(&service, &InvalidField::new("", bad.body_text())),
-    };
-    let limit = match page_size(query.limit) {
-        Ok(limit) => limit,
-        Err(field) => return invalid(&service, &field),
+    let (query, limit) = match paged(&service, query, |q| q.limit) {
+        Ok(paged) => paged,
+        Err(refused) => return refused,
     };
     let read = blocking(&service, move |s| {
         s.store.audit(query.key_id.as_deref(), query.after, limit)
     })
     .await;
-    match read {
-        Some(Ok(events)) => {
-            let next = next_page(&events, limit, |last| json!(last.id));
-            answer(StatusCode::OK, json!({"events": events, "next": next}))
-        }
-        Some(Err(e)) => refusal(&service, e.into()),
-        None => refusal(&service, Refused::Failed("the call was cut".into())),
-    }
+    read_answer(&service, read, |events| {
+        let next = next_page(&events, limit, |last| json!(last.id));
+        answer(StatusCode::OK, json!({"events": events, "next": next}))
+    })
 }
 
 async fn metrics_text(State(service): State<Shared>) -> Response {

@@ -92,6 +92,58 @@ pub struct AuditEvent {
     pub changes: Value,
 }
 
+/// The tables, on both databases: `serial` is the database's auto-numbered key (never
+/// reused once its rows are deleted, so a pruned change number is never seen again).
+pub fn schema(serial: &str) -> String {
+    format!(
+        "
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    revoked_at BIGINT,
+    rotated_from TEXT,
+    rotated_to TEXT
+);
+CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner, key_id);
+CREATE TABLE IF NOT EXISTS changes (
+    seq {serial},
+    key_hash TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id {serial},
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    changes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, id);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE TABLE IF NOT EXISTS processes (
+    process TEXT PRIMARY KEY,
+    through BIGINT NOT NULL,
+    reported_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+"
+    )
+}
+
+/// The columns of a key, in `KeyRow`'s order.
+pub const KEY_COLUMNS: &str = "key_id, key_hash, name, record, created_at, updated_at, \
+                               revoked_at, rotated_from, rotated_to";
+
 /// A process is live while its last report is younger than this: the feed waits for the
 /// live ones only.
 pub const PROCESS_LIVE_MS: i64 = 5_000;

@@ -3,8 +3,8 @@
 //! so that they commit in the order of their change numbers; times that processes compare
 //! (their reports) are the database's clock, not theirs.
 use super::{
-    listed, record_of, AuditEvent, Changes, Event, KeyRow, StoreError, StoreResult, Writes,
-    PROCESS_LIVE_MS,
+    listed, record_of, schema, AuditEvent, Changes, Event, KeyRow, StoreError, StoreResult, Writes,
+    KEY_COLUMNS, PROCESS_LIVE_MS,
 };
 use postgres::{Client, NoTls, Row, Transaction};
 use serde_json::Value;
@@ -16,51 +16,6 @@ const WRITE_LOCK: i64 = 0x61_706b_6b73_0002;
 /// Connections kept open between calls, at most.
 const MAX_IDLE: usize = 16;
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    record TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    revoked_at BIGINT,
-    rotated_from TEXT,
-    rotated_to TEXT
-);
-CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner, key_id);
-CREATE TABLE IF NOT EXISTS changes (
-    seq BIGSERIAL PRIMARY KEY,
-    key_hash TEXT NOT NULL,
-    at BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id BIGSERIAL PRIMARY KEY,
-    at BIGINT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    changes TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, id);
-CREATE TABLE IF NOT EXISTS admin_tokens (
-    name TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    created_at BIGINT NOT NULL,
-    revoked_at BIGINT
-);
-CREATE TABLE IF NOT EXISTS processes (
-    process TEXT PRIMARY KEY,
-    through BIGINT NOT NULL,
-    reported_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
-";
-
-const KEY_COLUMNS: &str = "key_id, key_hash, name, record, created_at, updated_at, revoked_at, \
-                           rotated_from, rotated_to";
 
 pub struct Postgres {
     url: String,
@@ -96,8 +51,9 @@ impl Postgres {
         };
         db.with(|client| -> StoreResult<()> {
             // Two processes starting at once must not both create the tables.
+            let tables = schema("BIGSERIAL PRIMARY KEY");
             Ok(client.batch_execute(&format!(
-                "SELECT pg_advisory_lock({SCHEMA_LOCK}); {SCHEMA} SELECT pg_advisory_unlock({SCHEMA_LOCK});"
+                "SELECT pg_advisory_lock({SCHEMA_LOCK}); {tables} SELECT pg_advisory_unlock({SCHEMA_LOCK});"
             ))?)
         })?;
         Ok(db)

@@ -1,58 +1,13 @@
 //! The store on SQLite: one file, WAL, every write on disk before it is answered.
 //! AUTOINCREMENT keeps change numbers from being reused after old changes are pruned.
 use super::{
-    listed, record_of, AuditEvent, Changes, Event, KeyRow, StoreError, StoreResult, Writes,
-    PROCESS_LIVE_MS,
+    listed, record_of, schema, AuditEvent, Changes, Event, KeyRow, StoreError, StoreResult, Writes,
+    KEY_COLUMNS, PROCESS_LIVE_MS,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    record TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    revoked_at INTEGER,
-    rotated_from TEXT,
-    rotated_to TEXT
-);
-CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner, key_id);
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    key_hash TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    changes TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, id);
-CREATE TABLE IF NOT EXISTS admin_tokens (
-    name TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS processes (
-    process TEXT PRIMARY KEY,
-    through INTEGER NOT NULL,
-    reported_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-";
-
-const KEY_COLUMNS: &str = "key_id, key_hash, name, record, created_at, updated_at, revoked_at, \
-                           rotated_from, rotated_to";
 
 pub struct Sqlite {
     conn: Mutex<Connection>,
@@ -92,7 +47,7 @@ impl Sqlite {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT"))?;
         Ok(Sqlite {
             conn: Mutex::new(conn),
         })
