@@ -345,3 +345,35 @@ def test_on_postgresql_a_write_commits_only_after_one_that_took_its_change_numbe
         ks.settled()
         listed = ks.changes(after="c-0").json()["key_hashes"]
         assert listed.index(held) < listed.index(made["key_hash"])
+
+
+def test_the_cli_makes_revokes_rotates_and_audits_keys_through_the_admin_api():
+    import os
+    import subprocess
+    from testbed.real_keyservice import binary
+    with KeyService() as ks:
+        url = f"--url=http://127.0.0.1:{ks.admin_port}"
+
+        def cli(*args, token=ks.token):
+            env = {**os.environ, "APIKEY_ADMIN_TOKEN": token}
+            done = subprocess.run([binary(), *args, url], capture_output=True, text=True, env=env, timeout=30)
+            return done.returncode, json.loads(done.stdout) if done.stdout.strip() else None, done.stderr
+
+        code, made, _ = cli("keys", "create", "--owner", "acme", "--scope", "read", "--scope", "write",
+                            "--json", '{"rate_limit": {"requests": 5, "period_s": 1}}')
+        assert code == 0 and made["scopes"] == ["read", "write"] and made["rate_limit"]["requests"] == 5
+        assert ks.lookup(key_hash(made["key"])).json()["owner"] == "acme"
+        assert cli("keys", "list", "--owner", "acme")[1]["keys"][0]["key_id"] == made["key_id"]
+        assert cli("keys", "update", made["key_id"], "--name", "ci")[1]["name"] == "ci"
+        code, new, _ = cli("keys", "rotate", made["key_id"], "--grace-s", "60")
+        assert code == 0 and new["rotated_from"] == made["key_id"]
+        assert cli("keys", "revoke", new["key_id"])[1]["revoked"] is True
+        assert cli("keys", "delete", made["key_id"])[0] == 0
+        assert cli("keys", "show", made["key_id"])[0] == 1
+        actions = [e["action"] for e in cli("audit")[1]["events"]]
+        assert actions == ["create", "update", "rotate", "revoke", "delete"]
+        code, _, err = cli("keys", "create", "--owner", "x", token="akadm_wrong")
+        assert code == 1 and "unauthorized" in err
+        code, _, err = cli("keys", "create", "--json", '{"scopes": "all"}')
+        assert code == 1 and "invalid_field" in err
+        assert len(cli("audit")[1]["events"]) == 5, "refused calls change nothing"

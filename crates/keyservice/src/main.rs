@@ -2,6 +2,7 @@
 //! lookups and change feed on one listener and the admin API on another; `admin-token`
 //! makes the tokens the admin API takes. See docs/keyservice.md.
 mod admin_api;
+mod cli;
 mod filter_api;
 mod issue;
 mod keys;
@@ -65,7 +66,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8081")]
         url: String,
     },
-    /// Keys made elsewhere.
+    /// The audit log, through the admin API.
+    Audit(cli::AuditCall),
+    /// Keys: the admin API's calls, and keys made elsewhere.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -74,6 +77,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
+    #[command(flatten)]
+    Call(cli::KeyCall),
     /// Takes in keys by hash from a JSON file `{"keys": {"<sha256 hex>": {record}}}` (each
     /// record with its `key_id`): a key service being replaced keeps its keys. Keys already
     /// here are left as they are, so it can run at every start.
@@ -131,6 +136,10 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Import { db, file },
         } => import(&db, &file),
+        Command::Keys {
+            command: KeysCommand::Call(call),
+        } => cli::keys(call),
+        Command::Audit(call) => cli::audit(call),
         Command::Healthz { url } => healthz(&url),
     };
     match done {
