@@ -327,13 +327,15 @@ def test_on_postgresql_a_write_commits_only_after_one_that_took_its_change_numbe
     url = postgres.database("held-writer")
     with KeyService(db=url) as ks:
         held = key_hash("held-writer")
-        sql = (f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); "
+        sql = (f"SET application_name = 'held-writer'; BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); "
                f"INSERT INTO changes (key_hash, at) VALUES ('{held}', 0); SELECT pg_sleep(1.5); COMMIT;")
         writer = subprocess.Popen(postgres._as_server_user(
             [bin_dir() / "psql", "-h", "127.0.0.1", "-p", postgres.port, "-U", "apikey", "-d", "held-writer",
              "-v", "ON_ERROR_STOP=1", "-c", sql]), stdout=subprocess.DEVNULL)
         try:
-            taken = f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = {WRITE_LOCK & 0xFFFFFFFF}"
+            taken = ("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                     f"WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {WRITE_LOCK & 0xFFFFFFFF} "
+                     "AND a.application_name = 'held-writer'")
             deadline = time.monotonic() + 10
             while postgres.psql(taken, "held-writer").strip() != "1":
                 assert time.monotonic() < deadline, "the held writer never took the lock"

@@ -258,6 +258,7 @@ fn serve(
         proxy_token,
         prefixes,
         changes_kept_s: changes_kept_s.max(1),
+        feed_bound: std::sync::atomic::AtomicI64::new(-1),
     });
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {

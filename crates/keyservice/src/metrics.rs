@@ -37,6 +37,7 @@ counters! {
     lookups_from_memory: "Lookups answered without reading the database.",
     lookups_refused: "Filter API requests refused (bad hash, bad cursor or no proxy token).",
     feed_polls: "Change feed polls answered 200.",
+    feed_polls_from_memory: "Change feed polls with nothing new, answered without reading the database.",
     feed_gone: "Change feed polls answered 410.",
     admin_changes: "Admin calls that changed a key.",
     admin_refused: "Admin calls answered with an error.",

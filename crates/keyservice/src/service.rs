@@ -2,6 +2,7 @@
 use crate::lookup_cache::LookupCache;
 use crate::metrics::{self, Metrics};
 use crate::store::{Changes, Store, StoreError};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,9 @@ pub struct Service {
     pub prefixes: Vec<String>,
     /// How long the change log keeps changes.
     pub changes_kept_s: i64,
+    /// Where the feed stood when this process last read it (-1: not yet): a poll at it has
+    /// nothing new.
+    pub feed_bound: AtomicI64,
 }
 
 pub type Shared = Arc<Service>;
@@ -75,12 +79,24 @@ pub async fn follow_changes(service: Shared, every: Duration) {
                 applied = Some(last);
                 let id = process.clone();
                 let told = blocking(&service, move |s| s.store.report_process(&id, last)).await;
+                let mut bound = -1;
                 if let Some(Ok(())) = told {
                     service.cache.reported();
+                    let read = blocking(&service, |s| s.store.changes(None, 0)).await;
+                    if let Some(Ok(Changes::Listed { last, .. })) = read {
+                        bound = last;
+                    }
                 }
+                // Not read, or not told: polls go to the database (which may be failing).
+                service.feed_bound.store(bound, Ordering::Release);
             }
-            Some(Ok(Changes::Gone)) => applied = None,
-            _ => {} // not read: the cache stops being used once its report is too old
+            Some(Ok(Changes::Gone)) => {
+                applied = None;
+                service.feed_bound.store(-1, Ordering::Release);
+            }
+            // Not read: the cache stops being used once its report is too old, and polls go
+            // to the database.
+            _ => service.feed_bound.store(-1, Ordering::Release),
         }
         let now = now();
         if now - pruned_at >= 60 {

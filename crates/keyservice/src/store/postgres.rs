@@ -6,8 +6,9 @@ use super::{
     listed, record_of, schema, AuditEvent, Changes, Event, KeyRow, StoreError, StoreResult, Writes,
     KEY_COLUMNS, PROCESS_LIVE_MS,
 };
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::{Client, NoTls, Row, Statement, Transaction};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// The advisory locks this service takes: one for creating the schema, one for writing.
@@ -19,7 +20,40 @@ const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 pub struct Postgres {
     url: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// A pooled connection, with the statements it has prepared: a lookup is then one round
+/// trip to the database instead of two (prepare, then run).
+struct Connection {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Connection {
+    /// `sql`, prepared once on this connection.
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
 }
 
 impl From<postgres::Error> for StoreError {
@@ -62,12 +96,15 @@ impl Postgres {
     /// Runs `f` on a pooled connection; a connection that broke is not kept.
     fn with<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, E>,
+        f: impl FnOnce(&mut Connection) -> Result<T, E>,
     ) -> Result<T, E> {
         let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let mut client = match pooled {
             Some(client) => client,
-            None => Client::connect(&self.url, NoTls).map_err(StoreError::from)?,
+            None => Connection {
+                client: Client::connect(&self.url, NoTls).map_err(StoreError::from)?,
+                prepared: HashMap::new(),
+            },
         };
         let done = f(&mut client);
         if !client.is_closed() {
@@ -96,13 +133,13 @@ impl Postgres {
     }
 
     pub fn key_by_id(&self, key_id: &str) -> StoreResult<KeyRow> {
-        self.with(|client| key_by_id(client, key_id))
+        self.with(|connection| key_by_id(&mut connection.client, key_id))
     }
 
     pub fn record_by_hash(&self, key_hash: &str) -> StoreResult<Option<String>> {
         self.with(|client| {
-            let row =
-                client.query_opt("SELECT record FROM keys WHERE key_hash = $1", &[&key_hash])?;
+            let lookup = client.statement("SELECT record FROM keys WHERE key_hash = $1")?;
+            let row = client.query_opt(&lookup, &[&key_hash])?;
             Ok(row.map(|r| r.try_get(0)).transpose()?)
         })
     }
@@ -283,23 +320,22 @@ impl Postgres {
     }
 }
 
-fn head(client: &mut Client) -> StoreResult<i64> {
-    let newest: i64 = client
-        .query_one("SELECT COALESCE(MAX(seq), 0)::bigint FROM changes", &[])?
-        .try_get(0)?;
+fn head(client: &mut Connection) -> StoreResult<i64> {
+    let newest = client.statement("SELECT COALESCE(MAX(seq), 0)::bigint FROM changes")?;
+    let newest: i64 = client.query_one(&newest, &[])?.try_get(0)?;
     Ok(newest.max(meta(client, "pruned_through")?))
 }
 
 fn read_log(
-    client: &mut Client,
+    client: &mut Connection,
     after: i64,
     bound: i64,
     limit: u32,
 ) -> StoreResult<(Vec<String>, i64)> {
-    let rows = client.query(
+    let log = client.statement(
         "SELECT seq, key_hash FROM changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-        &[&after, &bound, &i64::from(limit)],
     )?;
+    let rows = client.query(&log, &[&after, &bound, &i64::from(limit)])?;
     let rows = rows
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
@@ -307,8 +343,9 @@ fn read_log(
     Ok(listed(rows, after))
 }
 
-fn meta(client: &mut Client, name: &str) -> StoreResult<i64> {
-    let row = client.query_opt("SELECT value FROM meta WHERE name = $1", &[&name])?;
+fn meta(client: &mut Connection, name: &str) -> StoreResult<i64> {
+    let value = client.statement("SELECT value FROM meta WHERE name = $1")?;
+    let row = client.query_opt(&value, &[&name])?;
     Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0))
 }
 
