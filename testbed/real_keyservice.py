@@ -131,7 +131,7 @@ class KeyService(Service):
 
     def settled(self):
         """Waits until the feed lists every change made so far (it lists a change once every
-        live process has read it from the log: within a tail period, 100 ms)."""
+        live process has read it from the log: within a tail period, 50 ms)."""
         cursor = self.changes().json()["cursor"]
         while True:
             time.sleep(0.3)

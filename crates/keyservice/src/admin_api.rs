@@ -106,6 +106,7 @@ async fn change<T: Send + 'static>(
             metrics::add(&service.metrics.admin_changes);
             let changed = hashes(&done);
             service.cache.forget(changed.iter().map(String::as_str));
+            service.wrote.notify_one();
             Ok(done)
         }
         Some(Err(refused)) => Err(refusal(service, refused)),

@@ -259,6 +259,7 @@ fn serve(
         prefixes,
         changes_kept_s: changes_kept_s.max(1),
         feed_bound: std::sync::atomic::AtomicI64::new(-1),
+        wrote: Default::default(),
     });
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
@@ -273,7 +274,7 @@ fn serve(
         );
         tokio::spawn(service::follow_changes(
             service.clone(),
-            Duration::from_millis(100),
+            Duration::from_millis(50),
         ));
         let filter = axum::serve(filter, filter_api::routes(service.clone()))
             .with_graceful_shutdown(stopped());

@@ -5,6 +5,7 @@ use crate::store::{Changes, Store, StoreError};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 
 pub struct Service {
     pub store: Arc<Store>,
@@ -19,6 +20,9 @@ pub struct Service {
     /// Where the feed stood when this process last read it (-1: not yet): a poll at it has
     /// nothing new.
     pub feed_bound: AtomicI64,
+    /// An admin change was made through this process: the log is read at once, so that the
+    /// feed lists it without waiting for the next period.
+    pub wrote: Notify,
 }
 
 pub type Shared = Arc<Service>;
@@ -50,7 +54,7 @@ impl Service {
 }
 
 /// Keeps the lookup cache coherent with changes made through any process on the same
-/// database: every `every`, reads the change log on from where it stands, forgets what
+/// database: every `every` (and at once after a change made here), reads the change log on from where it stands, forgets what
 /// changed, and tells the database how far this process has read (the feed waits for it).
 /// Once a minute, prunes the change log.
 pub async fn follow_changes(service: Shared, every: Duration) {
@@ -104,6 +108,9 @@ pub async fn follow_changes(service: Shared, every: Duration) {
             let before = now - service.changes_kept_s;
             let _ = blocking(&service, move |s| s.store.prune_changes(before)).await;
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = service.wrote.notified() => {}
+        }
     }
 }
