@@ -260,6 +260,7 @@ fn serve(
         changes_kept_s: changes_kept_s.max(1),
         feed_bound: std::sync::atomic::AtomicI64::new(-1),
         wrote: Default::default(),
+        database_calls: Arc::new(tokio::sync::Semaphore::new(service::MAX_DATABASE_CALLS)),
     });
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {

@@ -5,7 +5,7 @@ use crate::store::{Changes, Store, StoreError};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 pub struct Service {
     pub store: Arc<Store>,
@@ -23,6 +23,8 @@ pub struct Service {
     /// An admin change was made through this process: the log is read at once, so that the
     /// feed lists it without waiting for the next period.
     pub wrote: Notify,
+    /// Slots for database calls (`MAX_DATABASE_CALLS`).
+    pub database_calls: Arc<Semaphore>,
 }
 
 pub type Shared = Arc<Service>;
@@ -34,13 +36,20 @@ pub fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Runs a database call off the async threads.
+/// Database calls under way at most: a storm of cold lookups waits for a slot instead of
+/// opening a connection each (PostgreSQL's default limit is 100 connections in all).
+pub const MAX_DATABASE_CALLS: usize = 16;
+
+/// Runs a database call off the async threads, once one of `MAX_DATABASE_CALLS` is free.
 pub async fn blocking<T: Send + 'static>(
     service: &Shared,
     f: impl FnOnce(&Service) -> T + Send + 'static,
 ) -> Option<T> {
+    let slot = service.database_calls.clone().acquire_owned().await.ok()?;
     let service = service.clone();
-    tokio::task::spawn_blocking(move || f(&service)).await.ok()
+    let done = tokio::task::spawn_blocking(move || f(&service)).await.ok();
+    drop(slot);
+    done
 }
 
 impl Service {
