@@ -46,10 +46,20 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Service) -> T + Send + 'static,
 ) -> Option<T> {
     let slot = service.database_calls.clone().acquire_owned().await.ok()?;
-    let service = service.clone();
-    let done = tokio::task::spawn_blocking(move || f(&service)).await.ok();
+    let done = unqueued(service, f).await;
     drop(slot);
     done
+}
+
+/// Runs a database call off the async threads at once: reading the change log, one call at
+/// a time, must not wait behind a storm of lookups (the lookup cache is trusted only while
+/// this process keeps reporting how far it read).
+async fn unqueued<T: Send + 'static>(
+    service: &Shared,
+    f: impl FnOnce(&Service) -> T + Send + 'static,
+) -> Option<T> {
+    let service = service.clone();
+    tokio::task::spawn_blocking(move || f(&service)).await.ok()
 }
 
 impl Service {
@@ -63,16 +73,16 @@ impl Service {
 }
 
 /// Keeps the lookup cache coherent with changes made through any process on the same
-/// database: every `every` (and at once after a change made here), reads the change log on from where it stands, forgets what
-/// changed, and tells the database how far this process has read (the feed waits for it).
-/// Once a minute, prunes the change log.
+/// database: every `every`, and at once after a change made through this process, reads
+/// the change log on from where it stands, forgets what changed, and tells the database how
+/// far this process has read (the feed waits for it). Once a minute, prunes the change log.
 pub async fn follow_changes(service: Shared, every: Duration) {
     let process = crate::issue::new_process_id().unwrap_or_else(|_| format!("p{}", now()));
     let mut applied: Option<i64> = None;
     let mut pruned_at = 0;
     loop {
         let after = applied;
-        let read = blocking(&service, move |s| match after {
+        let read = unqueued(&service, move |s| match after {
             // Starting (or after the log was pruned past us): from where it stands, with
             // nothing in memory.
             None => s.store.head().map(|head| Changes::Listed {
@@ -91,11 +101,11 @@ pub async fn follow_changes(service: Shared, every: Duration) {
                 }
                 applied = Some(last);
                 let id = process.clone();
-                let told = blocking(&service, move |s| s.store.report_process(&id, last)).await;
+                let told = unqueued(&service, move |s| s.store.report_process(&id, last)).await;
                 let mut bound = -1;
                 if let Some(Ok(())) = told {
                     service.cache.reported();
-                    let read = blocking(&service, |s| s.store.changes(None, 0)).await;
+                    let read = unqueued(&service, |s| s.store.changes(None, 0)).await;
                     if let Some(Ok(Changes::Listed { last, .. })) = read {
                         bound = last;
                     }
@@ -115,7 +125,7 @@ pub async fn follow_changes(service: Shared, every: Duration) {
         if now - pruned_at >= 60 {
             pruned_at = now;
             let before = now - service.changes_kept_s;
-            let _ = blocking(&service, move |s| s.store.prune_changes(before)).await;
+            let _ = unqueued(&service, move |s| s.store.prune_changes(before)).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

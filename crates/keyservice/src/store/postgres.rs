@@ -14,9 +14,9 @@ use std::sync::Mutex;
 /// The advisory locks this service takes: one for creating the schema, one for writing.
 const SCHEMA_LOCK: i64 = 0x61_706b_6b73_0001;
 const WRITE_LOCK: i64 = 0x61_706b_6b73_0002;
-/// Connections kept open between calls, at most (as many as the service makes calls at once:
-/// `service::MAX_DATABASE_CALLS`).
-const MAX_IDLE: usize = 16;
+/// Connections kept open between calls, at most: as many as the service makes calls at once
+/// (`service::MAX_DATABASE_CALLS`, and the change log's reader).
+const MAX_IDLE: usize = 17;
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 pub struct Postgres {
