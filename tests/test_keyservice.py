@@ -177,36 +177,44 @@ def test_the_feed_lists_every_changed_hash_and_says_410_for_a_cursor_it_did_not_
         assert ks.changes(after=cursor).status == 410, cursor
 
 
-def test_writers_racing_on_one_database_lose_no_change_in_the_feed(ks):
-    """Eight writers make changes while a reader polls the feed: every changed hash appears."""
-    cursor = ks.changes().json()["cursor"]
+def race(reader, writers, keys_each, change):
+    """Each of `writers` (key services, one thread each) makes `keys_each` keys and changes
+    each with `change(service, key)` while a thread polls `reader`'s feed from where it
+    stands; once they are done and the feed has settled: the hashes made, and those seen."""
+    cursor = reader.changes().json()["cursor"]
     made, seen, stop = [], set(), threading.Event()
 
-    def write(n):
-        for _ in range(n):
-            key = ks.admin.create(owner="race")
+    def write(service):
+        for _ in range(keys_each):
+            key = service.admin.create(owner="race")
             made.append(key["key_hash"])
-            ks.admin.revoke(key["key_id"])
+            change(service, key)
 
     def poll():
         nonlocal cursor
         while True:
-            answer = ks.changes(after=cursor).json()
+            answer = reader.changes(after=cursor).json()
             seen.update(answer["key_hashes"])
             cursor = answer["cursor"]
             if stop.is_set() and not answer["key_hashes"]:
                 return
 
-    reader = threading.Thread(target=poll)
-    reader.start()
-    writers = [threading.Thread(target=write, args=(40,)) for _ in range(8)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    ks.settled()
+    poller = threading.Thread(target=poll)
+    poller.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.settled()
     stop.set()
-    reader.join(30)
+    poller.join(30)
+    return made, seen
+
+
+def test_writers_racing_on_one_database_lose_no_change_in_the_feed(ks):
+    """Eight writers make changes while a reader polls the feed: every changed hash appears."""
+    made, seen = race(ks, [ks] * 8, 40, lambda service, key: service.admin.revoke(key["key_id"]))
     assert len(made) == 320
     assert set(made) <= seen
 
@@ -255,34 +263,8 @@ def test_writers_on_two_processes_on_one_postgresql_lose_no_change_in_the_feed(p
     them: every changed hash appears, whichever process made it."""
     url = postgres.database("two-writers")
     with KeyService(db=url) as a, KeyService(db=url, token=a.token) as b:
-        cursor = a.changes().json()["cursor"]
-        made, seen, stop = [], set(), threading.Event()
-
-        def write(service, n):
-            for _ in range(n):
-                key = service.admin.create(owner="race")
-                made.append(key["key_hash"])
-                service.admin.update(key["key_id"], scopes=["x"])
-
-        def poll():
-            nonlocal cursor
-            while True:
-                answer = a.changes(after=cursor).json()
-                seen.update(answer["key_hashes"])
-                cursor = answer["cursor"]
-                if stop.is_set() and not answer["key_hashes"]:
-                    return
-
-        reader = threading.Thread(target=poll)
-        reader.start()
-        writers = [threading.Thread(target=write, args=(svc, 125)) for svc in [a, b] * 4]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
-        a.settled()
-        stop.set()
-        reader.join(30)
+        made, seen = race(a, [a, b] * 4, 125,
+                          lambda service, key: service.admin.update(key["key_id"], scopes=["x"]))
         assert len(made) == 1000
         assert set(made) <= seen
         assert b.lookup(made[0]).json()["scopes"] == ["x"]
