@@ -323,7 +323,8 @@ def test_on_postgresql_a_write_commits_only_after_one_that_took_its_change_numbe
                 assert time.monotonic() < deadline, "the held writer never took the lock"
                 time.sleep(0.02)
             made = ks.admin.create(owner="after-the-held-one")
-            assert writer.poll() is not None, "the service's write committed before the held one"
+            committed = postgres.psql(f"SELECT count(*) FROM changes WHERE key_hash = '{held}'", "held-writer")
+            assert committed.strip() == "1", "the service's write committed before the held one"
         finally:
             writer.wait(10)
         ks.settled()
