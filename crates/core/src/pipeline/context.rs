@@ -66,6 +66,18 @@ impl<H: Host> Context<H> {
         self.wake_by.take().is_some()
     }
 
+    /// The key service's answer being delivered: its `:status`, and its body when it is no
+    /// longer than `max_body` (`body_size` long).
+    pub fn delivered(
+        &self,
+        body_size: usize,
+        max_body: usize,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let status = self.host.callout_status();
+        let body = (body_size <= max_body).then(|| self.host.callout_body(body_size));
+        (status, body)
+    }
+
     /// Sends `GET path` to the key service.
     pub fn send_to_key_service(&self, config: &Config, path: &str) -> Result<u32, NotSent> {
         let service = &config.key_service;

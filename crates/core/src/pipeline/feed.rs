@@ -194,9 +194,7 @@ impl Feed {
         if !self.polled_with(token) {
             return false;
         }
-        let status = cx.host.callout_status();
-        let body =
-            (body_size <= changes::MAX_ANSWER_BYTES).then(|| cx.host.callout_body(body_size));
+        let (status, body) = cx.delivered(body_size, changes::MAX_ANSWER_BYTES);
         self.on_answer(cx, changes::classify(status.as_deref(), body.as_deref()));
         true
     }

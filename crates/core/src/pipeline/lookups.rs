@@ -276,13 +276,11 @@ impl Lookups {
         let Some(key_hash) = self.flights.answered(token) else {
             return false;
         };
-        let host = &cx.host;
-        let status = host.callout_status();
-        let body = (body_size <= answer::MAX_ANSWER_BYTES).then(|| host.callout_body(body_size));
+        let (status, body) = cx.delivered(body_size, answer::MAX_ANSWER_BYTES);
         let answer = classify(
             status.as_deref(),
             body.as_deref(),
-            host.callout_overloaded(),
+            cx.host.callout_overloaded(),
         );
         self.on_answer(cx, key_hash, answer);
         true
