@@ -113,6 +113,22 @@ def test_a_410_makes_the_node_fetch_every_cached_key_once_more():
         assert s.keyservice.lookups()["total"] - before == 5
 
 
+def test_a_node_forgets_what_it_cached_before_its_first_cursor():
+    """A change made while the node has no cursor (its feed failing since a 410) is never
+    listed to it: its first cursor makes it forget what it cached before."""
+    with Stack(feed_config(), keys={key_hash("feed-first"): {"key_id": "k_first"}}, concurrency=2) as s:
+        wait_for_polls(s)
+        s.keyservice.set_changes_mode("gone")  # every poll 410: a reset, then no cursor
+        wait_until(lambda: filter_stats(s).get("key_service.changes.reset", 0) >= 1, "a reset")
+        wait_until(lambda: filter_stats(s).get("key_service.changes.error", 0) >= 1,
+                   "a poll without a cursor failing")
+        assert all_of(s, "feed-first") == {None}
+        s.keyservice.revoke(key_hash("feed-first"))
+        s.keyservice.set_changes_mode("normal")
+        wait_for_polls(s)
+        assert all_of(s, "feed-first") == {"api_key_revoked"}
+
+
 def test_a_dead_feed_falls_back_to_cache_ttl():
     cache = {"ttl_s": 1, "refresh_ahead_pct": 0}
     with Stack(feed_config(cache), keys={key_hash("feed-dead"): {"key_id": "k"}}, concurrency=2) as s:

@@ -219,6 +219,11 @@ impl Feed {
                 let state = update_state(&cx.host, |state| {
                     // A slower poll of an older cursor must not move the feed back.
                     if state.cursor == after {
+                        // The node's first cursor (at start, or after a 410) lists nothing
+                        // made before it: what the node cached before is forgotten.
+                        if after.is_none() {
+                            state.epoch = state.epoch.wrapping_add(1);
+                        }
                         state.cursor = Some(cursor.clone());
                     }
                     state.last_ok_ms = state.last_ok_ms.max(now_ms);

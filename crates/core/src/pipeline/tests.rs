@@ -796,6 +796,7 @@ fn a_410_forgets_everything_and_starts_again_without_a_cursor() {
     let t = Test::new();
     let (mut a, mut b) = (t.worker(1, &feed_config()), t.worker(2, &feed_config()));
     assert!(t.poll(&mut a, "200", &feed_answer("c-1", &[])));
+    t.deliver(&mut b); // a's news: the node's first cursor
     t.cold(&mut a, "sk", "200", ALICE);
     t.cold(&mut a, "unknown", "404", "");
     let (_, flow) = t.get(&mut b, "sk");
@@ -816,6 +817,34 @@ fn a_410_forgets_everything_and_starts_again_without_a_cursor() {
     }
     let (_, flow) = t.get(&mut a, "unknown");
     assert_eq!(flow, Flow::Pause, "unknown: forgotten");
+}
+
+#[test]
+fn the_first_cursor_a_node_gets_forgets_what_it_cached_before() {
+    // The feed fails from the start; a key is cached meanwhile (and may change unseen).
+    let t = Test::new();
+    let mut w = t.worker(1, &feed_config());
+    assert!(t.poll(&mut w, "503", ""));
+    t.cold(&mut w, "sk", "200", ALICE);
+    let (_, flow) = t.get(&mut w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "cached");
+    // Its first answer only says where the feed stands: nothing before it will be listed.
+    t.advance(1_000);
+    assert!(t.poll(&mut w, "200", &feed_answer("c-5", &[])));
+    let (_, flow) = t.get(&mut w, "sk");
+    assert_eq!(
+        flow,
+        Flow::Pause,
+        "asked again: it may have changed before c-5"
+    );
+    t.deliver(&mut w);
+    t.answer(&mut w, Some("200"), ALICE);
+    // From then on the cursor moves as usual: nothing more is forgotten.
+    t.advance(1_000);
+    assert!(t.poll(&mut w, "200", &feed_answer("c-6", &[])));
+    let (_, flow) = t.get(&mut w, "sk");
+    assert!(matches!(flow, Flow::Forward(_)), "kept");
+    assert_eq!(w.host().stat("key_service.changes.reset"), 0, "not a 410");
 }
 
 #[test]
